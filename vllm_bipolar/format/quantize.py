@@ -1,0 +1,190 @@
+"""Bipolar quantization of weights and activations, and dequantization (pure torch).
+
+Weights: w ~= z + s * v per group of ``group_size`` consecutive input channels of one output row
+(``group_size = -1``: one group per row), v an odd integer in [-(2^p - 1), 2^p - 1], s the scale
+and z the offset (z = 0 when symmetric). Scales and offsets are rounded to the checkpoint dtype
+*before* the codes are chosen, so the stored (s, z) are the ones the codes were fitted to.
+
+Activations: per token (row of x) x ~= s_x * v, symmetric, s_x = max|x| / (2^q - 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .packing import max_level
+
+# Clip ratios tried by the "mse" quantizer: fractions of the min/max (or absmax) range. Low bit
+# widths want hard clipping (the best 2-bit grid often spans well under half the range); at 5+
+# bits only mild clipping ever wins, so fewer candidates are tried there.
+def mse_clip_grid(bits: int) -> tuple[float, ...]:
+    steps = 15 if bits <= 3 else (10 if bits == 4 else 5)
+    return tuple(1.0 - 0.05 * i for i in range(steps))  # 1.00 down to 0.30 / 0.55 / 0.80
+
+
+MSE_REFITS = 2  # least-squares refits of (s, z) per candidate, each followed by a code reassignment
+
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    codes: torch.Tensor  # uint8 [N, K], codes in [0, 2^bits)
+    scales: torch.Tensor  # [N, G] in the checkpoint dtype
+    zeros: torch.Tensor | None  # [N, G] in the checkpoint dtype, None when symmetric
+    bits: int
+    group_size: int
+
+
+def num_groups(k: int, group_size: int) -> int:
+    return 1 if group_size == -1 else math.ceil(k / group_size)
+
+
+def effective_group(k: int, group_size: int) -> int:
+    return k if group_size == -1 else group_size
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> zero-padded [N, G, g] and a validity mask [G, g] (the last group may be partial)."""
+    n, k = w.shape
+    g = effective_group(k, group_size)
+    ng = num_groups(k, group_size)
+    pad = ng * g - k
+    wg = torch.nn.functional.pad(w, (0, pad)).view(n, ng, g)
+    mask = torch.ones(ng * g, dtype=torch.bool, device=w.device)
+    if pad:
+        mask[k:] = False
+    return wg, mask.view(ng, g)
+
+
+def _assign(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest grid point: code c = clamp(round(((w - z) / s + L) / 2), 0, L) (float codes)."""
+    lv = max_level(bits)
+    s_safe = torch.where(s == 0, torch.ones_like(s), s)
+    return torch.clamp(torch.round(((wg - z) / s_safe + lv) * 0.5), 0, lv)
+
+
+def _sq_error(wg, imp, s, z, c, bits):
+    """Importance-weighted squared error per group (``imp`` is 0 on padding)."""
+    v = 2 * c - max_level(bits)
+    return (((z + s * v) - wg) ** 2 * imp).sum(-1, keepdim=True)
+
+
+def _round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).to(torch.float32)
+
+
+def _rtn_params(wg, mask, bits, symmetric):
+    lv = max_level(bits)
+    if symmetric:
+        amax = torch.where(mask, wg.abs(), torch.zeros_like(wg)).amax(-1, keepdim=True)
+        return amax / lv, torch.zeros_like(amax)
+    hi = torch.where(mask, wg, torch.full_like(wg, -math.inf)).amax(-1, keepdim=True)
+    lo = torch.where(mask, wg, torch.full_like(wg, math.inf)).amin(-1, keepdim=True)
+    return (hi - lo) / (2 * lv), (hi + lo) * 0.5
+
+
+def _least_squares(wg, imp, c, bits, symmetric, s_prev, z_prev):
+    """Best (s, z) for fixed codes: minimise sum imp * (w - z - s v)^2 (weighted least squares)."""
+    v = 2 * c - max_level(bits)
+    n = imp.sum(-1, keepdim=True)
+    svw = (imp * v * wg).sum(-1, keepdim=True)
+    svv = (imp * v * v).sum(-1, keepdim=True)
+    if symmetric:
+        s = torch.where(svv > 0, svw / svv.clamp_min(1e-30), s_prev)
+        return s, z_prev
+    sv = (imp * v).sum(-1, keepdim=True)
+    sw = (imp * wg).sum(-1, keepdim=True)
+    var = svv - sv * sv / n
+    ok = var > 1e-9 * svv.clamp_min(1)
+    s = torch.where(ok, (svw - sv * sw / n) / var.clamp_min(1e-30), s_prev)
+    z = torch.where(ok, (sw - s * sv) / n, z_prev)
+    return s, z
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = False,
+                    method: str = "rtn", dtype: torch.dtype | None = None) -> QuantizedWeight:
+    """Quantize a weight matrix [N, K] to bipolar codes with per-group scales (and offsets).
+
+    method "rtn": round to nearest on the absmax grid (symmetric) or min/max grid (offsets).
+    method "mse": per group, try clip ratios of that range, refit (s, z) by weighted least squares
+    on the chosen codes, and keep the candidate with the least importance-weighted squared error
+    (importance w^2 + mean(w^2) over the group: large weights are fitted more closely).
+    ``dtype`` is the storage dtype of scales/offsets (default: ``w``'s dtype, fp32 kept as is).
+    """
+    if w.dim() != 2:
+        raise ValueError(f"quantize_weight expects a 2-D weight [N, K], got shape {tuple(w.shape)}")
+    if method not in ("rtn", "mse"):
+        raise ValueError(f"unknown quantization method {method!r}; expected 'rtn' or 'mse'")
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        raise ValueError(f"weight has {bad} NaN/inf value(s); fix the source checkpoint before quantizing")
+    dtype = dtype or w.dtype
+    wg, mask = _grouped(w.to(torch.float32), group_size)
+    s, z = _rtn_params(wg, mask, bits, symmetric)
+    s, z = _round_to(s, dtype), _round_to(z, dtype)
+    c = _assign(wg, s, z, bits)
+    if method == "mse":
+        # Importance of each weight: w^2 plus the group's mean square, so large weights (the ones
+        # that carry most of a layer's output) are fitted more closely without ignoring the rest.
+        sq = wg * wg * mask
+        imp = (sq + sq.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)) * mask
+        best_err = _sq_error(wg, imp, s, z, c, bits)
+        base_s, base_z = s, z
+        for ratio in mse_clip_grid(bits):
+            cs, cz = _round_to(base_s * ratio, dtype), base_z
+            cc = _assign(wg, cs, cz, bits)
+            for _ in range(MSE_REFITS):
+                cs, cz = _least_squares(wg, imp, cc, bits, symmetric, cs, cz)
+                cs, cz = _round_to(cs, dtype), _round_to(cz, dtype)
+                cc = _assign(wg, cs, cz, bits)
+            err = _sq_error(wg, imp, cs, cz, cc, bits)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            s, z = torch.where(better, cs, s), torch.where(better, cz, z)
+            c = torch.where(better, cc, c)
+    n, k = w.shape
+    scales = s.squeeze(-1).to(dtype)
+    zeros = None if symmetric else z.squeeze(-1).to(dtype)
+    if not torch.isfinite(scales).all() or (zeros is not None and not torch.isfinite(zeros).all()):
+        raise ValueError(f"scales/offsets overflow {dtype}; the weights are too large for this dtype")
+    codes = c.reshape(n, -1)[:, :k].to(torch.uint8)
+    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size)
+
+
+def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """Per-group [N, G] -> per-column [N, K]."""
+    return t.repeat_interleave(effective_group(k, group_size), dim=1)[:, :k]
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+               group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """codes [N, K] -> z + s * v as ``dtype`` (computed in float32, or float64 if asked)."""
+    k = codes.shape[1]
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    v = (codes.to(cdt) * 2 - max_level(bits))
+    w = v * expand_groups(scales.to(cdt), k, group_size)
+    if zeros is not None:
+        w = w + expand_groups(zeros.to(cdt), k, group_size)
+    return w.to(dtype)
+
+
+def quantize_activations(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric bipolar quantization: x [M, K] -> (codes uint8 [M, K], scales fp32 [M]).
+
+    An all-zero token gets scale 0 (its dequantized values are exactly 0); non-finite input
+    propagates to the scale so the output shows it rather than hiding it.
+    """
+    lv = max_level(bits)
+    xf = x.to(torch.float32)
+    s = xf.abs().amax(-1, keepdim=True) / lv
+    s_safe = torch.where(s == 0, torch.ones_like(s), s)
+    codes = torch.clamp(torch.round((xf / s_safe + lv) * 0.5), 0, lv)
+    return codes.to(torch.uint8), s.squeeze(-1)
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize activations per token (what a WpAq kernel sees), in x's dtype."""
+    codes, s = quantize_activations(x, bits)
+    return ((codes.to(torch.float32) * 2 - max_level(bits)) * s[:, None]).to(x.dtype)

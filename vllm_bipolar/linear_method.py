@@ -1,0 +1,122 @@
+"""``BipolarLinearMethod``: declares a bipolar layer's parameters and hands compute to a kernel backend.
+
+Parameters, in checkpoint format version 1 (DESIGN.md section 4), on one tensor-parallel rank:
+  qweight  int32 [w_bits, N, ceil(K/32)]   PackedvLLMParameter: output_dim 1, input_dim/packed_dim 2
+  scales   [N, G] act dtype                GroupQuantScaleParameter (ChannelQuantScale... if group -1)
+  zeros    [N, G] act dtype                same class as scales; only when symmetric is false
+vLLM's parameter classes narrow N for column-parallel and fused (QKV, gate_up) layers and K for
+row-parallel layers. K is packed 32 per word and grouped, so a row-parallel shard must start on a
+word and group boundary: checked here with an error that says which tensor-parallel sizes work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from vllm.model_executor.layers.linear import LinearMethodBase
+from vllm.model_executor.parameter import (ChannelQuantScaleParameter, GroupQuantScaleParameter,
+                                           PackedvLLMParameter)
+
+from .format.packing import WORD_BITS, num_words
+from .format.quantize import num_groups
+from .kernels import BipolarLayerConfig, choose_kernel
+
+
+class BipolarShardError(ValueError):
+    """A tensor-parallel shard of a bipolar layer would split a packed word or a scale group."""
+
+
+def _check_row_shard(prefix: str, k_part: int, k_full: int, group_size: int) -> None:
+    if k_part == k_full:
+        return
+    tp = k_full // k_part if k_part else 0
+    unit = WORD_BITS if group_size == -1 else math.lcm(WORD_BITS, group_size)
+    if k_part % unit:
+        what = "32-bit word" if k_part % WORD_BITS else f"scale group of {group_size}"
+        ok = [t for t in range(1, 65) if k_full % t == 0 and (k_full // t) % unit == 0]
+        raise BipolarShardError(
+            f"{prefix}: tensor parallelism splits the input dimension K={k_full} into shards of {k_part} "
+            f"(tp={tp}), so a shard edge falls inside a {what}; bipolar row-parallel shards must be "
+            f"multiples of {unit}. Use a tensor-parallel size in {ok[:8]}, or re-convert with a group "
+            "size that divides the shard.")
+
+
+class BipolarLinearMethod(LinearMethodBase):
+    def __init__(self, quant_config, w_bits: int, prefix: str = ""):
+        self.quant_config = quant_config
+        self.spec = quant_config.spec
+        self.w_bits = w_bits
+        self.prefix = prefix
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs):
+        spec, bits = self.spec, self.w_bits
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        _check_row_shard(self.prefix, k, input_size, spec.group_size)
+        loader = extra_weight_attrs["weight_loader"]
+        planes = {0: (bits, "bit planes = w_bits"), 2: (num_words(input_size), "32-bit words = ceil(K/32)")}
+        qweight = PackedvLLMParameter(
+            data=torch.empty(bits, n, num_words(k), dtype=torch.int32),
+            output_dim=1, input_dim=2, packed_dim=2, packed_factor=WORD_BITS,
+            weight_loader=_checked_loader(loader, f"{self.prefix}.qweight", planes, int32=True))
+        layer.register_parameter("qweight", qweight)
+        groups = {1: (num_groups(input_size, spec.group_size), "groups = ceil(K/group_size)")}
+        for name in ("scales",) + (() if spec.symmetric else ("zeros",)):
+            data = torch.empty(n, num_groups(k, spec.group_size), dtype=params_dtype)
+            weight_loader = _checked_loader(loader, f"{self.prefix}.{name}", groups, int32=False)
+            if spec.group_size == -1:  # one value per row: replicated across row-parallel ranks
+                param = ChannelQuantScaleParameter(data=data, output_dim=0, weight_loader=weight_loader)
+            else:
+                param = GroupQuantScaleParameter(data=data, output_dim=0, input_dim=1, weight_loader=weight_loader)
+            layer.register_parameter(name, param)
+        if spec.symmetric:
+            layer.zeros = None
+        cfg = BipolarLayerConfig(n=n, k=k, w_bits=bits, a_bits=spec.a_bits, group_size=spec.group_size,
+                                 symmetric=spec.symmetric, act_dtype=params_dtype)
+        layer.bipolar_config = cfg
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        _check_finite(self.prefix, layer)
+        kernel_cls = choose_kernel(layer.bipolar_config, layer.qweight.device)
+        layer.bipolar_kernel = kernel_cls(layer.bipolar_config)
+        layer.bipolar_kernel.process_weights_after_loading(layer)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return layer.bipolar_kernel.apply_weights(layer, x, bias)
+
+
+def _check_finite(prefix: str, layer: torch.nn.Module) -> None:
+    for name in ("scales", "zeros"):
+        t = getattr(layer, name, None)
+        if t is not None and not torch.isfinite(t).all():
+            raise ValueError(f"{prefix}.{name} contains NaN or inf values; the checkpoint is corrupt: "
+                             "re-convert it from the original model")
+
+
+def _checked_loader(weight_loader, name: str, dims: dict[int, tuple[int, str]], int32: bool):
+    """Wrap vLLM's loader so a checkpoint tensor of the wrong shape or dtype fails with its name.
+
+    ``dims`` maps a dimension of the checkpoint tensor to its expected size and meaning; the output
+    dimension is not checked (fused layers load one shard at a time, sliced by vLLM).
+    """
+
+    def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
+        problems = []
+        if loaded_weight.dim() != param.dim():
+            problems.append(f"expected {param.dim()} dimensions, got shape {tuple(loaded_weight.shape)}")
+        else:
+            problems += [f"dimension {d} should be {size} ({what}), got {loaded_weight.shape[d]}"
+                         for d, (size, what) in dims.items() if loaded_weight.shape[d] != size]
+        if int32 and loaded_weight.dtype != torch.int32:
+            problems.append(f"dtype should be torch.int32, got {loaded_weight.dtype}")
+        if not int32 and not loaded_weight.is_floating_point():
+            problems.append(f"dtype should be floating point, got {loaded_weight.dtype}")
+        if problems:
+            raise ValueError(f"checkpoint tensor {name} does not match its quantization_config: "
+                             + "; ".join(problems) + ". The checkpoint is corrupt or its config.json does not "
+                             "belong to it; re-convert it with quant_tools.convert.")
+        return weight_loader(param, loaded_weight, *args, **kwargs)
+
+    return load

@@ -1,0 +1,52 @@
+"""Torch custom ops of vllm-bipolar, each with a fake (meta) implementation.
+
+vLLM traces models with torch.compile and replays them as CUDA graphs; every bipolar computation
+is therefore one opaque custom op whose fake implementation gives the output's shape and dtype
+without touching data.
+
+* ``bipolar::linear``: the pure-torch path (any device), defined here.
+* ``bipolar_kernels::*``: the CUDA kernels of ``csrc/``, defined in C++ by the extension
+  ``vllm_bipolar._C`` when it was built; their fakes are registered here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .format.reference import bipolar_linear
+
+try:  # the CUDA extension is optional: absent on CPU-only installs
+    from . import _C  # noqa: F401  (importing registers the bipolar_kernels ops)
+
+    CUDA_EXTENSION_ERROR: str | None = None
+except ImportError as e:  # pragma: no cover - depends on the build
+    CUDA_EXTENSION_ERROR = (f"the CUDA extension vllm_bipolar._C is not available ({e}); build it on a CUDA "
+                            "machine with `pip install --no-build-isolation -e .`")
+
+
+def cuda_extension_available() -> bool:
+    return CUDA_EXTENSION_ERROR is None
+
+
+@torch.library.custom_op("bipolar::linear", mutates_args=())
+def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+           bias: torch.Tensor | None, k: int, group_size: int, a_bits: int) -> torch.Tensor:
+    """y = x @ W^T + bias for a bipolar layer in checkpoint layout (pure torch, any device)."""
+    return bipolar_linear(x, qweight, scales, zeros, bias, k, group_size, a_bits)
+
+
+@linear.register_fake
+def _(x, qweight, scales, zeros, bias, k, group_size, a_bits):
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+
+def _register_kernel_fakes() -> None:
+    if not cuda_extension_available():
+        return
+
+    @torch.library.register_fake("bipolar_kernels::gemm_a16")
+    def _(x, qweight, scales, zeros, k, group_size):
+        return x.new_empty((x.shape[0], qweight.shape[1]))
+
+
+_register_kernel_fakes()

@@ -58,7 +58,7 @@ class BipolarLinearMethod(LinearMethodBase):
         loader = extra_weight_attrs["weight_loader"]
         planes = {0: (bits, "bit planes = w_bits"), 2: (num_words(input_size), "32-bit words = ceil(K/32)")}
         qweight = PackedvLLMParameter(
-            data=torch.empty(bits, n, num_words(k), dtype=torch.int32),
+            data=torch.zeros(bits, n, num_words(k), dtype=torch.int32),  # zeros: dummy loads leave ints as is
             output_dim=1, input_dim=2, packed_dim=2, packed_factor=WORD_BITS,
             weight_loader=_checked_loader(loader, f"{self.prefix}.qweight", planes, int32=True))
         layer.register_parameter("qweight", qweight)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 WORD_BITS = 32
-_ROW_CHUNK = 8192  # rows packed per step: bounds the int64 temporaries to ~64 MiB per 1k columns
+_ROW_CHUNK = 8192  # rows packed per step: bounds the temporaries to ~8 MiB per 1k columns
 
 
 def max_level(bits: int) -> int:
@@ -36,20 +36,23 @@ def num_words(k: int) -> int:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes [N, K] (integers in [0, 2^bits)) into bit planes int32 [bits, N, ceil(K/32)]."""
+    """Pack codes [N, K] (integers in [0, 2^bits)) into bit planes int32 [bits, N, ceil(K/32)].
+
+    Built a byte at a time (8 codes -> one uint8 per plane), then the bytes of 4 consecutive
+    positions are reinterpreted as one little-endian int32 word: bit j of the word is column 32w+j.
+    """
     if codes.dim() != 2:
         raise ValueError(f"pack_codes expects codes of shape [N, K], got {tuple(codes.shape)}")
     n, k = codes.shape
     w = num_words(k)
     out = torch.empty((bits, n, w), dtype=torch.int32, device=codes.device)
-    shifts = torch.arange(WORD_BITS, dtype=torch.int64, device=codes.device)
+    weights = (1 << torch.arange(8, dtype=torch.int32, device=codes.device)).to(torch.uint8)
     for r0 in range(0, n, _ROW_CHUNK):
-        c = codes[r0:r0 + _ROW_CHUNK].to(torch.int64)
-        c = torch.nn.functional.pad(c, (0, w * WORD_BITS - k)).view(-1, w, WORD_BITS)
+        c = codes[r0:r0 + _ROW_CHUNK].to(torch.uint8)
+        c = torch.nn.functional.pad(c, (0, w * WORD_BITS - k)).view(-1, w * 4, 8)
         for p in range(bits):
-            word = (((c >> p) & 1) << shifts).sum(-1)  # unsigned 32-bit value held in int64
-            # Reinterpret as two's complement int32 (bit 31 set -> negative).
-            out[p, r0:r0 + _ROW_CHUNK] = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+            by = (((c >> p) & 1) * weights).sum(-1, dtype=torch.uint8)  # [rows, 4W]: at most 255
+            out[p, r0:r0 + _ROW_CHUNK] = by.view(torch.int32)
     return out
 
 

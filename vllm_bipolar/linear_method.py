@@ -34,12 +34,13 @@ def _check_row_shard(prefix: str, k_part: int, k_full: int, group_size: int) -> 
     unit = WORD_BITS if group_size == -1 else math.lcm(WORD_BITS, group_size)
     if k_part % unit:
         what = "32-bit word" if k_part % WORD_BITS else f"scale group of {group_size}"
-        ok = [t for t in range(1, 65) if k_full % t == 0 and (k_full // t) % unit == 0]
+        ok = [t for t in range(1, 65) if k_full % t == 0 and (t == 1 or (k_full // t) % unit == 0)]
+        hint = (" or re-convert with a group size that divides the shard" if k_part % WORD_BITS == 0
+                else f" (K/tp must be a multiple of {WORD_BITS})")
         raise BipolarShardError(
             f"{prefix}: tensor parallelism splits the input dimension K={k_full} into shards of {k_part} "
             f"(tp={tp}), so a shard edge falls inside a {what}; bipolar row-parallel shards must be "
-            f"multiples of {unit}. Use a tensor-parallel size in {ok[:8]}, or re-convert with a group "
-            "size that divides the shard.")
+            f"multiples of {unit}. Use a tensor-parallel size in {ok[:8]}{hint}.")
 
 
 class BipolarLinearMethod(LinearMethodBase):

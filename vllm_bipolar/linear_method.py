@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.parameter import (ChannelQuantScaleParameter, GroupQuantScaleParameter,
                                            PackedvLLMParameter)
@@ -21,6 +22,10 @@ from vllm.model_executor.parameter import (ChannelQuantScaleParameter, GroupQuan
 from .format.packing import WORD_BITS, num_words
 from .format.quantize import num_groups
 from .kernels import BipolarLayerConfig, choose_kernel
+
+
+logger = init_logger("vllm.bipolar")  # under "vllm" so vLLM's logging config prints it
+_LOGGED_KERNELS: set[str] = set()  # log each backend's first use once per process
 
 
 class BipolarShardError(ValueError):
@@ -81,6 +86,10 @@ class BipolarLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         _check_finite(self.prefix, layer)
         kernel_cls = choose_kernel(layer.bipolar_config, layer.qweight.device)
+        if kernel_cls.name not in _LOGGED_KERNELS:
+            _LOGGED_KERNELS.add(kernel_cls.name)
+            logger.info("bipolar: %s runs on kernel backend '%s' (%s)", self.prefix, kernel_cls.name,
+                        layer.bipolar_config.describe())
         layer.bipolar_kernel = kernel_cls(layer.bipolar_config)
         layer.bipolar_kernel.process_weights_after_loading(layer)
 

@@ -1,7 +1,10 @@
 """CUDA weight-only backend (a_bits = 16): ``bipolar_kernels::gemm_a16`` from csrc/bipolar_gemm_a16.cu.
 
-Reads the checkpoint bit-plane layout directly (no repack yet): each warp streams the planes of
-one output row, rebuilding x . v from per-plane masked sums of x.
+Reads the checkpoint bit-plane layout directly (no repack yet): warps stream the planes of a few
+output rows, rebuild each code from its planes, turn it into an fp32 value with one byte permute
+and accumulate x . v with one FMA per element; s * dot + z * sum(x) per 32-weight word. Fast at
+M <= 2 (weights streamed once); larger M goes to dequantize + cuBLAS inside the same op
+(``ops.linear_a16_cuda``) until the tensor-core kernels exist.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class CudaGemmA16Kernel(BipolarLinearKernel):
     def apply_weights(self, layer, x, bias=None):
         c = self.config
         x2 = x.reshape(-1, x.shape[-1])
-        y = torch.ops.bipolar_kernels.gemm_a16(x2, layer.qweight, layer.scales, layer.zeros, c.k, c.group_size)
+        y = ops.linear_a16_cuda(x2, layer.qweight, layer.scales, layer.zeros, c.k, c.group_size)
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], c.n)

@@ -362,3 +362,37 @@ def test_wrong_scale_dtype_is_refused(tensor, gen, set_tp):
         param.weight_loader(param, getattr(good, tensor).to(torch.int32))
     with pytest.raises(ValueError, match=re.escape(f"{DOWN_PREFIX}.{tensor}") + ".*groups"):
         param.weight_loader(param, getattr(good, tensor)[:, :-1])
+
+
+# ---- per-layer method selection -------------------------------------------------------------------
+def _layers(set_tp, quant_config):
+    set_tp(0, 1)
+    up = MergedColumnParallelLinear(64, [96, 96], bias=False, quant_config=quant_config,
+                                    prefix="model.layers.1.mlp.gate_up_proj", params_dtype=torch.float32)
+    down = RowParallelLinear(96, 64, bias=False, quant_config=quant_config, reduce_results=False,
+                             prefix="model.layers.1.mlp.down_proj", params_dtype=torch.float32)
+    return up, down
+
+
+def test_skipped_and_per_layer_bits(set_tp):
+    cfg = BipolarConfig.from_config({
+        "quant_method": "bipolar", "format_version": 1, "w_bits": 3,
+        "modules_to_not_convert": ["lm_head", "down_proj"],
+        "layer_bits": {"model.layers.1.mlp.gate_proj": 5, "model.layers.1.mlp.up_proj": 5}})
+    up, down = _layers(set_tp, cfg)
+    assert isinstance(down.quant_method, vllm_linear.UnquantizedLinearMethod) and down.weight.shape == (64, 96)
+    assert isinstance(up.quant_method, BipolarLinearMethod) and up.qweight.shape == (5, 192, 2)
+
+
+def test_fused_shards_with_different_bits_are_refused(set_tp):
+    cfg = BipolarConfig.from_config({"quant_method": "bipolar", "format_version": 1, "w_bits": 3,
+                                     "layer_bits": {"model.layers.1.mlp.up_proj": 4}})
+    with pytest.raises(ValueError, match=r"gate_up_proj is one fused layer .* different bits"):
+        _layers(set_tp, cfg)
+
+
+def test_bipolar_requested_without_a_config():
+    with pytest.raises(ValueError, match="has no bipolar quantization_config; convert the model first"):
+        BipolarConfig()
+    with pytest.raises(ValueError, match=r"'w_bits'\] = 9"):
+        BipolarConfig.from_config({"quant_method": "bipolar", "format_version": 1, "w_bits": 9})

@@ -138,10 +138,12 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
                 q = quantize_weight(t, bits, spec.group_size, spec.symmetric, method, dtype=t.dtype)
             except ValueError as e:
                 raise ConvertError(f"{name}: {e}") from e
-            writer.add(f"{module}.qweight", pack_codes(q.codes, bits))
-            writer.add(f"{module}.scales", q.scales)
-            if q.zeros is not None:
-                writer.add(f"{module}.zeros", q.zeros)
+            outs = {"qweight": pack_codes(q.codes, bits), "scales": q.scales, "zeros": q.zeros}
+            for suffix, tensor in outs.items():
+                if tensor is not None:
+                    writer.add(f"{module}.{suffix}", tensor)
+                    stats["linear_dst_bytes"] += tensor.numel() * tensor.element_size()
+            stats["linear_src_bytes"] += t.numel() * t.element_size()
             stats[bits] += 1
             bar.update(1)
             bar.set_postfix_str(module.split(".", 1)[-1][-32:])
@@ -154,9 +156,11 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copied = copy_aux_files(src_path, tmp)
         dst_bytes = writer.total_bytes
+    linear_src, linear_dst = stats.pop("linear_src_bytes", 0), stats.pop("linear_dst_bytes", 0)
     return {
         "src": str(src_path), "dst": str(dst_path), "layers": sum(stats.values()),
         "layers_by_bits": dict(sorted(stats.items())), "skipped": len(modules) - len(to_quantize),
+        "linear_src_bytes": linear_src, "linear_dst_bytes": linear_dst,
         "src_bytes": src_bytes, "dst_bytes": dst_bytes, "ratio": src_bytes / max(dst_bytes, 1),
         "seconds": time.time() - t0, "copied": copied,
         "quantization_config": config["quantization_config"],
@@ -168,7 +172,8 @@ def format_summary(s: dict) -> str:
     bits = ", ".join(f"{n} x {b}-bit" for b, n in s["layers_by_bits"].items())
     return (f"converted {s['layers']} linear layers ({bits}; {s['skipped']} kept in full precision)\n"
             f"size: {s['src_bytes'] / mib:.1f} MiB -> {s['dst_bytes'] / mib:.1f} MiB "
-            f"({s['ratio']:.2f}x smaller)\n"
+            f"({s['ratio']:.2f}x smaller); quantized layers {s['linear_src_bytes'] / mib:.1f} MiB -> "
+            f"{s['linear_dst_bytes'] / mib:.1f} MiB ({s['linear_src_bytes'] / max(s['linear_dst_bytes'], 1):.2f}x)\n"
             f"time: {s['seconds']:.1f} s\n"
             f"wrote {s['dst']}")
 

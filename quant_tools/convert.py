@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from vllm_bipolar.format import (A16, BipolarConfigError, BipolarQuantSpec, pack_codes, quantize_weight)
 from vllm_bipolar.format.spec import DEFAULT_PACKED_MODULES, DEFAULT_SKIP, QUANTIZERS

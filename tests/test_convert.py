@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO, make_tiny_llama
 from quant_tools.checkpoint import HFCheckpoint
 from quant_tools.convert import main as convert_main
-from vllm_bipolar.format import BipolarQuantSpec, dequantize_packed, unpack_codes
+from vllm_bipolar.format import BipolarQuantSpec, dequantize_packed
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 namespace bipolar {
 
@@ -17,5 +18,20 @@ namespace bipolar {
 //   zeros    x.dtype [N, G] or none (symmetric)
 at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const std::optional<at::Tensor>& zeros, int64_t k, int64_t group_size);
+
+// Per-token symmetric bipolar quantization of activations into bit planes (bipolar_act_quant.cu):
+//   x fp16 / bf16 [M, K] (contiguous rows) -> (planes int32 [a_bits, M, ceil(K/32)] in the checkpoint
+//   bit-plane layout, scales fp32 [M]); bit-exact with vllm_bipolar.format.quantize_activations on CUDA.
+std::tuple<at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x, int64_t a_bits);
+
+// WpAq product on binary tensor cores (bipolar_gemm_binary.cu, mma .b1 AND.popc):
+//   y[M, N] = a_scales[m] * sum_g (scales[n, g] * I[m, n, g] + zeros[n, g] * S[m, g]),
+// I / S the per-group bipolar integer products / activation sums from the bit planes.
+//   a_planes int32 [q, M, ceil(K/32)], a_scales fp32 [M], qweight int32 [p, N, ceil(K/32)],
+//   scales [N, G] fp16 / bf16 / fp32 (the output dtype), zeros like scales or none,
+//   group_size -1 or a multiple of 128.
+at::Tensor gemm_binary(const at::Tensor& a_planes, const at::Tensor& a_scales, const at::Tensor& qweight,
+                       const at::Tensor& scales, const std::optional<at::Tensor>& zeros, int64_t k,
+                       int64_t group_size);
 
 }  // namespace bipolar

@@ -14,10 +14,20 @@ TORCH_LIBRARY(bipolar_kernels, m) {
   // (format version 1); x fp16/bf16 [M, K] with contiguous rows, qweight int32 [bits, N, ceil(k/32)],
   // scales / zeros x.dtype [N, G], zeros optional. Returns a new [M, N] tensor of x.dtype.
   m.def("gemm_a16(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int k, int group_size) -> Tensor");
+  // Per-token symmetric bipolar quantization: x fp16/bf16 [M, K] -> (planes int32 [a_bits, M, ceil(K/32)]
+  // in the checkpoint bit-plane layout, scales fp32 [M]).
+  m.def("quantize_activations(Tensor x, int a_bits) -> (Tensor, Tensor)");
+  // y[M, N] = a_scales[m] * sum_g (scales[n,g] * I[m,n,g] + zeros[n,g] * S[m,g]) on binary tensor cores
+  // (mma .b1 AND.popc): a_planes int32 [q, M, W], a_scales fp32 [M], qweight int32 [p, N, W],
+  // scales/zeros [N, G] (zeros optional), group_size -1 or a multiple of 128. Output dtype = scales.dtype.
+  m.def("gemm_binary(Tensor a_planes, Tensor a_scales, Tensor qweight, Tensor scales, Tensor? zeros, int k, "
+        "int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bipolar_kernels, CUDA, m) {
   m.impl("gemm_a16", &bipolar::gemm_a16);
+  m.impl("quantize_activations", &bipolar::quantize_activations);
+  m.impl("gemm_binary", &bipolar::gemm_binary);
 }
 
 // The module itself is empty: importing it only loads the shared library, whose static

@@ -65,6 +65,23 @@ def _(x, qweight, scales, zeros, k, group_size):
     return x.new_empty((x.shape[0], qweight.shape[1]))
 
 
+@torch.library.custom_op("bipolar::linear_binary_cuda", mutates_args=())
+def linear_binary_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                       k: int, group_size: int, a_bits: int) -> torch.Tensor:
+    """WpAq bipolar linear on binary tensor cores, x [M, K] -> [M, N] (x.dtype).
+
+    Quantizes the activations per token into bit planes, then the AND-popcount GEMM: one opaque op
+    for the layer, so torch.compile sees neither the planes nor the activation scales.
+    """
+    planes, sx = torch.ops.bipolar_kernels.quantize_activations(x, a_bits)
+    return torch.ops.bipolar_kernels.gemm_binary(planes, sx, qweight, scales, zeros, k, group_size)
+
+
+@linear_binary_cuda.register_fake
+def _(x, qweight, scales, zeros, k, group_size, a_bits):
+    return x.new_empty((x.shape[0], qweight.shape[1]))
+
+
 def _register_kernel_fakes() -> None:
     if not cuda_extension_available():
         return
@@ -72,6 +89,16 @@ def _register_kernel_fakes() -> None:
     @torch.library.register_fake("bipolar_kernels::gemm_a16")
     def _(x, qweight, scales, zeros, k, group_size):
         return x.new_empty((x.shape[0], qweight.shape[1]))
+
+    @torch.library.register_fake("bipolar_kernels::quantize_activations")
+    def _(x, a_bits):
+        words = (x.shape[1] + 31) // 32
+        return (x.new_empty((a_bits, x.shape[0], words), dtype=torch.int32),
+                x.new_empty((x.shape[0],), dtype=torch.float32))
+
+    @torch.library.register_fake("bipolar_kernels::gemm_binary")
+    def _(a_planes, a_scales, qweight, scales, zeros, k, group_size):
+        return scales.new_empty((a_planes.shape[1], qweight.shape[1]))
 
 
 _register_kernel_fakes()

@@ -178,7 +178,9 @@ def quantize_activations(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     """
     lv = max_level(bits)
     xf = x.to(torch.float32)
-    s = xf.abs().amax(-1, keepdim=True) / lv
+    # amax * (1/L), not amax / L: the fp32 reciprocal is what torch's CUDA division by a scalar and
+    # the activation-quantization kernel compute, so CPU, CUDA and the kernel agree bit for bit.
+    s = xf.abs().amax(-1, keepdim=True) * (1.0 / lv)
     s_safe = torch.where(s == 0, torch.ones_like(s), s)
     codes = torch.clamp(torch.round((xf / s_safe + lv) * 0.5), 0, lv)
     return codes.to(torch.uint8), s.squeeze(-1)

@@ -12,11 +12,12 @@ import os
 import torch
 
 from .base import BipolarLinearKernel
+from .cuda_binary_gemm import CudaBinaryGemmKernel
 from .cuda_gemm_a16 import CudaGemmA16Kernel
 from .layer_config import BipolarLayerConfig
 from .torch_reference import TorchReferenceKernel
 
-KERNELS: list[type[BipolarLinearKernel]] = [CudaGemmA16Kernel, TorchReferenceKernel]
+KERNELS: list[type[BipolarLinearKernel]] = [CudaBinaryGemmKernel, CudaGemmA16Kernel, TorchReferenceKernel]
 FORCE_ENV = "VLLM_BIPOLAR_KERNEL"
 
 

@@ -1,0 +1,487 @@
+// WpAq bipolar GEMM on binary tensor cores (mma.sync .b1 AND.popc, sm_80+): the kernel family
+// behind bipolar_kernels::gemm_binary (host side in bipolar_gemm_binary.cu).
+//
+// Math (DESIGN.md section 2). Weights: p bit planes B_i, activations: q bit planes A_j, both bipolar
+// (bit 1 = +1, bit 0 = -1). Over a group g of K_g real input channels,
+//   I[m,n,g] = sum_{i,j} 2^(i+j) (4 popc(A_j & B_i) - 2 popc(A_j) - 2 popc(B_i) + K_g)
+//            = 4 T - 2 Lw PA[m] - 2 La PB[n] + K_g Lw La
+// with T = sum_s 2^s acc_s, acc_s = sum_{i+j=s} popc(A_j & B_i) (the tensor-core part),
+// PA = sum_j 2^j popc(A_j), PB = sum_i 2^i popc(B_i), Lw = 2^p - 1, La = 2^q - 1; and the per-group
+// activation value sum S[m,g] = 2 PA - La K_g. The output is
+//   y[m,n] = s_x[m] * sum_g (s[n,g] * I[m,n,g] + z[n,g] * S[m,g]).
+// Padding bits past K are 0 in both operands (checkpoint rule, and the activation quantizer writes
+// 0s), so the AND popcounts and PA/PB are exact with K_g the real (unpadded) group length.
+//
+// Accumulators: plane pairs with the same i+j share one int32 accumulator (p+q-1 of them instead
+// of p*q: 15 rather than 64 for W8A8), the 2^s weights are applied once per group in the epilogue.
+// The integer combination is done in 32-bit modular arithmetic: exact as long as |I| < 2^31, which
+// the host guarantees by checking K_g * Lw * La < 2^31 (W8A8: groups up to 33,025 channels).
+//
+// Files: this header holds the templates (over weight bits P, activation bits Q and the MMA k
+// shape); bipolar_gemm_binary_w<P>.cu instantiate them per weight width (parallel compilation),
+// each defining launch_binary_w<P>, which dispatches over Q and the k shape at run time.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace bipolar {
+namespace binary {
+
+// Output / scale element type (the op's output dtype is the dtype of `scales`; fp32 is accepted
+// as a debug and test path: with unit scales it returns the exact integer sums).
+enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
+
+struct Problem {
+  const uint32_t* a;         // activation planes [Q, M, W]
+  const float* a_scales;     // [M] per-token scales s_x
+  const uint32_t* b;         // weight planes [P, N, W] (checkpoint layout, format version 1)
+  const void* scales;        // [N, G] of `dtype`
+  const void* zeros;         // [N, G] of `dtype`, or nullptr (symmetric)
+  void* out;                 // [M, N] of `dtype`
+  int M, N, K, W, G;         // W = ceil(K / 32) words per row, G groups
+  int group_words;           // words per group (a multiple of 4); W rounded up to 8 when one group per row
+  int group_bits;            // channels per group (K when group_size == -1)
+  bool vec16;                // 16-byte cp.async possible (W % 4 == 0 and 16-byte aligned bases)
+  bool magic;                // every |I| < 2^22 (K_g * Lw * La < 2^22): exact float conversion by a magic add
+  DType dtype;
+};
+
+// Declared per weight width; defined in bipolar_gemm_binary_w<P>.cu. k128: use m16n8k128 (groups
+// that end in the middle of a 256-bit step, e.g. group_size 128 or 384); else m16n8k256.
+#define BIPOLAR_BINARY_DECLARE(P) void launch_binary_w##P(int q, bool k128, const Problem& p, cudaStream_t stream);
+BIPOLAR_BINARY_DECLARE(1)
+BIPOLAR_BINARY_DECLARE(2)
+BIPOLAR_BINARY_DECLARE(3)
+BIPOLAR_BINARY_DECLARE(4)
+BIPOLAR_BINARY_DECLARE(5)
+BIPOLAR_BINARY_DECLARE(6)
+BIPOLAR_BINARY_DECLARE(7)
+BIPOLAR_BINARY_DECLARE(8)
+#undef BIPOLAR_BINARY_DECLARE
+
+}  // namespace binary
+}  // namespace bipolar
+
+#ifdef BIPOLAR_GEMM_BINARY_KERNELS  // kernel bodies: only in the per-width files
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace bipolar {
+namespace binary {
+
+constexpr int kStageWords = 16;  // one pipeline stage covers 512 bits of K (16 words) of every plane
+
+// Tile shape per (P, Q): the accumulators take (P+Q-1) * WM * WN * 4 registers per thread, kept
+// under ~100 so that wide combinations do not spill. 2 x 2 warps per CTA.
+template <int P, int Q>
+struct Tile {
+  static constexpr int kShifts = P + Q - 1;
+  static constexpr int WN = kShifts <= 3 ? 4 : (kShifts <= 11 ? 2 : 1);  // n8 tiles per warp
+  // m16 tiles per warp: 2, unless the registers or two pipeline stages in 48 KiB (W1A6) forbid it
+  static constexpr int WM = (kShifts <= 6 && 2 * (Q * 64 + P * 16 * WN) * 16 * 4 <= 48 * 1024) ? 2 : 1;
+  static constexpr int kWarpsM = 2, kWarpsN = 2;
+  static constexpr int BM = 16 * WM * kWarpsM;
+  static constexpr int BN = 8 * WN * kWarpsN;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  // Shared memory per stage: every activation plane of BM rows and every weight plane of BN rows,
+  // 16 words each. Layout [plane][row][16 words]; the four 16-byte chunks of a row are permuted
+  // (chunk ^= (row >> 1) & 3), which makes the fragment loads below (8 rows x 4 consecutive words
+  // per instruction) hit 32 distinct banks, while keeping each 16-byte chunk contiguous for cp.async.
+  static constexpr int kAWords = Q * BM * kStageWords;
+  static constexpr int kBWords = P * BN * kStageWords;
+  static constexpr int kStage = kAWords + kBWords;
+  // Pipeline depth: as many stages (2..4) as fit the 48 KiB of static shared memory. A stage is
+  // only a few hundred MMAs, so several copies must be in flight to cover the global latency.
+  static constexpr int kStageBytes = kStage * 4;
+  static constexpr int kPipe = (4 * kStageBytes <= 48 * 1024) ? 4 : ((3 * kStageBytes <= 48 * 1024) ? 3 : 2);
+  static_assert(2 * kStageBytes <= 48 * 1024, "two pipeline stages must fit 48 KiB of static shared memory");
+};
+
+__device__ __forceinline__ int swz(int row, int word) { return row * kStageWords + (word ^ (((row >> 1) & 3) << 2)); }
+
+__device__ __forceinline__ void cp_async16(uint32_t* smem, const uint32_t* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 16 : 0;  // src-size 0: nothing is read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async4(uint32_t* smem, const uint32_t* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// D += popc(A & B) over 256 bits. Fragments (PTX ISA, mma .m16n8k256 .b1; g = lane / 4,
+// t = lane % 4): a0 = A[row g][bits 32t..32t+31], a1 = A[row g+8][same], a2 = A[row g][bits
+// 128+32t..], a3 = A[row g+8][bits 128+32t..]; b0 = B[col g][bits 32t..], b1 = B[col g][bits
+// 128+32t..]; c0, c1 = C[row g][cols 2t, 2t+1], c2, c3 = C[row g+8][cols 2t, 2t+1].
+// (Only the pairing of A's and B's k positions matters for a popcount, and the loads below use
+// the same word for both.)
+__device__ __forceinline__ void bmma_k256(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// D += popc(A & B) over 128 bits: a0 = A[row g][bits 32t..], a1 = A[row g+8][bits 32t..],
+// b0 = B[col g][bits 32t..]; C as above.
+__device__ __forceinline__ void bmma_k128(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(b0));
+}
+
+// Same two instructions with C = 0: the first MMA of each shift accumulator in a new group, so the
+// accumulators never need clearing (a group of 128 channels is a single k128 step).
+__device__ __forceinline__ void bmma_k256_zero(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%10,%10,%10};\n"
+      : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
+}
+
+__device__ __forceinline__ void bmma_k128_zero(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+      "{%7,%7,%7,%7};\n"
+      : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+      : "r"(a0), "r"(a1), "r"(b0), "r"(0));
+}
+
+// All P*Q plane-pair MMAs of one k slice for the warp tile. Pairs are grouped by shift s = i + j;
+// with kFresh (first slice of a group) the first pair of each shift overwrites its accumulator.
+template <int P, int Q, int WM, int WN, bool K128, bool kFresh>
+__device__ __forceinline__ void mma_slice(int (&acc)[P + Q - 1][WM][WN][4], const uint32_t (&af)[Q][WM][K128 ? 2 : 4],
+                                          const uint32_t (&bf)[P][WN][K128 ? 1 : 2]) {
+#pragma unroll
+  for (int s = 0; s < P + Q - 1; ++s) {
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const int j = s - i;
+      if (j < 0 || j >= Q) continue;
+      const bool first = kFresh && (i == (s - Q + 1 > 0 ? s - Q + 1 : 0));  // smallest valid i for this s
+#pragma unroll
+      for (int mi = 0; mi < WM; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < WN; ++ni) {
+          if constexpr (K128) {
+            if (first) bmma_k128_zero(acc[s][mi][ni], af[j][mi][0], af[j][mi][1], bf[i][ni][0]);
+            else bmma_k128(acc[s][mi][ni], af[j][mi][0], af[j][mi][1], bf[i][ni][0]);
+          } else {
+            if (first) bmma_k256_zero(acc[s][mi][ni], af[j][mi], bf[i][ni]);
+            else bmma_k256(acc[s][mi][ni], af[j][mi], bf[i][ni]);
+          }
+        }
+    }
+  }
+}
+
+__device__ __forceinline__ float load_elem(const void* p, int64_t i, DType dt) {
+  if (dt == DType::kHalf) return __half2float(static_cast<const __half*>(p)[i]);
+  if (dt == DType::kBFloat16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
+
+__device__ __forceinline__ void store_elem(void* p, int64_t i, float v, DType dt) {
+  if (dt == DType::kHalf) static_cast<__half*>(p)[i] = __float2half_rn(v);
+  else if (dt == DType::kBFloat16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  else static_cast<float*>(p)[i] = v;
+}
+
+__device__ __forceinline__ int quad_sum(int v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  v += __shfl_xor_sync(0xffffffffu, v, 2);
+  return v;
+}
+
+// Copy stage `st` (words 8 st .. 8 st + 7 of every plane row of the tile) into shared memory.
+// Rows past M / N and words past W are zero-filled (they then add nothing to any popcount).
+template <int P, int Q>
+__device__ __forceinline__ void load_stage(uint32_t* sm, const Problem& p, int m0, int n0, int st) {
+  using TL = Tile<P, Q>;
+  constexpr int kARows = Q * TL::BM, kRows = kARows + P * TL::BN;
+  const int w0 = st * kStageWords;
+  // one item = one 16-byte chunk (4 words) of one plane row
+  constexpr int kChunks = kStageWords / 4;
+  for (int item = threadIdx.x; item < kRows * kChunks; item += TL::kThreads) {
+    const int r = item / kChunks, chunk = item % kChunks;
+    const uint32_t* src;
+    uint32_t* dst;
+    bool row_ok;
+    int row;
+    if (r < kARows) {
+      const int plane = r / TL::BM;
+      row = r % TL::BM;
+      row_ok = m0 + row < p.M;
+      src = p.a + (int64_t(plane) * p.M + (row_ok ? m0 + row : 0)) * p.W;
+      dst = sm + plane * TL::BM * kStageWords;
+    } else {
+      const int rb = r - kARows, plane = rb / TL::BN;
+      row = rb % TL::BN;
+      row_ok = n0 + row < p.N;
+      src = p.b + (int64_t(plane) * p.N + (row_ok ? n0 + row : 0)) * p.W;
+      dst = sm + TL::kAWords + plane * TL::BN * kStageWords;
+    }
+    const int w = w0 + chunk * 4;
+    uint32_t* d = dst + swz(row, chunk * 4);
+    if (p.vec16) {
+      const bool ok = row_ok && w < p.W;  // W % 4 == 0: a chunk is all in or all out
+      cp_async16(d, ok ? src + w : src, ok);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool ok = row_ok && w + e < p.W;
+        cp_async4(d + e, ok ? src + w + e : src, ok);
+      }
+    }
+  }
+}
+
+// Group end: fold the integer sums of the finished group into `out`, then clear PA / PB (the
+// MMA accumulators are overwritten by the next group's first MMAs). Per element this is the
+// shift combination T = sum_s acc_s << s, one add of the hoisted row/column corrections, one
+// int -> float conversion and two FMAs. kMagic (|I| < 2^22, checked on the host): the conversion
+// is an integer add of 0x4B400000 (folded into the row term) and one float subtraction of
+// 1.5 * 2^23, exact, instead of a quarter-rate I2F.
+template <int P, int Q, bool kMagic>
+__device__ __forceinline__ void epilogue(const Problem& p, int grp, int t, int (&acc)[P + Q - 1][Tile<P, Q>::WM][Tile<P, Q>::WN][4],
+                                       float (&out)[Tile<P, Q>::WM][Tile<P, Q>::WN][4], int (&pa)[Tile<P, Q>::WM][2],
+                                       int (&pb)[Tile<P, Q>::WN], const float (&sc)[Tile<P, Q>::WN][2],
+                                       const float (&zc)[Tile<P, Q>::WN][2]) {
+  constexpr int WM = Tile<P, Q>::WM, WN = Tile<P, Q>::WN, NS = P + Q - 1;
+  constexpr uint32_t Lw = (1u << P) - 1, La = (1u << Q) - 1;
+  const int kg = min(p.K, (grp + 1) * p.group_bits) - grp * p.group_bits;  // real channels in the group
+  uint32_t row_term[WM][2];
+  float srow[WM][2];
+#pragma unroll
+  for (int mi = 0; mi < WM; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t pa_v = uint32_t(quad_sum(pa[mi][h]));  // row g (+8): all 4 threads' words
+      row_term[mi][h] = uint32_t(kg) * Lw * La - 2u * Lw * pa_v + (kMagic ? 0x4B400000u : 0u);
+      srow[mi][h] = float(int(2u * pa_v - La * uint32_t(kg)));  // S[m, g]
+    }
+  uint32_t col_term[WN][2];
+#pragma unroll
+  for (int ni = 0; ni < WN; ++ni) {
+    const int col_total = quad_sum(pb[ni]);  // column g of the n8 tile, in every lane of quad g
+    // C fragment columns are 2t and 2t+1: fetch those columns' totals from quads 2t, 2t+1
+    col_term[ni][0] = 0u - 2u * La * uint32_t(__shfl_sync(0xffffffffu, col_total, (2 * t) * 4));
+    col_term[ni][1] = 0u - 2u * La * uint32_t(__shfl_sync(0xffffffffu, col_total, (2 * t + 1) * 4));
+  }
+#pragma unroll
+  for (int ni = 0; ni < WN; ++ni)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int mi = 0; mi < WM; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int c = h * 2 + e;
+          uint32_t tsum = uint32_t(acc[0][mi][ni][c]);
+#pragma unroll
+          for (int s = 1; s < NS; ++s) tsum += uint32_t(acc[s][mi][ni][c]) << s;
+          const uint32_t u = 4u * tsum + row_term[mi][h] + col_term[ni][e];  // I (+ magic), mod 2^32
+          const float ival = kMagic ? __fsub_rn(__int_as_float(int(u)), 12582912.0f) : float(int(u));
+          out[mi][ni][c] = fmaf(sc[ni][e], ival, fmaf(zc[ni][e], srow[mi][h], out[mi][ni][c]));
+        }
+#pragma unroll
+  for (int mi = 0; mi < WM; ++mi) pa[mi][0] = pa[mi][1] = 0;
+#pragma unroll
+  for (int ni = 0; ni < WN; ++ni) pb[ni] = 0;
+}
+
+// One CTA: a BM x BN block of y. Grid: x over N tiles, y over M tiles.
+template <int P, int Q, bool K128>
+__global__ void __launch_bounds__(Tile<P, Q>::kThreads)
+    gemm_binary_kernel(const Problem p) {
+  using TL = Tile<P, Q>;
+  constexpr int WM = TL::WM, WN = TL::WN, NS = TL::kShifts;
+  __shared__ __align__(16) uint32_t smem[TL::kPipe][TL::kStage];  // pipeline buffers
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int warp_m = warp / TL::kWarpsN, warp_n = warp % TL::kWarpsN;
+  const int m0 = blockIdx.y * TL::BM, n0 = blockIdx.x * TL::BN;
+  const int wm0 = warp_m * WM * 16, wn0 = warp_n * WN * 8;  // warp tile origin inside the CTA tile
+
+  int acc[NS][WM][WN][4];  // popc(A_j & B_i) summed over pairs with i + j = s, current group
+  float out[WM][WN][4];    // sum over finished groups of s * I + z * S
+  int pa[WM][2];           // this thread's words of PA for rows g, g+8 of each m16 tile (current group)
+  int pb[WN];              // this thread's words of PB for column g of each n8 tile (current group)
+#pragma unroll
+  for (int mi = 0; mi < WM; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < WN; ++ni)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        out[mi][ni][c] = 0.f;
+#pragma unroll
+        for (int s = 0; s < NS; ++s) acc[s][mi][ni][c] = 0;
+      }
+#pragma unroll
+  for (int mi = 0; mi < WM; ++mi) pa[mi][0] = pa[mi][1] = 0;
+#pragma unroll
+  for (int ni = 0; ni < WN; ++ni) pb[ni] = 0;
+
+  // Multi-stage cp.async pipeline (kPipe buffers): stage st + kPipe - 1 is requested while stage st
+  // is computed; one barrier per stage (it also guarantees that the buffer refilled next was
+  // finished by every warp in the previous iteration).
+  constexpr int kPipe = TL::kPipe;
+  const int stages = (p.W + kStageWords - 1) / kStageWords;
+#pragma unroll
+  for (int s0 = 0; s0 < kPipe - 1; ++s0) {
+    if (s0 < stages) load_stage<P, Q>(smem[s0], p, m0, n0, s0);
+    cp_async_commit();  // empty groups keep the wait_group arithmetic uniform
+  }
+  for (int st = 0; st < stages; ++st) {
+    cp_async_wait<kPipe - 2>();  // stage st has landed (this thread's copies)
+    __syncthreads();             // ... and everyone's; buffer (st - 1) % kPipe is free again
+    if (st + kPipe - 1 < stages) load_stage<P, Q>(smem[(st + kPipe - 1) % kPipe], p, m0, n0, st + kPipe - 1);
+    cp_async_commit();
+    const uint32_t* sa = smem[st % kPipe];
+    const uint32_t* sb = sa + TL::kAWords;
+    // k slices of this stage: 256 bits each (K128 = false), or 128 bits each (K128 = true)
+    constexpr int kSliceWords = K128 ? 4 : 8;
+    constexpr int kSlices = kStageWords / kSliceWords;
+#pragma unroll
+    for (int sl = 0; sl < kSlices; ++sl) {
+      const int w_lo = st * kStageWords + sl * kSliceWords;
+      if (w_lo >= p.W) break;  // rest of the last stage past the end of K (uniform)
+      // Fragments of every plane of the warp tile, loaded once and reused by all P*Q pairings.
+      uint32_t af[Q][WM][K128 ? 2 : 4];
+      uint32_t bf[P][WN][K128 ? 1 : 2];
+#pragma unroll
+      for (int j = 0; j < Q; ++j)
+#pragma unroll
+        for (int mi = 0; mi < WM; ++mi) {
+          const uint32_t* base = sa + j * TL::BM * kStageWords;
+          const int r = wm0 + mi * 16 + g;
+          if constexpr (K128) {
+            af[j][mi][0] = base[swz(r, sl * 4 + t)];
+            af[j][mi][1] = base[swz(r + 8, sl * 4 + t)];
+            pa[mi][0] += __popc(af[j][mi][0]) << j;
+            pa[mi][1] += __popc(af[j][mi][1]) << j;
+          } else {
+            af[j][mi][0] = base[swz(r, sl * 8 + t)];
+            af[j][mi][1] = base[swz(r + 8, sl * 8 + t)];
+            af[j][mi][2] = base[swz(r, sl * 8 + t + 4)];
+            af[j][mi][3] = base[swz(r + 8, sl * 8 + t + 4)];
+            pa[mi][0] += (__popc(af[j][mi][0]) + __popc(af[j][mi][2])) << j;
+            pa[mi][1] += (__popc(af[j][mi][1]) + __popc(af[j][mi][3])) << j;
+          }
+        }
+#pragma unroll
+      for (int i = 0; i < P; ++i)
+#pragma unroll
+        for (int ni = 0; ni < WN; ++ni) {
+          const uint32_t* base = sb + i * TL::BN * kStageWords;
+          const int r = wn0 + ni * 8 + g;
+          if constexpr (K128) {
+            bf[i][ni][0] = base[swz(r, sl * 4 + t)];
+            pb[ni] += __popc(bf[i][ni][0]) << i;
+          } else {
+            bf[i][ni][0] = base[swz(r, sl * 8 + t)];
+            bf[i][ni][1] = base[swz(r, sl * 8 + t + 4)];
+            pb[ni] += (__popc(bf[i][ni][0]) + __popc(bf[i][ni][1])) << i;
+          }
+        }
+      // Row/column popcounts: computed here on the fly from the fragments each thread already
+      // holds (its own words of rows g, g+8 and column g; reduced over the quad at group end):
+      // no extra pass over memory and nothing precomputed at load time.
+      const int w_hi = w_lo + kSliceWords;
+      const bool closes = w_hi % p.group_words == 0 || w_hi >= p.W;
+      const int grp = w_lo / p.group_words;
+      float sc[WN][2], zc[WN][2];
+      if (closes) {  // issue the scale / offset loads before the MMAs: their latency hides behind them
+#pragma unroll
+        for (int ni = 0; ni < WN; ++ni)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = n0 + wn0 + ni * 8 + 2 * t + e;
+            sc[ni][e] = col < p.N ? load_elem(p.scales, int64_t(col) * p.G + grp, p.dtype) : 0.f;
+            zc[ni][e] = (col < p.N && p.zeros != nullptr) ? load_elem(p.zeros, int64_t(col) * p.G + grp, p.dtype) : 0.f;
+          }
+      }
+      if (w_lo % p.group_words == 0) mma_slice<P, Q, WM, WN, K128, true>(acc, af, bf);
+      else mma_slice<P, Q, WM, WN, K128, false>(acc, af, bf);
+      if (closes) {
+        if (p.magic) epilogue<P, Q, true>(p, grp, t, acc, out, pa, pb, sc, zc);
+        else epilogue<P, Q, false>(p, grp, t, acc, out, pa, pb, sc, zc);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // y = s_x * out, rows g / g+8 and columns 2t / 2t+1 of each fragment
+#pragma unroll
+  for (int mi = 0; mi < WM; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = m0 + wm0 + mi * 16 + g + h * 8;
+      if (row >= p.M) continue;
+      const float sx = p.a_scales[row];
+#pragma unroll
+      for (int ni = 0; ni < WN; ++ni)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n0 + wn0 + ni * 8 + 2 * t + e;
+          if (col < p.N) store_elem(p.out, int64_t(row) * p.N + col, sx * out[mi][ni][h * 2 + e], p.dtype);
+        }
+    }
+}
+
+template <int P, int Q, bool K128>
+void launch(const Problem& p, cudaStream_t stream) {
+  using TL = Tile<P, Q>;
+  const dim3 grid((p.N + TL::BN - 1) / TL::BN, (p.M + TL::BM - 1) / TL::BM);
+  gemm_binary_kernel<P, Q, K128><<<grid, TL::kThreads, 0, stream>>>(p);
+}
+
+template <int P>
+void launch_q(int q, bool k128, const Problem& p, cudaStream_t stream) {
+#define BIPOLAR_BINARY_CASE(Q)                          \
+  case Q:                                               \
+    if (k128) launch<P, Q, true>(p, stream);            \
+    else launch<P, Q, false>(p, stream);                \
+    break;
+  switch (q) {
+    BIPOLAR_BINARY_CASE(1)
+    BIPOLAR_BINARY_CASE(2)
+    BIPOLAR_BINARY_CASE(3)
+    BIPOLAR_BINARY_CASE(4)
+    BIPOLAR_BINARY_CASE(5)
+    BIPOLAR_BINARY_CASE(6)
+    BIPOLAR_BINARY_CASE(7)
+    BIPOLAR_BINARY_CASE(8)
+    default: break;  // validated by the host
+  }
+#undef BIPOLAR_BINARY_CASE
+}
+
+}  // namespace binary
+}  // namespace bipolar
+
+#define BIPOLAR_GEMM_BINARY_INSTANTIATE(P)                                                 \
+  namespace bipolar {                                                                      \
+  namespace binary {                                                                       \
+  void launch_binary_w##P(int q, bool k128, const Problem& p, cudaStream_t stream) {      \
+    launch_q<P>(q, k128, p, stream);                                                       \
+  }                                                                                        \
+  }                                                                                        \
+  }
+
+#endif  // BIPOLAR_GEMM_BINARY_KERNELS

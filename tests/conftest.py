@@ -15,6 +15,27 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def load_kernel_ops(*names: str) -> tuple[object | None, str]:
+    """(torch.ops.bipolar_kernels, "") when the CUDA extension registers ``names``, else (None, why not).
+
+    BIPOLAR_TEST_LIB=/path/lib.so tests that library instead of vllm_bipolar._C (e.g. a tuning
+    variant built by csrc/tests/bench_gemm_a16.py --variant).
+    """
+    def ops():
+        ns = torch.ops.bipolar_kernels
+        return ns if all(hasattr(ns, n) for n in names) else None
+
+    lib = os.environ.get("BIPOLAR_TEST_LIB")
+    try:
+        if lib:
+            torch.ops.load_library(lib)
+        else:
+            importlib.import_module("vllm_bipolar._C")
+    except Exception as exc:  # noqa: BLE001 - not built, or the loader's own error
+        return None, f"{lib or 'vllm_bipolar._C'} cannot be loaded ({exc})"
+    return (ops(), "") if ops() is not None else (None, f"bipolar_kernels lacks one of {list(names)}")
+
+
 def make_tiny_llama(path: Path, hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=300,
                     dtype=torch.bfloat16, max_shard_size=None) -> Path:
     """A random Llama saved as a Hugging Face checkpoint (safetensors), with a copied tokenizer-less config."""

@@ -16,9 +16,6 @@ Skips cleanly without CUDA or without the built extension. Data is fresh random 
 
 from __future__ import annotations
 
-import glob
-import importlib
-import importlib.util
 import math
 import os
 import sys
@@ -27,47 +24,16 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PKG_DIR = os.path.join(ROOT, "vllm_bipolar")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # for `python tests/...py --bench`
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import vllm_bipolar.format as fmt  # noqa: E402  (the package __init__ imports neither vLLM nor _C)
+from conftest import load_kernel_ops  # noqa: E402
 
-def _load_format():
-    try:
-        return importlib.import_module("vllm_bipolar.format")
-    except Exception:  # noqa: BLE001 - load by path (torch only)
-        pass
-    name = "_bipolar_format_for_tests"
-    if name in sys.modules:
-        return sys.modules[name]
-    init = os.path.join(PKG_DIR, "format", "__init__.py")
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[os.path.dirname(init)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _load_ops() -> tuple[object | None, str]:
-    def ops():
-        ns = torch.ops.bipolar_kernels
-        return ns if hasattr(ns, "gemm_binary") and hasattr(ns, "quantize_activations") else None
-
-    try:
-        importlib.import_module("vllm_bipolar._C")
-    except Exception as exc:  # noqa: BLE001
-        libs = sorted(glob.glob(os.path.join(PKG_DIR, "_C*.so")))
-        if not libs:
-            return None, f"vllm_bipolar._C is not built ({exc})"
-        try:
-            torch.ops.load_library(libs[0])
-        except Exception as load_exc:  # noqa: BLE001
-            return None, f"cannot load {libs[0]}: {load_exc}"
-    return (ops(), "") if ops() is not None else (None, "bipolar_kernels::gemm_binary is not registered")
-
-
-fmt = _load_format()
-OPS, WHY = _load_ops() if torch.cuda.is_available() else (None, "no CUDA device")
+OPS, WHY = (load_kernel_ops("gemm_binary", "quantize_activations") if torch.cuda.is_available()
+            else (None, "no CUDA device"))
 if OPS is not None and torch.cuda.get_device_capability()[0] < 8:
     OPS, WHY = None, "binary tensor cores need compute capability >= 8.0"
 

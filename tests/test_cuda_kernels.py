@@ -6,16 +6,10 @@ dense weight, and a float64 matmul the reference. Data is fresh random on every 
 
 Skips cleanly when there is no CUDA device or the extension was not built
 (`python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`).
-
-The package's __init__ may import vLLM; where vLLM is not installed (e.g. a bare GPU box), the
-format module and the extension are loaded straight from their files instead.
 """
 
 from __future__ import annotations
 
-import glob
-import importlib
-import importlib.util
 import math
 import os
 import subprocess
@@ -25,55 +19,11 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PKG_DIR = os.path.join(ROOT, "vllm_bipolar")
 
+import vllm_bipolar.format as fmt  # noqa: E402  (the package __init__ imports neither vLLM nor _C)
+from conftest import load_kernel_ops  # noqa: E402
 
-def _load_format():
-    try:
-        return importlib.import_module("vllm_bipolar.format")
-    except Exception:  # noqa: BLE001 - the package __init__ needs something missing here (vLLM)
-        pass  # load the format package by path: it needs torch only
-    name = "_bipolar_format_for_tests"
-    if name in sys.modules:
-        return sys.modules[name]
-    init = os.path.join(PKG_DIR, "format", "__init__.py")
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[os.path.dirname(init)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _load_ops() -> tuple[object | None, str]:
-    """(torch.ops.bipolar_kernels, "") when the extension is loaded, else (None, why not).
-
-    BIPOLAR_TEST_LIB=/path/lib.so tests that library instead of vllm_bipolar._C (e.g. a tuning
-    variant built by csrc/tests/bench_gemm_a16.py --variant)."""
-    def ops():
-        ns = torch.ops.bipolar_kernels
-        return ns if hasattr(ns, "gemm_a16") else None
-
-    lib = os.environ.get("BIPOLAR_TEST_LIB")
-    if lib:
-        torch.ops.load_library(lib)
-        return (ops(), "") if ops() is not None else (None, f"{lib} registers no bipolar_kernels::gemm_a16")
-    try:
-        importlib.import_module("vllm_bipolar._C")
-    except Exception as exc:  # noqa: BLE001 - ImportError, or whatever the package __init__ raised
-        # Either the extension is not built, or the package __init__ failed (no vLLM here): in the
-        # latter case load the built library directly (its static initialisers register the ops).
-        libs = sorted(glob.glob(os.path.join(PKG_DIR, "_C*.so")))
-        if not libs:
-            return None, f"vllm_bipolar._C is not built ({exc})"
-        try:
-            torch.ops.load_library(libs[0])
-        except Exception as load_exc:  # noqa: BLE001 - report whatever the loader says
-            return None, f"cannot load {libs[0]}: {load_exc}"
-    return (ops(), "") if ops() is not None else (None, "bipolar_kernels::gemm_a16 is not registered")
-
-
-fmt = _load_format()
-OPS, WHY = _load_ops() if torch.cuda.is_available() else (None, "no CUDA device")
+OPS, WHY = load_kernel_ops("gemm_a16") if torch.cuda.is_available() else (None, "no CUDA device")
 
 pytestmark = pytest.mark.skipif(OPS is None, reason=f"CUDA kernels unavailable: {WHY}")
 

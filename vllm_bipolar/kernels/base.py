@@ -37,6 +37,30 @@ class BipolarLinearKernel(abc.ABC):
         """x [..., K] -> [..., N]."""
 
 
+def cuda_half_reason(config: BipolarLayerConfig, device: torch.device) -> str | None:
+    """Why a CUDA-extension backend cannot run on ``device`` with this dtype (None when it can)."""
+    from .. import ops
+
+    if device.type != "cuda":
+        return f"needs a CUDA device (layer is on {device.type})"
+    if not ops.cuda_extension_available():
+        return ops.CUDA_EXTENSION_ERROR
+    if config.act_dtype not in (torch.float16, torch.bfloat16):
+        return f"activations must be fp16 or bf16, got {config.act_dtype}"
+    return None
+
+
+def apply_2d(x: torch.Tensor, bias: torch.Tensor | None, n: int, op) -> torch.Tensor:
+    """Run ``op`` on x flattened to [M, K] with dense rows, add the bias, restore the leading dims."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[-1] > 1 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = op(x2)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], n)
+
+
 def keep_checkpoint_layout(layer: torch.nn.Module) -> None:
     """For backends that read format version 1 as stored: make the parameters plain and contiguous."""
     for name in ("qweight", "scales", "zeros"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .base import BipolarLinearKernel, keep_checkpoint_layout
+from .base import BipolarLinearKernel, apply_2d, cuda_half_reason, keep_checkpoint_layout
 from .layer_config import BipolarLayerConfig
 
 BINARY_MMA_K = 128  # groups must cover whole m16n8k128 steps (group_size -1 or a multiple of 128)
@@ -26,16 +26,13 @@ class CudaBinaryGemmKernel(BipolarLinearKernel):
 
     @classmethod
     def can_implement(cls, config: BipolarLayerConfig, device: torch.device) -> tuple[bool, str | None]:
-        if device.type != "cuda":
-            return False, f"needs a CUDA device (layer is on {device.type})"
-        if not ops.cuda_extension_available():
-            return False, ops.CUDA_EXTENSION_ERROR
+        why = cuda_half_reason(config, device)
+        if why is not None:
+            return False, why
         if not hasattr(torch.ops.bipolar_kernels, "gemm_binary"):
             return False, "the built extension lacks bipolar_kernels::gemm_binary; rebuild it"
         if config.weight_only:
             return False, "binary tensor-core kernel needs quantized activations (a_bits 1..8), got a_bits=16"
-        if config.act_dtype not in (torch.float16, torch.bfloat16):
-            return False, f"activations must be fp16 or bf16, got {config.act_dtype}"
         major, minor = torch.cuda.get_device_capability(device)
         if major * 10 + minor < cls.get_min_capability():
             return False, f"needs compute capability >= 8.0 (binary mma.sync), device has {major}.{minor}"
@@ -52,10 +49,5 @@ class CudaBinaryGemmKernel(BipolarLinearKernel):
 
     def apply_weights(self, layer, x, bias=None):
         c = self.config
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[-1] > 1 and x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        y = ops.linear_binary_cuda(x2, layer.qweight, layer.scales, layer.zeros, c.k, c.group_size, c.a_bits)
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*x.shape[:-1], c.n)
+        return apply_2d(x, bias, c.n, lambda x2: ops.linear_binary_cuda(
+            x2, layer.qweight, layer.scales, layer.zeros, c.k, c.group_size, c.a_bits))

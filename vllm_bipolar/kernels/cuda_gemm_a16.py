@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .base import BipolarLinearKernel, keep_checkpoint_layout
+from .base import BipolarLinearKernel, apply_2d, cuda_half_reason, keep_checkpoint_layout
 from .layer_config import BipolarLayerConfig
 
 
@@ -21,23 +21,15 @@ class CudaGemmA16Kernel(BipolarLinearKernel):
 
     @classmethod
     def can_implement(cls, config: BipolarLayerConfig, device: torch.device) -> tuple[bool, str | None]:
-        if device.type != "cuda":
-            return False, f"needs a CUDA device (layer is on {device.type})"
-        if not ops.cuda_extension_available():
-            return False, ops.CUDA_EXTENSION_ERROR
-        if not config.weight_only:
-            return False, f"weight-only kernel; a_bits={config.a_bits} needs a WpAq kernel"
-        if config.act_dtype not in (torch.float16, torch.bfloat16):
-            return False, f"activations must be fp16 or bf16, got {config.act_dtype}"
-        return True, None
+        why = cuda_half_reason(config, device)
+        if why is None and not config.weight_only:
+            why = f"weight-only kernel; a_bits={config.a_bits} needs a WpAq kernel"
+        return why is None, why
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         keep_checkpoint_layout(layer)
 
     def apply_weights(self, layer, x, bias=None):
         c = self.config
-        x2 = x.reshape(-1, x.shape[-1])
-        y = ops.linear_a16_cuda(x2, layer.qweight, layer.scales, layer.zeros, c.k, c.group_size)
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*x.shape[:-1], c.n)
+        return apply_2d(x, bias, c.n, lambda x2: ops.linear_a16_cuda(
+            x2, layer.qweight, layer.scales, layer.zeros, c.k, c.group_size))

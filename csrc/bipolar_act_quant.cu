@@ -87,12 +87,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const T* __restrict_
 
 std::tuple<at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x, int64_t a_bits) {
   const char* op = "bipolar_kernels::quantize_activations: ";
-  TORCH_CHECK(x.is_cuda(), op, "x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
-              "x must be float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, op, "x must be 2-D [M, K], got shape ", x.sizes());
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, op,
-              "x must have contiguous rows (stride 1 along K; call .contiguous()), got strides ", x.strides());
+  check_activations(x, op);
   TORCH_CHECK(a_bits >= 1 && a_bits <= 8, op, "a_bits must be 1..8, got ", a_bits);
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(k > 0, op, "x must have at least one column");

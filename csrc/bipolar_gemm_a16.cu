@@ -42,14 +42,7 @@ void launch_bits(int bits, const a16::Problem& p, cudaStream_t stream) {
 at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const std::optional<at::Tensor>& zeros, int64_t k, int64_t group_size) {
   const char* op = "bipolar_kernels::gemm_a16: ";
-  // activations
-  TORCH_CHECK(x.is_cuda(), op, "x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
-              "x must be float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, op, "x must be 2-D [M, K], got shape ", x.sizes());
-  // Elements within a row must be dense; rows may be any stride apart (a slice of a wider tensor).
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, op,
-              "x must have contiguous rows (stride 1 along K; call .contiguous()), got strides ", x.strides());
+  check_activations(x, op);
   TORCH_CHECK(k > 0, op, "k must be positive, got ", k);
   TORCH_CHECK(x.size(1) == k, op, "x has ", x.size(1), " columns but k = ", k);
   // weights

@@ -3,12 +3,25 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <optional>
 #include <tuple>
 
 namespace bipolar {
+
+// The activation operand of every op: fp16/bf16 [M, K] on CUDA. Elements within a row must be
+// dense (the kernels load 16-byte vectors along K); rows may be any stride apart (a slice of a
+// wider tensor). `op` prefixes each message with the op's name.
+inline void check_activations(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.is_cuda(), op, "x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              "x must be float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, op, "x must be 2-D [M, K], got shape ", x.sizes());
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, op,
+              "x must have contiguous rows (stride 1 along K; call .contiguous()), got strides ", x.strides());
+}
 
 // Weight-only (a_bits = 16) product y[M, N] = x[M, K] @ W^T, W = z + s * v read straight from the
 // checkpoint bit planes (format version 1). See bipolar_gemm_a16.cu for the layout and the checks.

@@ -23,17 +23,9 @@ def register() -> None:
     from .format.spec import QUANT_METHOD
     from .linear_method import BipolarLinearMethod
 
-    if QUANT_METHOD not in QUANTIZATION_METHODS or _registered_class() is not BipolarConfig:
+    if QUANT_METHOD not in QUANTIZATION_METHODS:  # vLLM calls register() in every process it starts
         register_quantization_config(QUANT_METHOD)(BipolarConfig)
     # Layers only use the parameter classes' own loaders (weight_loader_v2) for listed methods.
     if BipolarLinearMethod.__name__ not in linear.WEIGHT_LOADER_V2_SUPPORTED:
         linear.WEIGHT_LOADER_V2_SUPPORTED.append(BipolarLinearMethod.__name__)
 
-
-def _registered_class():
-    try:
-        from vllm.model_executor.layers.quantization import get_quantization_config
-
-        return get_quantization_config("bipolar")
-    except Exception:  # not registered yet (or vLLM raises for unknown names)
-        return None

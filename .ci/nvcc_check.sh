@@ -8,7 +8,7 @@
 # torch/include/torch/csrc/api/include) and that Python's include dir:
 #   1. nvcc -c every csrc/*.cu for sm_90a and sm_80 (real -gencode targets, so ptxas runs too);
 #   2. g++ -c csrc/torch_bindings.cpp (and every other csrc/*.cpp);
-#   3. builds and runs csrc/tests/decode_selftest.cu, a host-only check of the bit-plane decode.
+#   3. builds and runs every csrc/tests/*.cu as a host-only self-test (none at present).
 # Objects go to a temporary directory that is removed on exit. Exit status: non-zero on any error.
 #
 # CPU-only torch wheels ship the c10/cuda and ATen/cuda headers, except one generated file,

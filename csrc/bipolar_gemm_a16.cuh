@@ -1,72 +1,77 @@
-// Weight-only bipolar GEMM kernel family, activations fp16 / bf16 ("a_bits = 16"), decode-sized M.
+// Weight-only bipolar GEMM kernel family (activations fp16 / bf16, "a_bits = 16") on tensor cores:
 //
-//   y[m, n] = sum_k x[m, k] * W[n, k],   W[n, k] = z[n, g] + s[n, g] * v[n, k],   g = k / group_size
+//   y[m, n] = sum_k x[m, k] * W[n, k],   W[n, k] = z[n, g] + s[n, g] * (2 c[n, k] - L),   L = 2^bits - 1
 //
-// The kernel reads the CHECKPOINT layout of format version 1 (DESIGN.md section 4) as it is, with
-// no repacking:
-//   qweight  int32 [bits, N, W], W = ceil(K / 32). Bit j of word w of plane p, row n is bit p of the
-//            code c of W[n, 32 w + j]; the bipolar value is v = 2 c - L, L = 2^bits - 1.
-//            Padding bits past K are 0; this kernel never depends on them (the matching x is 0).
-//   scales   [N, G] in the activation dtype; zeros [N, G] or absent (symmetric, z = 0).
-//   group_size is -1 (one group per row) or a multiple of 32, so a 32-bit word never straddles two
-//   groups: word w belongs to group w / (group_size / 32). The last group may be partial.
+// Weights are expanded from their codes c to fp16 / bf16 in registers, directly in the B-operand
+// fragment of mma.sync.m16n8k16 (sm_80+: A100, L4/L40, H100), so they travel HBM -> shared memory
+// -> registers exactly once, as bits. One kernel template covers decode (M = 1..16) and medium
+// batches; the op (bipolar_gemm_a16.cu) sends large M to the dequantize kernel + cuBLAS instead.
 //
-// Work split (layout choices):
-//   * A warp owns R consecutive output rows (R = 2 or 4) and one tile of MT <= 4 activation rows
-//     (blockIdx.y). Lane l handles words w = l, l + 32, l + 64, ... of its rows, so for every
-//     (plane, row) the warp reads 32 consecutive int32 words = 128 contiguous bytes: coalesced.
-//     The loads of U such words per lane (U * R * BITS <= 16) are issued before any is used.
-//     Rows are N-major inside a plane, so the R rows of a warp are R neighbouring 128-byte runs.
-//   * Weights are streamed once (ld.global.nc.L1::no_allocate); the activation slice of a word
-//     (32 elements = 64 bytes per row of x) is read with four 16-byte loads that stay in L1/L2
-//     and are shared by the R rows of the warp and by the other warps of the block.
-//   * Per word and per row, sum_j x_j v_j = 2 * sum_p 2^p S_p - L * X with S_p = sum of x_j whose
-//     bit p is set and X = sum_j x_j. Since sum_p 2^p S_p = sum_j c_j x_j, the kernel gathers the
-//     bit planes into codes (bipolar_decode.cuh: ~BITS/4 shifts+LOP3 per element, shared by the
-//     four bytes of a word) so that one byte permute makes each code an fp32 number, then one FMA
-//     per element and activation row. X (and its per-offset parts) is shared by all rows of the
-//     warp. Then acc += s * dot + z * X per word, in fp32.
-//   * The R x MT partial sums of each lane are combined by a warp-shuffle butterfly at the end.
+// ---- Repacked layout (private to this family; built at load by vllm_bipolar/kernels/a16_layout.py,
+// which holds the authoritative description and a pure-torch decoder used by the tests) -----------
+// qweight int32 [Np / 16, Kp / 64, 32 * bits]   Np = N rounded up to 64, Kp = K rounded up to 64.
+//   One "block" = 16 output rows x 64 input channels = 1024 codes = 32 * bits words, the data of one
+//   warp for 4 mma k-steps of two n8 tiles. Inside a block, lane l holds the codes of its own
+//   B fragments (mma.sync m16n8k16, .col B): rows n = 8 h + l / 4 (h = 0, 1), channels
+//   k = 16 s + 8 r + 2 (l % 4) + e (s = 0..3 k-step, r = 0..1 register, e = 0..1 half of the pair).
+//   Its 16 element pairs p = 4 s + 2 h + r become 16 fp16x2 registers.
+//   Why bits are split into "parts" of width 8, 4, 2 or 1 (bits = sum of parts, e.g. 7 = 4 + 2 + 1,
+//   8 is one part of 8): a part of width w holds 16 / w pairs per 32-bit word with pair j at bits
+//   [w j, w j + w) (element e = 0) and [16 + w j, ...) (e = 1), so one shift and one LOP3 move a
+//   pair's part into both halves of a fp16x2 at once, next to the exponent bits (Marlin's trick).
+//   Words: [part][lane][w words of the part]: lane l reads its w words of a part as one 4w-byte
+//   shared-memory load, consecutive lanes consecutive addresses (no bank conflicts).
+// scales x.dtype [Gp, Np, 2]: (a, b) = (2 s, z - s L) per (group, row), so W = a c + b with c the
+//   exact code; Gp groups of 2^group_shift channels (group sizes that are not powers of two are
+//   expanded to their largest power-of-two divisor at load; group_size -1 is group_shift 30).
+//   Padding rows / channels / groups have a = b = 0 and code 0: they are 0 and never matter.
+//
+// ---- Work split ---------------------------------------------------------------------------------
+// A CTA of 4 warps owns an output tile of MT rows x NT columns and loops over all of K in stages of
+// SK channels, a cp.async pipeline of kStages stages (x rows, weight blocks, scale rows of one stage
+// land in shared memory together). Inside a stage the warps split K (WK warps) and/or N (WN
+// warps); with WK > 1 the partial tiles are summed through shared memory at the end.
+// Tile shapes (Config below): small M uses 16-column tiles so N / 16 CTAs fill the GPU at M = 1;
+// larger M uses wider tiles so each activation row is read from L2 fewer times.
 //
 // No host synchronisation, no allocation beyond the output, launched on the current stream: the
 // op can be captured in a CUDA graph.
-//
-// Files: this header holds the family (templates over element type, weight bits and M tile);
-// bipolar_gemm_a16_w<BITS>.cu instantiate one weight width each, so the 48 kernels compile in
-// parallel; bipolar_gemm_a16.cu is the torch op (checks, dispatch).
 #pragma once
-
-#include "bipolar_decode.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstring>
+#include <type_traits>
 
 namespace bipolar {
 namespace a16 {
 
+constexpr int kBlockN = 16;  // rows of a layout block
+constexpr int kBlockK = 64;  // channels of a layout block
+constexpr int kPadN = 64;    // Np: N rounded up to the widest CTA tile
+constexpr int kNoGroups = 30;  // group_shift for group_size -1
+
 // Arguments of one call, as the op checked them.
 struct Problem {
-  const void* x;
-  const uint32_t* qweight;
-  const void* scales;
-  const void* zeros;  // nullptr when symmetric
-  void* y;
-  int M, N, K, W, G, words_per_group, group_shift;
-  int64_t ldx;  // elements between rows of x
-  bool x_vec;   // x rows 16-byte aligned: vector loads
+  const void* x;          // [M, K] rows ldx apart (nullptr for dequantize)
+  const uint32_t* qweight;  // [Np/16, Kp/64, 32 bits]
+  const void* scales;     // [Gp, Np, 2]
+  void* y;                // [M, N] (gemm) or [N, K] (dequantize)
+  int M, N, K, Np, Kp, Gp, group_shift;
+  int64_t ldx;
 };
 
-// Launch y = x @ W^T for weight width BITS and element type T (__half or __nv_bfloat16) on
-// `stream`; defined when BIPOLAR_GEMM_A16_KERNELS is set (the instantiation files).
+// y = x @ W^T for weight width BITS and element type T (__half or __nv_bfloat16) on `stream`.
 template <typename T, int BITS>
-void launch(const Problem& p, cudaStream_t stream);
+void launch_gemm(const Problem& p, cudaStream_t stream);
+// y[N, K] = W (dense, T).
+template <typename T, int BITS>
+void launch_dequantize(const Problem& p, cudaStream_t stream);
 
-// Largest M one call takes (grid.y = ceil(M / 4) <= 65535).
-constexpr int64_t kMaxM = int64_t(65535) * 4;
+// Largest M one gemm call takes (grid.y = ceil(M / 16) <= 65535).
+constexpr int64_t kMaxM = int64_t(65535) * 16;
 
 }  // namespace a16
 }  // namespace bipolar
@@ -79,8 +84,30 @@ namespace a16 {
 namespace {
 
 constexpr int kWarpSize = 32;
-constexpr int kWarpsPerBlock = 4;  // 128 threads: small blocks keep the tail of N balanced
-constexpr int kWordBits = 32;
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarpSize * kWarps;
+constexpr int kStages = 4;
+
+// ---- bit parts ------------------------------------------------------------------------------------
+__host__ __device__ constexpr int num_parts(int bits) {
+  return bits == 8 ? 1 : ((bits >> 2) & 1) + ((bits >> 1) & 1) + (bits & 1);
+}
+// Width of part i (widest first); its bit offset in the code equals its word offset in the lane.
+__host__ __device__ constexpr int part_width(int bits, int i) {
+  if (bits == 8) return 8;
+  int seen = 0;
+  for (int w = 4; w >= 1; w >>= 1)
+    if (bits & w) {
+      if (seen == i) return w;
+      ++seen;
+    }
+  return 0;
+}
+__host__ __device__ constexpr int part_shift(int bits, int i) {
+  int s = 0;
+  for (int j = 0; j < i; ++j) s += part_width(bits, j);
+  return s;
+}
 
 // ---- element types --------------------------------------------------------------------------------
 template <typename T>
@@ -88,262 +115,439 @@ struct Elem;
 
 template <>
 struct Elem<__half> {
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-  // Two consecutive elements packed in one 32-bit word (element 2i in the low half).
-  static __device__ __forceinline__ float2 pair_to_float2(uint32_t u) {
-    __half2 h;
-    memcpy(&h, &u, sizeof(h));
-    return __half22float2(h);
+  using T2 = __half2;
+  // 0x6400 is 1024.0: with a code c < 1024 in the mantissa the half is 1024 + c, exactly.
+  static constexpr uint32_t kMagic = 0x64006400u;
+  static __device__ __forceinline__ T2 magic() { return __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400)); }
+  static __device__ __forceinline__ T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
+  static __device__ __forceinline__ T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
+  static __device__ __forceinline__ T2 floats2(float a, float b) { return __floats2half2_rn(a, b); }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 };
 
 template <>
 struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  // bf16 is the upper half of an fp32: widening is a shift / mask, exact.
-  static __device__ __forceinline__ float2 pair_to_float2(uint32_t u) {
-    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+  using T2 = __nv_bfloat162;
+  // 0x4300 is 128.0 with 7 mantissa bits: 128 + c exact for c < 128 (bits <= 7; 8 bits go through fp32).
+  static constexpr uint32_t kMagic = 0x43004300u;
+  static __device__ __forceinline__ T2 magic() {
+    return __halves2bfloat162(__ushort_as_bfloat16(0x4300), __ushort_as_bfloat16(0x4300));
+  }
+  static __device__ __forceinline__ T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
+  static __device__ __forceinline__ T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
+  static __device__ __forceinline__ T2 floats2(float a, float b) { return __floats2bfloat162_rn(a, b); }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 };
 
-// ---- tiling ---------------------------------------------------------------------------------------
-// Compile-time knobs (defaults below; -D overrides exist only for tuning experiments):
-//   BIPOLAR_A16_ROWS_SMALL_M  rows per warp at MT <= 2 (default: see R below)
-//   BIPOLAR_A16_PLANE_REGS    plane registers per lane for a batch of words (default 16)
-// Register pressure decides speed here: with larger batches ptxas rematerialises addresses and
-// constants (PLANE_REGS = 32 measured 8% slower at M = 1, W4, and 30% slower at M = 4).
-// M tiles stop at 4: at MT = 16 the unrolled kernel (200+ registers, 2 warps per scheduler)
-// stalled on instruction fetch and took 527 us at M = 16 (W4, N = 11008, K = 4096; H100),
-// against 175 us for four MT = 4 tiles.
-template <int BITS, int MT>
-struct Tile {
-  // Rows per warp: more rows share each activation load, its fp32 conversion and its sums X, but
-  // every row costs BITS plane registers per word in flight and MT accumulators. Measured on H100
-  // (N = 11008, K = 4096, g128, M = 1): 4 rows take W4 from 19.9 to 16.6 us, W1/W2 gain nothing
-  // more, W8 loses (24.3 -> 25.1 us); 1 row is slower everywhere (W4 23.1 us).
-  static constexpr int kRowsDefault = ((BITS <= 4 && MT == 1) || (BITS <= 2 && MT <= 4)) ? 4 : 2;
-#if defined(BIPOLAR_A16_ROWS_SMALL_M)
-  static constexpr int R = MT <= 2 ? BIPOLAR_A16_ROWS_SMALL_M : kRowsDefault;
-#else
-  static constexpr int R = kRowsDefault;
-#endif
-  // Residues per decode family (bipolar_decode.cuh): 4 cuts the decode's shifts to 1/4 for the
-  // price of 4 partial activation sums per activation row.
-  static constexpr int kSpanMax = 4;
-  static constexpr int SPAN = BITS <= 7 ? ((8 - BITS) < kSpanMax ? (8 - BITS) : kSpanMax) : 1;
-  // Independent FMA chains per (activation row, weight row): at MT <= 2 there are too few chains
-  // to hide the FMA latency, so even and odd 8-element chunks accumulate separately.
-  static constexpr int NC = MT <= 2 ? 2 : 1;
-  // Words per lane whose loads are issued together (1..4): up to kPlaneRegs plane registers.
-#if defined(BIPOLAR_A16_PLANE_REGS)
-  static constexpr int kPlaneRegs = BIPOLAR_A16_PLANE_REGS;
-#else
-  static constexpr int kPlaneRegs = 16;
-#endif
-  static_assert(MT <= 4, "M tiles of at most 4 (see above)");
-  static constexpr int U = kPlaneRegs / (R * BITS) < 1 ? 1 : (kPlaneRegs / (R * BITS) > 4 ? 4 : kPlaneRegs / (R * BITS));
-  static_assert(MT * R <= kWarpSize, "one output per lane at the final store");
-};
-
-// ---- memory -------------------------------------------------------------------------------------
-// Weight planes are read exactly once: keep them out of L1 so the activations stay there.
-// volatile: the compiler must not speculate the load out of its bounds check (ptxas still
-// schedules it freely).
-__device__ __forceinline__ uint32_t load_stream(const uint32_t* ptr) {
-  uint32_t v;
-  asm volatile("ld.global.nc.L1::no_allocate.b32 %0, [%1];" : "=r"(v) : "l"(ptr));
-  return v;
+template <typename T2>
+__device__ __forceinline__ uint32_t as_u32(T2 v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <typename T2>
+__device__ __forceinline__ T2 from_u32(uint32_t u) {
+  return *reinterpret_cast<T2*>(&u);
 }
 
-// Eight consecutive activations x[0..7] as fp32. `fast`: the 8 elements are in bounds and 16-byte
-// aligned (one vector load). Otherwise element-wise, with elements at or past `valid` read as 0:
-// this is what makes the padding bits of the last word irrelevant.
-template <typename T>
-__device__ __forceinline__ void load_x8(const T* ptr, bool fast, int valid, float (&xv)[8]) {
-  if (fast) {
-    const uint4 u = __ldg(reinterpret_cast<const uint4*>(ptr));
-    const uint32_t words[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = Elem<T>::pair_to_float2(words[i]);
-      xv[2 * i] = f.x;
-      xv[2 * i + 1] = f.y;
-    }
+// ---- decode: one element pair -> (a c + b) as a T2 ------------------------------------------------
+// `words`: the lane's 32 * BITS / 32 = BITS words of one layout block. `ab`: the (a, b) pair of the
+// row, as a T2 word (low half a). The pair index P is a constant after unrolling, so every shift
+// amount and mask is an immediate: per part one SHF + one LOP3 (a single LOP3 when the shift is 0).
+template <typename T, int BITS, int P>
+__device__ __forceinline__ uint32_t decode_pair(const uint32_t (&words)[BITS], uint32_t aa, uint32_t bb) {
+  using E = Elem<T>;
+  using T2 = typename E::T2;
+  if constexpr (BITS == 8 && std::is_same<T, __nv_bfloat16>::value) {
+    // bf16, 8 bits: c up to 255 does not fit the bf16 mantissa; widen to fp32 (2^23 + c trick).
+    const uint32_t w = words[P / 2];
+    const uint32_t t = (P % 2) ? (w >> 8) : w;
+    const float c0 = __uint_as_float(0x4B000000u | (t & 0xffu)) - 8388608.f;
+    const float c1 = __uint_as_float(0x4B000000u | ((t >> 16) & 0xffu)) - 8388608.f;
+    const T2 a2 = from_u32<T2>(aa), b2 = from_u32<T2>(bb);
+    const float2 af = __bfloat1622float2(a2), bf = __bfloat1622float2(b2);
+    return as_u32(E::floats2(fmaf(c0, af.x, bf.x), fmaf(c1, af.y, bf.y)));
   } else {
+    uint32_t t = E::kMagic;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) xv[i] = i < valid ? Elem<T>::to_float(ptr[i]) : 0.f;
+    for (int i = 0; i < num_parts(BITS); ++i) {
+      const int w = part_width(BITS, i);
+      const int sh = part_shift(BITS, i);
+      const int per_word = 16 / w;
+      const uint32_t word = words[sh + P / per_word];
+      const int from = w * (P % per_word);  // bit of the pair's element 0 in the word
+      const uint32_t moved = from >= sh ? word >> (from - sh) : word << (sh - from);
+      const uint32_t mask = ((1u << w) - 1u) << sh;
+      t |= moved & (mask | (mask << 16));  // one LOP3: t | (moved & mask)
+    }
+    // t = magic + c in both halves (exact); c = t - magic; W = a c + b (one rounding: fma).
+    const T2 c = E::sub2(from_u32<T2>(t), E::magic());
+    return as_u32(E::fma2(c, from_u32<T2>(aa), from_u32<T2>(bb)));
   }
 }
 
-// ---- kernel ---------------------------------------------------------------------------------------
-template <typename T, int BITS, int MT>
-__global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock, 1)
-    gemm_a16_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
-                    const T* __restrict__ scales, const T* __restrict__ zeros, T* __restrict__ y,
-                    int M, int N, int K, int64_t ldx, int W, int G, int words_per_group, int group_shift,
-                    bool x_vec) {
-  using Cfg = Tile<BITS, MT>;
-  using Dec = PlaneDecoder<BITS, Cfg::SPAN>;
-  constexpr int R = Cfg::R;
-  constexpr int NC = Cfg::NC;
-  constexpr int NO = Dec::kOffsets;
-  constexpr int U = Cfg::U;
+// (a, a) and (b, b) from the (a, b) word of a row.
+__device__ __forceinline__ void split_ab(uint32_t ab, uint32_t& aa, uint32_t& bb) {
+  aa = __byte_perm(ab, 0, 0x1010);
+  bb = __byte_perm(ab, 0, 0x3232);
+}
 
-  const int lane = threadIdx.x % kWarpSize;
-  const int n0 = (blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarpSize) * R;
-  if (n0 >= N) return;  // whole warp: no barriers follow
-  const int m0 = blockIdx.y * MT;
-  const int mv = min(MT, M - m0);  // valid activation rows in this tile
-  const T* xt = x + m0 * ldx;  // rows of x are ldx elements apart
+// ---- memory ---------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte async copy global -> shared; src_bytes = 0 writes zeros (rows past M, channels past K).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
 
-  // 32-bit element indices (the op checks qweight.numel() and scales.numel() < 2^31): one
-  // IMAD.WIDE per load instead of 64-bit pointer arithmetic that ptxas would rematerialise.
-  // Rows past N (last warp) are clamped to N - 1: valid memory, never stored.
-  const int plane_stride = N * W;
+// x tile in shared memory: row m holds SK channels as SK / 8 chunks of 16 bytes; chunk c is stored at
+// c ^ (m % 8) so that ldmatrix's 8 row addresses (same c, 8 consecutive m) hit 8 different bank
+// groups (rows are a multiple of 128 bytes apart, which would otherwise be an 8-way conflict).
+__device__ __forceinline__ int swizzle(int m, int c) { return c ^ (m & 7); }
 
-  float acc[MT][R];
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+// ---- tile configuration --------------------------------------------------------------------------
+// MT: activation rows per CTA (8 uses ldmatrix.x2 and the low half of the mma's A rows; rows 8-15 of
+// A are zero registers). NB: 16-row layout blocks per warp. WK / WN: warps along K / N (WK * WN = 4).
+// KW: layout blocks (64 channels) per warp per stage, sized so that a stage moves ~8 KB of weights
+// while its activation slice stays within 8 KB (16 KB for the 64-row tile): shared memory decides how
+// many CTAs an SM holds, hence how many bytes it has in flight.
+template <int BITS, int MT_, int NB_, int WK_>
+struct Config {
+  static constexpr int MT = MT_;
+  static constexpr int MB = MT_ <= 16 ? 1 : MT_ / 16;  // m16 tiles per warp
+  static constexpr bool kHalfA = MT_ == 8;
+  static constexpr int NB = NB_;
+  static constexpr int WK = WK_;
+  static constexpr int WN = kWarps / WK_;
+  static constexpr int NT = kBlockN * NB * WN;  // output columns per CTA
+  static constexpr int kWeightBytesPerBlockK = NT * kBlockK * BITS / 8;  // one 64-channel slice of the tile
+  static constexpr int kXMax = MT_ == 64 ? 16384 : 8192;
+  static constexpr int KWw = 8192 / (kWeightBytesPerBlockK * WK);
+  static constexpr int KWx = kXMax / (MT_ * 2 * kBlockK * WK_);
+  static constexpr int KW0 = KWw < KWx ? KWw : KWx;
+  static constexpr int KW = KW0 < 1 ? 1 : (KW0 > 4 ? 4 : KW0);
+  static constexpr int SK = kBlockK * KW * WK;  // channels per stage
+  static constexpr int kXBytes = MT * SK * 2;
+  static constexpr int kWBytes = NT * SK * BITS / 8;
+  static constexpr int kSGroupsMax = SK / 32;  // scale rows per stage at most (group_size 32)
+  static constexpr int kSBytes = kSGroupsMax * NT * 4;
+  static constexpr int kStageBytes = kXBytes + kWBytes + kSBytes;
+  static constexpr int kRedBytes = WK * MT * NT * 4;
+  static constexpr int kSmemBytes = kStages * kStageBytes > kRedBytes ? kStages * kStageBytes : kRedBytes;
+  static_assert(MT == 8 || MT % 16 == 0, "activation tile");
+  static_assert(SK % 64 == 0 && (SK / 8) >= 8, "swizzle needs >= 8 chunks per row");
+};
 
-  // Group of word w: groups are whole words (group_size % 32 == 0); a shift when the number of
-  // words per group is a power of two (the usual 64 / 128 / 256), else a division.
-  auto load_word = [&](int w, uint32_t(&pl)[R][BITS], float(&sc)[R], float(&zc)[R]) {
-    const int g = group_shift >= 0 ? (w >> group_shift) : (w / words_per_group);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int n = min(n0 + r, N - 1);
-      const int word_index = n * W + w;
-#pragma unroll
-      for (int p = 0; p < BITS; ++p) pl[r][p] = load_stream(qweight + (p * plane_stride + word_index));
-      sc[r] = Elem<T>::to_float(scales[n * G + g]);
-      zc[r] = zeros != nullptr ? Elem<T>::to_float(zeros[n * G + g]) : 0.f;
+// ---- the GEMM kernel ------------------------------------------------------------------------------
+template <typename T, int BITS, class C>
+__global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
+  using E = Elem<T>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  const int wk = warp % C::WK;
+  const int wn = warp / C::WK;
+  const int n0 = blockIdx.x * C::NT;  // first output column of the CTA (Np is a multiple of NT)
+  const int m0 = blockIdx.y * C::MT;
+  const int mv = min(C::MT, p.M - m0);
+  const int kblocks = p.Kp / kBlockK;
+  const int nstages = (p.Kp + C::SK - 1) / C::SK;
+  const T* x = static_cast<const T*>(p.x);
+  const uint32_t* scales = static_cast<const uint32_t*>(p.scales);  // (a, b) pairs as words
+
+  auto stage_x = [&](int s) { return reinterpret_cast<T*>(smem + s * C::kStageBytes); };
+  auto stage_w = [&](int s) { return reinterpret_cast<uint32_t*>(smem + s * C::kStageBytes + C::kXBytes); };
+  auto stage_s = [&](int s) {
+    return reinterpret_cast<uint32_t*>(smem + s * C::kStageBytes + C::kXBytes + C::kWBytes);
+  };
+
+  // Issue the copies of stage `st` (channels st * SK ...) into buffer `buf`.
+  auto load_stage = [&](int st, int buf) {
+    const int k0 = st * C::SK;
+    // activations: MT rows x SK / 8 chunks; rows past M and channels past K are zero-filled
+    T* xs = stage_x(buf);
+    constexpr int kChunks = C::MT * (C::SK / 8);
+    for (int i = tid; i < kChunks; i += kThreads) {
+      const int m = i / (C::SK / 8), c = i % (C::SK / 8);
+      const int k = k0 + 8 * c;
+      const bool ok = m < mv && k < p.K;
+      const T* src = ok ? x + (m0 + m) * p.ldx + k : x;
+      cp_async16(xs + (m * (C::SK / 8) + swizzle(m, c)) * 8, src, ok ? 16 : 0);
+    }
+    // weights: for each 16-row block of the tile, the stage's run of 64-channel blocks (contiguous)
+    uint32_t* ws = stage_w(buf);
+    const int kb0 = k0 / kBlockK;
+    const int kbn = min(C::SK / kBlockK, kblocks - kb0);  // blocks of this stage inside Kp
+    constexpr int kBlockWords = 32 * BITS;
+    constexpr int kChunksPerBlock = kBlockWords / 4;
+    const int nb_tile = C::NT / kBlockN;
+    const int total = nb_tile * kbn * kChunksPerBlock;
+    for (int i = tid; i < total; i += kThreads) {
+      const int b = i / (kbn * kChunksPerBlock);
+      const int r = i % (kbn * kChunksPerBlock);
+      const uint32_t* src = p.qweight + ((size_t(n0 / kBlockN + b) * kblocks + kb0) * kBlockWords) + 4 * r;
+      cp_async16(ws + (b * (C::SK / kBlockK) * kBlockWords) + 4 * r, src, 16);
+    }
+    // scale rows: the groups the stage touches (one when groups are at least SK channels)
+    uint32_t* ss = stage_s(buf);
+    const int g0 = k0 >> p.group_shift;
+    const int gn = min(max(1, C::SK >> min(p.group_shift, 30)), p.Gp - g0);
+    const int stotal = gn * (C::NT / 4);
+    for (int i = tid; i < stotal; i += kThreads) {
+      const int g = i / (C::NT / 4), c = i % (C::NT / 4);
+      cp_async16(ss + g * C::NT + 4 * c, scales + (size_t(g0 + g) * p.Np + n0) + 4 * c, 16);
     }
   };
 
-  auto process_word = [&](int w, const uint32_t(&pl)[R][BITS], const float(&sc)[R], const float(&zc)[R]) {
-    uint32_t res[R][8];
+  float acc[C::MB][C::NB][2][4];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      Dec::residue_words(pl[r], res[r]);
-      // Opaque to the optimiser: without this LLVM re-derives each residue word for every chunk
-      // (it narrows the word to the byte each permute reads), doubling the decode's LOP3s.
+  for (int a = 0; a < C::MB; ++a)
 #pragma unroll
-      for (int e = 0; e < 8; ++e) asm("" : "+r"(res[r][e]));
-    }
+    for (int b = 0; b < C::NB; ++b)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[a][b][h][e] = 0.f;
 
-    float F[MT][R][NC];  // sum_j x_j f_j per (activation row, weight row), NC chains
-    float X[MT][NO];     // sum_j x_j per activation row, split by decode offset o_j (slot)
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-#pragma unroll
-      for (int o = 0; o < NO; ++o) X[m][o] = 0.f;
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int c = 0; c < NC; ++c) F[m][r][c] = 0.f;
-    }
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < nstages) load_stage(s, s);
+    cp_async_commit();
+  }
 
-    const int k0 = w * kWordBits;
-    const bool fast = x_vec && k0 + kWordBits <= K;
-    // Elements 8*chunk .. 8*chunk+7 of the word: element 8*chunk + e is byte `chunk` of res[.][e].
+  for (int st = 0; st < nstages; ++st) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage st visible to all; buffer (st - 1) % kStages free for reuse
+    if (st + kStages - 1 < nstages) load_stage(st + kStages - 1, (st + kStages - 1) % kStages);
+    cp_async_commit();
+
+    const int buf = st % kStages;
+    const T* xs = stage_x(buf);
+    const uint32_t* ws = stage_w(buf);
+    const uint32_t* ss = stage_s(buf);
+    const int k0 = st * C::SK;
 #pragma unroll
-    for (int chunk = 0; chunk < 4; ++chunk) {
-      float f[R][8];
+    for (int j = 0; j < C::KW; ++j) {
+      const int kbl = wk * C::KW + j;  // local 64-channel block
+      if (k0 + kbl * kBlockK >= p.Kp) break;  // warp-uniform
+      // weight words of this warp's NB blocks
+      uint32_t words[C::NB][BITS];
 #pragma unroll
-      for (int r = 0; r < R; ++r)
+      for (int b = 0; b < C::NB; ++b) {
+        const uint32_t* blk = ws + ((wn * C::NB + b) * (C::SK / kBlockK) + kbl) * (32 * BITS);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) f[r][e] = Dec::value(res[r][e], e, chunk);
+        for (int i = 0; i < num_parts(BITS); ++i) {
+          const int w = part_width(BITS, i), sh = part_shift(BITS, i);
+          const uint32_t* src = blk + sh * 32 + lane * w;
+          if (w == 8) {
+            const uint4 v0 = *reinterpret_cast<const uint4*>(src);
+            const uint4 v1 = *reinterpret_cast<const uint4*>(src + 4);
+            words[b][sh + 0] = v0.x; words[b][sh + 1] = v0.y; words[b][sh + 2] = v0.z; words[b][sh + 3] = v0.w;
+            words[b][sh + 4] = v1.x; words[b][sh + 5] = v1.y; words[b][sh + 6] = v1.z; words[b][sh + 7] = v1.w;
+          } else if (w == 4) {
+            const uint4 v = *reinterpret_cast<const uint4*>(src);
+            words[b][sh + 0] = v.x; words[b][sh + 1] = v.y; words[b][sh + 2] = v.z; words[b][sh + 3] = v.w;
+          } else if (w == 2) {
+            const uint2 v = *reinterpret_cast<const uint2*>(src);
+            words[b][sh + 0] = v.x; words[b][sh + 1] = v.y;
+          } else {
+            words[b][sh] = *src;
+          }
+        }
+      }
 #pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        if (m < mv) {
-          float xv[8];
-          load_x8<T>(xt + m * ldx + k0 + 8 * chunk, fast, K - k0 - 8 * chunk, xv);
+      for (int s = 0; s < 4; ++s) {  // mma k-steps of 16 channels
+        const int kl = kbl * kBlockK + 16 * s;  // local channel of the k-step
+        // A fragments (x rows) by ldmatrix from the swizzled tile
+        uint32_t afr[C::MB][4];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) X[m][Dec::slot(e)] += xv[e];
+        for (int a = 0; a < C::MB; ++a) {
+          if constexpr (C::kHalfA) {
+            const int r = lane % 8, c = kl / 8 + (lane / 8) % 2;
+            const uint32_t addr = smem_addr(xs + (r * (C::SK / 8) + swizzle(r, c)) * 8);
+            asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                         : "=r"(afr[a][0]), "=r"(afr[a][2]) : "r"(addr));
+            afr[a][1] = 0u;
+            afr[a][3] = 0u;
+          } else {
+            const int r = 16 * a + lane % 8 + 8 * ((lane / 8) % 2), c = kl / 8 + lane / 16;
+            const uint32_t addr = smem_addr(xs + (r * (C::SK / 8) + swizzle(r, c)) * 8);
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(afr[a][0]), "=r"(afr[a][1]), "=r"(afr[a][2]), "=r"(afr[a][3]) : "r"(addr));
+          }
+        }
+        const int gslot = kl >> p.group_shift;  // scale row inside the stage (0 when groups >= SK)
 #pragma unroll
-          for (int r = 0; r < R; ++r)
+        for (int b = 0; b < C::NB; ++b) {
 #pragma unroll
-            for (int e = 0; e < 8; ++e) F[m][r][chunk % NC] = fmaf(xv[e], f[r][e], F[m][r][chunk % NC]);
+          for (int h = 0; h < 2; ++h) {
+            const int nl = (wn * C::NB + b) * kBlockN + 8 * h + lane / 4;  // tile-local column
+            uint32_t aa, bb;
+            split_ab(ss[gslot * C::NT + nl], aa, bb);
+            uint32_t b0 = 0, b1 = 0;
+            // pair index p = 4 s + 2 h + r, as a constant for the decode
+#define BIPOLAR_DECODE_CASE(S, H)                                     \
+  if (s == S && h == H) {                                             \
+    b0 = decode_pair<T, BITS, 4 * S + 2 * H + 0>(words[b], aa, bb);   \
+    b1 = decode_pair<T, BITS, 4 * S + 2 * H + 1>(words[b], aa, bb);   \
+  }
+            BIPOLAR_DECODE_CASE(0, 0) BIPOLAR_DECODE_CASE(0, 1) BIPOLAR_DECODE_CASE(1, 0) BIPOLAR_DECODE_CASE(1, 1)
+            BIPOLAR_DECODE_CASE(2, 0) BIPOLAR_DECODE_CASE(2, 1) BIPOLAR_DECODE_CASE(3, 0) BIPOLAR_DECODE_CASE(3, 1)
+#undef BIPOLAR_DECODE_CASE
+#pragma unroll
+            for (int a = 0; a < C::MB; ++a) E::mma(acc[a][b][h], afr[a], b0, b1);
+          }
         }
       }
     }
-
-    // dot = kScaleF * F - Y - L * X;  acc += s * dot + z * X = s * (kScaleF * F - Y) + (z - s L) * X
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      float xs = X[m][0];
-      float ys = Dec::kExpBit ? Dec::omega(0) * X[m][0] : 0.f;
-#pragma unroll
-      for (int o = 1; o < NO; ++o) {
-        xs += X[m][o];
-        ys = fmaf(Dec::omega(o), X[m][o], ys);
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        float fs = F[m][r][0];
-#pragma unroll
-        for (int c = 1; c < NC; ++c) fs += F[m][r][c];
-        const float dot2c = Dec::kExpBit ? fs - ys : Dec::kScaleF * fs;  // 2 * sum_j c_j x_j
-        acc[m][r] = fmaf(sc[r], dot2c, fmaf(fmaf(-Dec::kL, sc[r], zc[r]), xs, acc[m][r]));
-      }
-    }
-  };
-
-  // Batches of U words per lane (words wb, wb + 32, ..., wb + 32 (U-1)): all their plane loads are
-  // issued before the first is used, so U * R * BITS loads per lane are in flight.
-  for (int wb = lane; wb < W; wb += kWarpSize * U) {
-    uint32_t pl[U][R][BITS];
-    float sc[U][R], zc[U][R];
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (wb + u * kWarpSize < W) load_word(wb + u * kWarpSize, pl[u], sc[u], zc[u]);
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (wb + u * kWarpSize < W) process_word(wb + u * kWarpSize, pl[u], sc[u], zc[u]);
   }
+  cp_async_wait<0>();
+  __syncthreads();  // pipeline buffers are reused for the reduction
 
-  // Butterfly: every lane ends with every sum; lane m*R + r stores (m, r) (one store per lane).
+  // C fragment of mma m16n8: d0, d1 = row lane / 4, columns 2 (lane % 4) + {0, 1}; d2, d3 = row + 8.
+  float* red = reinterpret_cast<float*>(smem);  // [WK][MT][NT]
 #pragma unroll
-  for (int m = 0; m < MT; ++m)
+  for (int a = 0; a < C::MB; ++a)
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float v = acc[m][r];
+    for (int b = 0; b < C::NB; ++b)
 #pragma unroll
-      for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-      if (lane == m * R + r && m < mv && n0 + r < N) y[size_t(m0 + m) * N + n0 + r] = Elem<T>::from_float(v);
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int m = 16 * a + lane / 4 + 8 * (e / 2);
+          const int n = (wn * C::NB + b) * kBlockN + 8 * h + 2 * (lane % 4) + (e % 2);
+          if (m < C::MT) red[(wk * C::MT + m) * C::NT + n] = acc[a][b][h][e];
+        }
+  __syncthreads();
+  T* y = static_cast<T*>(p.y);
+  for (int i = tid; i < C::MT * C::NT / 2; i += kThreads) {
+    const int m = i / (C::NT / 2), n = 2 * (i % (C::NT / 2));
+    float v0 = 0.f, v1 = 0.f;
+#pragma unroll
+    for (int w = 0; w < C::WK; ++w) {
+      v0 += red[(w * C::MT + m) * C::NT + n];
+      v1 += red[(w * C::MT + m) * C::NT + n + 1];
     }
+    const int gn = n0 + n;
+    if (m >= mv || gn >= p.N) continue;
+    T* dst = y + size_t(m0 + m) * p.N + gn;
+    const auto pair = E::floats2(v0, v1);
+    if (gn + 1 < p.N && (p.N % 2) == 0) {
+      *reinterpret_cast<typename E::T2*>(dst) = pair;
+    } else {
+      dst[0] = pair.x;
+      if (gn + 1 < p.N) dst[1] = pair.y;
+    }
+  }
 }
 
-template <typename T, int BITS, int MT>
-void launch_tile(const Problem& p, cudaStream_t stream) {
-  constexpr int rows_per_block = Tile<BITS, MT>::R * kWarpsPerBlock;
-  const dim3 grid((p.N + rows_per_block - 1) / rows_per_block, (p.M + MT - 1) / MT);
-  gemm_a16_kernel<T, BITS, MT><<<grid, kWarpSize * kWarpsPerBlock, 0, stream>>>(
-      static_cast<const T*>(p.x), p.qweight, static_cast<const T*>(p.scales),
-      static_cast<const T*>(p.zeros), static_cast<T*>(p.y), p.M, p.N, p.K, p.ldx, p.W, p.G,
-      p.words_per_group, p.group_shift, p.x_vec);
+// ---- dequantize kernel: W[N, K] dense (for large M: dequantize, then cuBLAS) ------------------------
+// One warp per layout block: each lane decodes its 16 pairs and stores them as T2 at (n, k).
+template <typename T, int BITS>
+__global__ void __launch_bounds__(kThreads) dequantize_a16_kernel(Problem p) {
+  using E = Elem<T>;
+  using T2 = typename E::T2;
+  const int lane = threadIdx.x % kWarpSize;
+  const int kblocks = p.Kp / kBlockK;
+  const int64_t blk = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
+  if (blk >= int64_t(p.Np / kBlockN) * kblocks) return;
+  const int nb = int(blk / kblocks), kb = int(blk % kblocks);
+  const uint32_t* src = p.qweight + blk * (32 * BITS);
+  uint32_t words[BITS];
+#pragma unroll
+  for (int i = 0; i < num_parts(BITS); ++i) {
+    const int w = part_width(BITS, i), sh = part_shift(BITS, i);
+#pragma unroll
+    for (int j = 0; j < w; ++j) words[sh + j] = __ldg(src + sh * 32 + lane * w + j);
+  }
+  const uint32_t* scales = static_cast<const uint32_t*>(p.scales);
+  T* w_out = static_cast<T*>(p.y);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int n = nb * kBlockN + 8 * h + lane / 4;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int k = kb * kBlockK + 16 * s + 8 * r + 2 * (lane % 4);
+        uint32_t aa, bb;
+        split_ab(__ldg(scales + size_t(k >> p.group_shift) * p.Np + n), aa, bb);
+        uint32_t v = 0;
+#define BIPOLAR_DEQ_CASE(S, H, R) \
+  if (s == S && h == H && r == R) v = decode_pair<T, BITS, 4 * S + 2 * H + R>(words, aa, bb);
+        BIPOLAR_DEQ_CASE(0, 0, 0) BIPOLAR_DEQ_CASE(0, 0, 1) BIPOLAR_DEQ_CASE(0, 1, 0) BIPOLAR_DEQ_CASE(0, 1, 1)
+        BIPOLAR_DEQ_CASE(1, 0, 0) BIPOLAR_DEQ_CASE(1, 0, 1) BIPOLAR_DEQ_CASE(1, 1, 0) BIPOLAR_DEQ_CASE(1, 1, 1)
+        BIPOLAR_DEQ_CASE(2, 0, 0) BIPOLAR_DEQ_CASE(2, 0, 1) BIPOLAR_DEQ_CASE(2, 1, 0) BIPOLAR_DEQ_CASE(2, 1, 1)
+        BIPOLAR_DEQ_CASE(3, 0, 0) BIPOLAR_DEQ_CASE(3, 0, 1) BIPOLAR_DEQ_CASE(3, 1, 0) BIPOLAR_DEQ_CASE(3, 1, 1)
+#undef BIPOLAR_DEQ_CASE
+        if (n >= p.N || k >= p.K) continue;
+        T* dst = w_out + size_t(n) * p.K + k;
+        const T2 pair = from_u32<T2>(v);
+        if (k + 1 < p.K && (p.K % 2) == 0) {
+          *reinterpret_cast<T2*>(dst) = pair;
+        } else {
+          dst[0] = pair.x;
+          if (k + 1 < p.K) dst[1] = pair.y;
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int BITS, class C>
+void launch_config(const Problem& p, cudaStream_t stream) {
+  auto kernel = gemm_a16_kernel<T, BITS, C>;
+  // > 48 KB of dynamic shared memory needs the opt-in (idempotent, cheap; no synchronisation).
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+  const dim3 grid(p.Np / C::NT, (p.M + C::MT - 1) / C::MT);
+  kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
+// Tile choice by M (measured on H100; see benchmarks/kernels.py):
+//   M <= 8   8 x 16 tiles, warps split K: N / 16 CTAs keep every SM streaming at M = 1
+//   M <= 16  16 x 32 tiles, warps split K
+//   M > 16   64 x 64 tiles, warps split N: each x row is read from L2 once per 64 columns
 template <typename T, int BITS>
-void launch(const Problem& p, cudaStream_t stream) {
-  // Activation-row tile: the smallest of 1, 2, 4 that covers M; larger M loops over tiles of 4
-  // (grid.y; the tiles re-read the weights, mostly from L2): correct for any M, fast for M <= 4.
-  if (p.M <= 1) launch_tile<T, BITS, 1>(p, stream);
-  else if (p.M <= 2) launch_tile<T, BITS, 2>(p, stream);
-  else launch_tile<T, BITS, 4>(p, stream);
+void launch_gemm(const Problem& p, cudaStream_t stream) {
+  if (p.M <= 8) launch_config<T, BITS, Config<BITS, 8, 1, 4>>(p, stream);
+  else if (p.M <= 16) launch_config<T, BITS, Config<BITS, 16, 2, 4>>(p, stream);
+  else launch_config<T, BITS, Config<BITS, 64, 1, 1>>(p, stream);
+}
+
+template <typename T, int BITS>
+void launch_dequantize(const Problem& p, cudaStream_t stream) {
+  const int64_t blocks = int64_t(p.Np / kBlockN) * (p.Kp / kBlockK);
+  const int64_t ctas = (blocks + kWarps - 1) / kWarps;
+  dequantize_a16_kernel<T, BITS><<<unsigned(ctas), kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Explicit instantiation of one weight width for both element types.
-#define BIPOLAR_GEMM_A16_INSTANTIATE(BITS)                                                \
-  template void launch<__half, BITS>(const Problem& p, cudaStream_t stream);              \
-  template void launch<__nv_bfloat16, BITS>(const Problem& p, cudaStream_t stream);
+#define BIPOLAR_GEMM_A16_INSTANTIATE(BITS)                                                  \
+  template void launch_gemm<__half, BITS>(const Problem& p, cudaStream_t stream);           \
+  template void launch_gemm<__nv_bfloat16, BITS>(const Problem& p, cudaStream_t stream);    \
+  template void launch_dequantize<__half, BITS>(const Problem& p, cudaStream_t stream);     \
+  template void launch_dequantize<__nv_bfloat16, BITS>(const Problem& p, cudaStream_t stream);
 
 }  // namespace a16
 }  // namespace bipolar

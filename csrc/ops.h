@@ -23,14 +23,16 @@ inline void check_activations(const at::Tensor& x, const char* op) {
               "x must have contiguous rows (stride 1 along K; call .contiguous()), got strides ", x.strides());
 }
 
-// Weight-only (a_bits = 16) product y[M, N] = x[M, K] @ W^T, W = z + s * v read straight from the
-// checkpoint bit planes (format version 1). See bipolar_gemm_a16.cu for the layout and the checks.
-//   x        fp16 / bf16 [M, K], rows contiguous (stride(1) == 1; any row stride >= K)
-//   qweight  int32 [bits, N, ceil(K / 32)], contiguous, bits in 1..8
-//   scales   x.dtype [N, G], G = ceil(K / group_size) (1 when group_size == -1)
-//   zeros    x.dtype [N, G] or none (symmetric)
-at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                    const std::optional<at::Tensor>& zeros, int64_t k, int64_t group_size);
+// Weight-only (a_bits = 16) kernels on the repacked layout of bipolar_gemm_a16.cuh (built at load by
+// vllm_bipolar/kernels/a16_layout.py):
+//   qweight  int32 [Np / 16, Kp / 64, 32 * bits]   (Np = n rounded up to 64, Kp = k rounded up to 64)
+//   scales   fp16 / bf16 [Gp, Np, 2]: (2 s, z - s L) per (group of 2^group_shift channels, row)
+// gemm_a16: y[M, n] = x[M, k] @ W^T on tensor cores; x fp16 / bf16 with the dtype of scales, rows on
+// 16-byte boundaries. dequantize_a16: the dense W [n, k] in the dtype of scales.
+at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t n, int64_t k,
+                    int64_t group_shift);
+at::Tensor dequantize_a16(const at::Tensor& qweight, const at::Tensor& scales, int64_t n, int64_t k,
+                          int64_t group_shift);
 
 // Per-token symmetric bipolar quantization of activations into bit planes (bipolar_act_quant.cu):
 //   x fp16 / bf16 [M, K] (contiguous rows) -> (planes int32 [a_bits, M, ceil(K/32)] in the checkpoint

@@ -10,10 +10,10 @@
 // Schemas: the contract with the Python side (fake/meta implementations are registered there,
 // with torch.library.register_fake, so that torch.compile can trace the ops without a GPU).
 TORCH_LIBRARY(bipolar_kernels, m) {
-  // y[M, N] = x[M, K] @ W^T with W = z + s * v decoded from the checkpoint bit planes
-  // (format version 1); x fp16/bf16 [M, K] with contiguous rows, qweight int32 [bits, N, ceil(k/32)],
-  // scales / zeros x.dtype [N, G], zeros optional. Returns a new [M, N] tensor of x.dtype.
-  m.def("gemm_a16(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int k, int group_size) -> Tensor");
+  // Weight-only, repacked layout (ops.h, bipolar_gemm_a16.cuh): y[M, n] = x[M, k] @ W^T on tensor
+  // cores, and the dense W[n, k] for the dequantize-then-cuBLAS path of large M.
+  m.def("gemm_a16(Tensor x, Tensor qweight, Tensor scales, int n, int k, int group_shift) -> Tensor");
+  m.def("dequantize_a16(Tensor qweight, Tensor scales, int n, int k, int group_shift) -> Tensor");
   // Per-token symmetric bipolar quantization: x fp16/bf16 [M, K] -> (planes int32 [a_bits, M, ceil(K/32)]
   // in the checkpoint bit-plane layout, scales fp32 [M]).
   m.def("quantize_activations(Tensor x, int a_bits) -> (Tensor, Tensor)");
@@ -26,6 +26,7 @@ TORCH_LIBRARY(bipolar_kernels, m) {
 
 TORCH_LIBRARY_IMPL(bipolar_kernels, CUDA, m) {
   m.impl("gemm_a16", &bipolar::gemm_a16);
+  m.impl("dequantize_a16", &bipolar::dequantize_a16);
   m.impl("quantize_activations", &bipolar::quantize_activations);
   m.impl("gemm_binary", &bipolar::gemm_binary);
 }

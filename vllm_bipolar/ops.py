@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .format.reference import bipolar_linear, dequantize_packed
+from .format.reference import bipolar_linear
 
 try:  # the CUDA extension is optional: absent on CPU-only installs
     from . import _C  # noqa: F401  (importing registers the bipolar_kernels ops)
@@ -40,29 +40,34 @@ def _(x, qweight, scales, zeros, bias, k, group_size, a_bits):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
-# Largest batch (tokens) for which the weight-streaming kernel beats dequantize + cuBLAS on an H100
-# (N=11008, K=4096, 4-bit: 16.6 us vs 35.2 us for fp16 at M=1, 24-30 us vs 35 at M=2, slower from
-# M=4 on). Larger batches take the dequantize + matmul path until tensor-core kernels exist.
-GEMV_MAX_M = 2
+# Largest batch (tokens) that the fused weight-only kernel takes; larger batches dequantize the
+# weight once per call and use cuBLAS. Measured on H100 by benchmarks/kernels.py (see README).
+A16_FUSED_MAX_M = 128
 
 
 @torch.library.custom_op("bipolar::linear_a16_cuda", mutates_args=())
-def linear_a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                    k: int, group_size: int) -> torch.Tensor:
-    """Weight-only bipolar linear on CUDA, x [M, K] -> [M, N]; picks the kernel by M.
+def linear_a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int,
+                    group_shift: int) -> torch.Tensor:
+    """Weight-only bipolar linear on CUDA (repacked layout, kernels/a16_layout.py), x [M, K] -> [M, N].
 
-    The choice depends on the number of tokens, so it is made here, inside an opaque op: a Python
+    The kernel depends on the number of tokens, so it is chosen here, inside an opaque op: a Python
     branch in the layer would be frozen by torch.compile to whatever M the warm-up used.
     """
-    if x.shape[0] <= GEMV_MAX_M:
-        return torch.ops.bipolar_kernels.gemm_a16(x, qweight, scales, zeros, k, group_size)
-    w = dequantize_packed(qweight, scales, zeros, k, group_size, x.dtype)
-    return torch.nn.functional.linear(x, w)
+    if x.shape[0] > A16_FUSED_MAX_M:
+        w = torch.ops.bipolar_kernels.dequantize_a16(qweight, scales, n, k, group_shift)
+        return torch.nn.functional.linear(x, w)
+    if k % 8:  # the kernel copies 16-byte row chunks: zero channels up to a multiple of 8 contribute 0
+        pad = 8 - k % 8
+        x = torch.nn.functional.pad(x, (0, pad))
+        k += pad
+    elif x.data_ptr() % 16 or (x.shape[0] > 1 and x.stride(0) % 8):
+        x = x.clone(memory_format=torch.contiguous_format)
+    return torch.ops.bipolar_kernels.gemm_a16(x, qweight, scales, n, k, group_shift)
 
 
 @linear_a16_cuda.register_fake
-def _(x, qweight, scales, zeros, k, group_size):
-    return x.new_empty((x.shape[0], qweight.shape[1]))
+def _(x, qweight, scales, n, k, group_shift):
+    return x.new_empty((x.shape[0], n))
 
 
 @torch.library.custom_op("bipolar::linear_binary_cuda", mutates_args=())
@@ -87,8 +92,12 @@ def _register_kernel_fakes() -> None:
         return
 
     @torch.library.register_fake("bipolar_kernels::gemm_a16")
-    def _(x, qweight, scales, zeros, k, group_size):
-        return x.new_empty((x.shape[0], qweight.shape[1]))
+    def _(x, qweight, scales, n, k, group_shift):
+        return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake("bipolar_kernels::dequantize_a16")
+    def _(qweight, scales, n, k, group_shift):
+        return scales.new_empty((n, k))
 
     @torch.library.register_fake("bipolar_kernels::quantize_activations")
     def _(x, a_bits):

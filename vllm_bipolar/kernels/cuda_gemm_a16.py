@@ -1,10 +1,12 @@
-"""CUDA weight-only backend (a_bits = 16): ``bipolar_kernels::gemm_a16`` from csrc/bipolar_gemm_a16.cu.
+"""CUDA weight-only backend (a_bits = 16): ``bipolar_kernels::gemm_a16`` / ``dequantize_a16`` from
+csrc/bipolar_gemm_a16.cu.
 
-Reads the checkpoint bit-plane layout directly (no repack yet): warps stream the planes of a few
-output rows, rebuild each code from its planes, turn it into an fp32 value with one byte permute
-and accumulate x . v with one FMA per element; s * dot + z * sum(x) per 32-weight word. Fast at
-M <= 2 (weights streamed once); larger M goes to dequantize + cuBLAS inside the same op
-(``ops.linear_a16_cuda``) until the tensor-core kernels exist.
+At load the checkpoint bit planes are repacked (a16_layout.repack) so that each thread finds the
+codes of its mma.sync B fragments side by side, and scales/offsets become (2s, z - sL) pairs.
+Up to ``ops.A16_FUSED_MAX_M`` tokens the fused kernel streams the weights once and expands them to
+fp16/bf16 in registers for the tensor cores; larger batches dequantize into a dense weight and call
+cuBLAS (compute-bound there, where cuBLAS is the fastest tensor-core GEMM). The choice is made per
+call inside the op.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .base import BipolarLinearKernel, apply_2d, cuda_half_reason, keep_checkpoint_layout
+from . import a16_layout
+from .base import BipolarLinearKernel, apply_2d, cuda_half_reason, replace_parameter
 from .layer_config import BipolarLayerConfig
 
 
@@ -24,12 +27,23 @@ class CudaGemmA16Kernel(BipolarLinearKernel):
         why = cuda_half_reason(config, device)
         if why is None and not config.weight_only:
             why = f"weight-only kernel; a_bits={config.a_bits} needs a WpAq kernel"
+        if why is None:
+            major, minor = torch.cuda.get_device_capability(device)
+            if major < 8:
+                why = f"needs compute capability >= 8.0 (mma.sync m16n8k16 bf16), device has {major}.{minor}"
         return why is None, why
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        keep_checkpoint_layout(layer)
+        c = self.config
+        qweight, scales, shift = a16_layout.repack(layer.qweight.data, layer.scales.data,
+                                                   None if layer.zeros is None else layer.zeros.data,
+                                                   c.k, c.group_size)
+        replace_parameter(layer, "qweight", qweight)
+        replace_parameter(layer, "scales", scales)
+        replace_parameter(layer, "zeros", None)
+        self.group_shift = shift
 
     def apply_weights(self, layer, x, bias=None):
         c = self.config
         return apply_2d(x, bias, c.n, lambda x2: ops.linear_a16_cuda(
-            x2, layer.qweight, layer.scales, layer.zeros, c.k, c.group_size))
+            x2, layer.qweight, layer.scales, c.n, c.k, self.group_shift))

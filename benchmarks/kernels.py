@@ -183,6 +183,8 @@ def baselines(n: int, k: int, m: int, results: dict, names: dict) -> None:
 
 
 def git_commit() -> str:
+    if os.environ.get("BIPOLAR_COMMIT"):  # the GPU machine gets a copy of the tree without a current .git
+        return os.environ["BIPOLAR_COMMIT"]
     try:
         return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], text=True).strip()
     except Exception:  # noqa: BLE001

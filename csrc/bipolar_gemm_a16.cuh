@@ -459,15 +459,19 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
 }
 
 // ---- dequantize kernel: W[N, K] dense (for large M: dequantize, then cuBLAS) ------------------------
-// One warp per layout block: each lane decodes its 16 pairs and stores them as T2 at (n, k).
+// One warp per layout block (16 rows x 64 channels): each lane decodes its 16 pairs into a shared
+// tile, then the warp writes the tile as 16 rows of 128 contiguous bytes (full cache lines; storing
+// the pairs straight from the fragment order would write 16-byte pieces of 8 rows at a time).
 template <typename T, int BITS>
 __global__ void __launch_bounds__(kThreads) dequantize_a16_kernel(Problem p) {
   using E = Elem<T>;
-  using T2 = typename E::T2;
+  constexpr int kRow = kBlockK + 8;  // padded row (elements): 144 bytes, so the pair writes spread over banks
+  __shared__ __align__(16) T tile[kWarps][kBlockN * kRow];
   const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
   const int kblocks = p.Kp / kBlockK;
-  const int64_t blk = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
-  if (blk >= int64_t(p.Np / kBlockN) * kblocks) return;
+  const int64_t blk = int64_t(blockIdx.x) * kWarps + warp;
+  if (blk >= int64_t(p.Np / kBlockN) * kblocks) return;  // whole warp; no block-wide barrier below
   const int nb = int(blk / kblocks), kb = int(blk % kblocks);
   const uint32_t* src = p.qweight + blk * (32 * BITS);
   uint32_t words[BITS];
@@ -478,35 +482,43 @@ __global__ void __launch_bounds__(kThreads) dequantize_a16_kernel(Problem p) {
     for (int j = 0; j < w; ++j) words[sh + j] = __ldg(src + sh * 32 + lane * w + j);
   }
   const uint32_t* scales = static_cast<const uint32_t*>(p.scales);
-  T* w_out = static_cast<T*>(p.y);
+  T* t = tile[warp];
+  // one (a, b) word per row and 16-channel step when groups are 16+ channels: per (h, s)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int n = nb * kBlockN + 8 * h + lane / 4;
+    const int r = 8 * h + lane / 4;
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int k = kb * kBlockK + 16 * s + 8 * r + 2 * (lane % 4);
-        uint32_t aa, bb;
-        split_ab(__ldg(scales + size_t(k >> p.group_shift) * p.Np + n), aa, bb);
-        uint32_t v = 0;
-#define BIPOLAR_DEQ_CASE(S, H, R) \
-  if (s == S && h == H && r == R) v = decode_pair<T, BITS, 4 * S + 2 * H + R>(words, aa, bb);
-        BIPOLAR_DEQ_CASE(0, 0, 0) BIPOLAR_DEQ_CASE(0, 0, 1) BIPOLAR_DEQ_CASE(0, 1, 0) BIPOLAR_DEQ_CASE(0, 1, 1)
-        BIPOLAR_DEQ_CASE(1, 0, 0) BIPOLAR_DEQ_CASE(1, 0, 1) BIPOLAR_DEQ_CASE(1, 1, 0) BIPOLAR_DEQ_CASE(1, 1, 1)
-        BIPOLAR_DEQ_CASE(2, 0, 0) BIPOLAR_DEQ_CASE(2, 0, 1) BIPOLAR_DEQ_CASE(2, 1, 0) BIPOLAR_DEQ_CASE(2, 1, 1)
-        BIPOLAR_DEQ_CASE(3, 0, 0) BIPOLAR_DEQ_CASE(3, 0, 1) BIPOLAR_DEQ_CASE(3, 1, 0) BIPOLAR_DEQ_CASE(3, 1, 1)
+      const int kl = 16 * s + 2 * (lane % 4);
+      uint32_t aa, bb;
+      split_ab(__ldg(scales + size_t((kb * kBlockK + 16 * s) >> p.group_shift) * p.Np + nb * kBlockN + r), aa, bb);
+      uint32_t v0 = 0, v1 = 0;
+#define BIPOLAR_DEQ_CASE(S, H)                                     \
+  if (s == S && h == H) {                                          \
+    v0 = decode_pair<T, BITS, 4 * S + 2 * H + 0>(words, aa, bb);   \
+    v1 = decode_pair<T, BITS, 4 * S + 2 * H + 1>(words, aa, bb);   \
+  }
+      BIPOLAR_DEQ_CASE(0, 0) BIPOLAR_DEQ_CASE(0, 1) BIPOLAR_DEQ_CASE(1, 0) BIPOLAR_DEQ_CASE(1, 1)
+      BIPOLAR_DEQ_CASE(2, 0) BIPOLAR_DEQ_CASE(2, 1) BIPOLAR_DEQ_CASE(3, 0) BIPOLAR_DEQ_CASE(3, 1)
 #undef BIPOLAR_DEQ_CASE
-        if (n >= p.N || k >= p.K) continue;
-        T* dst = w_out + size_t(n) * p.K + k;
-        const T2 pair = from_u32<T2>(v);
-        if (k + 1 < p.K && (p.K % 2) == 0) {
-          *reinterpret_cast<T2*>(dst) = pair;
-        } else {
-          dst[0] = pair.x;
-          if (k + 1 < p.K) dst[1] = pair.y;
-        }
-      }
+      *reinterpret_cast<uint32_t*>(t + r * kRow + kl) = v0;
+      *reinterpret_cast<uint32_t*>(t + r * kRow + kl + 8) = v1;
+    }
+  }
+  __syncwarp();
+  T* w_out = static_cast<T*>(p.y);
+  const bool vec = (p.K % 8) == 0;  // rows of W start on 16-byte boundaries
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int c = lane + 32 * i;  // 16-byte chunk: row c / 8, elements 8 (c % 8) ..
+    const int r = c / 8, kl = 8 * (c % 8);
+    const int n = nb * kBlockN + r, k = kb * kBlockK + kl;
+    if (n >= p.N || k >= p.K) continue;
+    T* dst = w_out + size_t(n) * p.K + k;
+    if (vec) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(t + r * kRow + kl);
+    } else {
+      for (int e = 0; e < 8 && k + e < p.K; ++e) dst[e] = t[r * kRow + kl + e];
     }
   }
 }

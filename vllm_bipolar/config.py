@@ -7,6 +7,10 @@ linear method (bipolar, or unquantized for ``modules_to_not_convert``).
 
 from __future__ import annotations
 
+import json
+import math
+import struct
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +57,12 @@ class BipolarConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "BipolarConfig":
         return cls(BipolarQuantSpec.from_dict(config))
 
+    def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
+        # vLLM calls this once with the model path when it builds its config, before any engine
+        # process starts: the cheapest place to refuse a broken local checkpoint by its file headers.
+        if Path(str(model_name)).is_dir():
+            check_checkpoint(Path(str(model_name)), self.spec)
+
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if not isinstance(layer, LinearBase):
             return None  # embeddings, lm_head (ParallelLMHead) and others stay unquantized
@@ -68,3 +78,114 @@ class BipolarConfig(QuantizationConfig):
         from .linear_method import BipolarLinearMethod
 
         return BipolarLinearMethod(self, w_bits=next(iter(bits.values())), prefix=prefix)
+
+
+# ---- checkpoint check at engine start (safetensors headers only: no tensor data is read) ------------
+_FLOAT_DTYPES = ("F16", "BF16", "F32")
+LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _read_header(path: Path) -> dict[str, dict]:
+    """The tensor table of a safetensors file; a clear error when the file is truncated or corrupt."""
+    size = path.stat().st_size
+    fix = "the file is truncated or corrupt (an interrupted copy or download?); copy or re-convert it"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise BipolarConfigError(f"{path}: {size} bytes, too short for a safetensors file; {fix}")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > size - 8:
+            raise BipolarConfigError(f"{path}: header length {hlen} exceeds the file size {size}; {fix}")
+        try:
+            header = json.loads(f.read(hlen))
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+            for v in tensors.values():
+                v["shape"] = [int(d) for d in v["shape"]]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise BipolarConfigError(f"{path}: unreadable safetensors header ({e!r}); {fix}") from e
+    if 8 + hlen + end > size:
+        raise BipolarConfigError(f"{path}: the file has {size} bytes but its header describes {8 + hlen + end}; {fix}")
+    return tensors
+
+
+def checkpoint_tensors(model_dir: Path) -> dict[str, dict]:
+    """{tensor name: {"dtype", "shape"}} over the checkpoint's safetensors files (headers only)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BipolarConfigError(f"{index}: invalid safetensors index ({e!r}); copy or re-convert the "
+                                     "checkpoint") from e
+        missing = [f for f in files if not (model_dir / f).is_file()]
+        if missing:
+            raise BipolarConfigError(f"{index} names shard file(s) {missing} that are not in {model_dir}; the "
+                                     "checkpoint is incomplete: copy it again or re-convert it")
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    out: dict[str, dict] = {}
+    for f in files:
+        out.update(_read_header(model_dir / f))
+    return out
+
+
+def check_checkpoint(model_dir: Path, spec: BipolarQuantSpec) -> None:
+    """Refuse a bipolar checkpoint whose tensors do not match its quantization_config, by name.
+
+    Checked from the safetensors headers: files not truncated; every ``<m>.qweight`` is int32
+    [bits_for(m), N, W] with ``<m>.scales`` [N, G] (and ``<m>.zeros``, same shape, exactly when not
+    symmetric) in a float dtype, G matching ceil(K/group_size) for 32W-31 <= K <= 32W; every
+    ``layer_bits`` key names a quantized layer; no decoder linear that the config quantizes is stored
+    unquantized, and none it skips is stored quantized. Without safetensors files (other formats,
+    remote models) nothing is checked here; the loader's per-tensor checks still apply.
+    """
+    tensors = checkpoint_tensors(model_dir)
+    if not tensors:
+        return
+    fix = "The checkpoint is corrupt or its config.json does not belong to it; re-convert it with quant_tools.convert"
+    modules = sorted(n[: -len(".qweight")] for n in tensors if n.endswith(".qweight"))
+    if not modules:
+        raise BipolarConfigError(
+            f"{model_dir}: config.json has a bipolar quantization_config but no checkpoint tensor is a bipolar "
+            f"layer (no '<layer>.qweight'). {fix}")
+    problems = []
+    for m in modules:
+        qw, sc, zr = tensors[f"{m}.qweight"], tensors.get(f"{m}.scales"), tensors.get(f"{m}.zeros")
+        bits = spec.bits_for(m)
+        if qw["dtype"] != "I32" or len(qw["shape"]) != 3 or qw["shape"][0] != bits:
+            problems.append(f"{m}.qweight is {qw['dtype']} {qw['shape']}, expected I32 [{bits} (w_bits), N, ceil(K/32)]")
+            continue
+        if spec.is_skipped(m):
+            problems.append(f"{m}.qweight is quantized but quantization_config['modules_to_not_convert'] "
+                            "keeps this layer in full precision")
+        _, n, words = qw["shape"]
+        if spec.group_size == -1:
+            groups = {1}
+        else:
+            groups = {math.ceil(k / spec.group_size) for k in (32 * words - 31, 32 * words)}
+        want = f"[{n}, {'/'.join(map(str, sorted(groups)))}] (N rows, ceil(K/{spec.group_size}) groups)"
+        for name, t, needed in (("scales", sc, True), ("zeros", zr, not spec.symmetric)):
+            if t is None:
+                if needed:
+                    problems.append(f"{m}.{name} is missing (expected a float tensor {want})")
+                continue
+            if not needed:
+                problems.append(f"{m}.zeros is present but quantization_config['symmetric'] is true")
+            elif (t["dtype"] not in _FLOAT_DTYPES or len(t["shape"]) != 2 or t["shape"][0] != n
+                  or not (min(groups) <= t["shape"][1] <= max(groups))):
+                problems.append(f"{m}.{name} is {t['dtype']} {t['shape']}, expected a float tensor {want}")
+    for name in spec.layer_bits:
+        if f"{name}.qweight" not in tensors:
+            problems.append(
+                f"quantization_config['layer_bits'] names '{name}', but the checkpoint has no quantized layer of "
+                f"that name (no '{name}.qweight'); remove the entry or correct it (layers look like '{modules[0]}')")
+    for n, t in tensors.items():
+        m, _, leaf = n.rpartition(".")
+        if leaf == "weight" and m.rpartition(".")[2] in LINEAR_LEAVES and len(t["shape"]) == 2 and not spec.is_skipped(m):
+            problems.append(f"{n} is unquantized, but quantization_config quantizes {m} (it is not in "
+                            "modules_to_not_convert)")
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise BipolarConfigError(f"{model_dir}: the checkpoint does not match its quantization_config: "
+                                 + "; ".join(problems[:8]) + more + f". {fix}.")

@@ -16,16 +16,23 @@ import math
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearMethodBase
-from vllm.model_executor.parameter import (ChannelQuantScaleParameter, GroupQuantScaleParameter,
-                                           PackedvLLMParameter)
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+)
 
 from .format.packing import WORD_BITS, num_words
 from .format.quantize import num_groups
+from .format.spec import shard_names
 from .kernels import BipolarLayerConfig, choose_kernel
-
 
 logger = init_logger("vllm.bipolar")  # under "vllm" so vLLM's logging config prints it
 _LOGGED_KERNELS: set[str] = set()  # log each backend's first use once per process
+# Set once any bipolar checkpoint tensor went through a loader in this process. A layer that got no
+# tensor at all is then a checkpoint without that layer (an error); when nothing was ever loaded the
+# weights are vLLM's dummy weights (load_format="dummy", benchmarks) and nothing is checked.
+_CHECKPOINT_LOADED = False
 
 
 class BipolarShardError(ValueError):
@@ -62,16 +69,18 @@ class BipolarLinearMethod(LinearMethodBase):
         n, k = sum(output_partition_sizes), input_size_per_partition
         _check_row_shard(self.prefix, k, input_size, spec.group_size)
         loader = extra_weight_attrs["weight_loader"]
+        layer.bipolar_loaded = {}  # parameter name -> shard ids loaded (checked after loading)
         planes = {0: (bits, "bit planes = w_bits"), 2: (num_words(input_size), "32-bit words = ceil(K/32)")}
         qweight = PackedvLLMParameter(
             data=torch.zeros(bits, n, num_words(k), dtype=torch.int32),  # zeros: dummy loads leave ints as is
             output_dim=1, input_dim=2, packed_dim=2, packed_factor=WORD_BITS,
-            weight_loader=_checked_loader(loader, f"{self.prefix}.qweight", planes, int32=True))
+            weight_loader=_checked_loader(loader, self.prefix, "qweight", planes, int32=True, layer=layer,
+                                          row_dim=1))
         layer.register_parameter("qweight", qweight)
         groups = {1: (num_groups(input_size, spec.group_size), "groups = ceil(K/group_size)")}
         for name in ("scales",) + (() if spec.symmetric else ("zeros",)):
             data = torch.empty(n, num_groups(k, spec.group_size), dtype=params_dtype)
-            weight_loader = _checked_loader(loader, f"{self.prefix}.{name}", groups, int32=False)
+            weight_loader = _checked_loader(loader, self.prefix, name, groups, int32=False, layer=layer, row_dim=0)
             if spec.group_size == -1:  # one value per row: replicated across row-parallel ranks
                 param = ChannelQuantScaleParameter(data=data, output_dim=0, weight_loader=weight_loader)
             else:
@@ -84,6 +93,7 @@ class BipolarLinearMethod(LinearMethodBase):
         layer.bipolar_config = cfg
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        _check_complete(self.prefix, layer)
         _check_finite(self.prefix, layer)
         kernel_cls = choose_kernel(layer.bipolar_config, layer.qweight.device)
         if kernel_cls.name not in _LOGGED_KERNELS:
@@ -98,27 +108,84 @@ class BipolarLinearMethod(LinearMethodBase):
 
 
 def _check_finite(prefix: str, layer: torch.nn.Module) -> None:
+    """NaN/inf scales or offsets would turn every output of the layer into NaN: refuse them by name."""
     for name in ("scales", "zeros"):
         t = getattr(layer, name, None)
-        if t is not None and not torch.isfinite(t).all():
-            raise ValueError(f"{prefix}.{name} contains NaN or inf values; the checkpoint is corrupt: "
-                             "re-convert it from the original model")
+        if t is None or torch.isfinite(t).all():
+            continue
+        bad = (~torch.isfinite(t)).nonzero()
+        row = int(bad[0, 0])
+        where = f"{prefix}.{name}"
+        sizes = list(getattr(layer, "output_partition_sizes", None) or [])
+        names = shard_names(prefix)
+        if len(sizes) == len(names) > 1:  # fused layer: name the checkpoint tensor the row came from
+            idx = next(i for i in range(len(sizes)) if row < sum(sizes[:i + 1]))
+            row -= sum(sizes[:idx])
+            where = f"{names[idx]}.{name} (part of {prefix}.{name})"
+        raise ValueError(f"checkpoint tensor {where} has {len(bad)} NaN/inf value(s) (first at row {row}, "
+                         f"group {int(bad[0, 1])}); every scale and offset must be finite. The checkpoint is "
+                         "corrupt: re-convert it from the original model with quant_tools.convert.")
 
 
-def _checked_loader(weight_loader, name: str, dims: dict[int, tuple[int, str]], int32: bool):
+def _shard_ids(layer: torch.nn.Module) -> list:
+    """The shard ids vLLM loads a layer's checkpoint tensors with (None: one unfused tensor)."""
+    if hasattr(layer, "total_num_kv_heads"):  # QKVParallelLinear
+        return ["q", "k", "v"]
+    sizes = getattr(layer, "output_sizes", None)  # MergedColumnParallelLinear
+    return list(range(len(sizes))) if sizes else [None]
+
+
+def _checkpoint_name(prefix: str, shard_id, layer: torch.nn.Module | None, tensor: str) -> str:
+    """The checkpoint tensor a (possibly fused) layer's shard comes from, e.g. ...k_proj.scales."""
+    ids = _shard_ids(layer) if layer is not None else [None]
+    names = shard_names(prefix)
+    if shard_id in ids and shard_id is not None and len(names) == len(ids):
+        return f"{names[ids.index(shard_id)]}.{tensor} (shard {shard_id!r} of {prefix}.{tensor})"
+    return f"{prefix}.{tensor}"
+
+
+def _checkpoint_rows(layer: torch.nn.Module, shard_id) -> int | None:
+    """Output rows the checkpoint tensor of ``shard_id`` has before tensor-parallel slicing (None: unknown)."""
+    if isinstance(shard_id, tuple):
+        rows = [_checkpoint_rows(layer, s) for s in shard_id]
+        return None if None in rows else sum(rows)
+    if hasattr(layer, "total_num_kv_heads"):  # QKVParallelLinear: kv heads may be replicated across ranks
+        head, kv = layer.head_size, layer.total_num_kv_heads
+        sizes = {"q": layer.total_num_heads * head, "k": kv * head, "v": kv * getattr(layer, "v_head_size", head)}
+        return sum(sizes.values()) if shard_id is None else sizes.get(shard_id)
+    sizes = getattr(layer, "output_sizes", None)
+    if isinstance(shard_id, int) and sizes and 0 <= shard_id < len(sizes):
+        return sizes[shard_id]
+    if shard_id is None:
+        return sum(sizes) if sizes else getattr(layer, "output_size", None)
+    return None
+
+
+def _checked_loader(weight_loader, prefix: str, tensor: str, dims: dict[int, tuple[int, str]], int32: bool,
+                    layer: torch.nn.Module | None = None, row_dim: int | None = None):
     """Wrap vLLM's loader so a checkpoint tensor of the wrong shape or dtype fails with its name.
 
-    ``dims`` maps a dimension of the checkpoint tensor to its expected size and meaning; the output
-    dimension is not checked (fused layers load one shard at a time, sliced by vLLM).
+    ``dims`` maps a dimension of the checkpoint tensor to its expected size and meaning. The output
+    dimension ``row_dim`` is checked against the rows of the checkpoint module the shard comes from
+    (fused layers load one shard at a time, sliced by vLLM): vLLM itself would silently take the
+    first rows of a tensor that has too many, or fail inside torch on one that has too few.
+    Loaded shards are recorded on ``layer.bipolar_loaded`` for the completeness check.
     """
 
     def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
+        global _CHECKPOINT_LOADED
+        shard_id = args[0] if args else kwargs.get("loaded_shard_id")
+        name = _checkpoint_name(prefix, shard_id, layer, tensor)
         problems = []
         if loaded_weight.dim() != param.dim():
             problems.append(f"expected {param.dim()} dimensions, got shape {tuple(loaded_weight.shape)}")
         else:
             problems += [f"dimension {d} should be {size} ({what}), got {loaded_weight.shape[d]}"
                          for d, (size, what) in dims.items() if loaded_weight.shape[d] != size]
+            rows = _checkpoint_rows(layer, shard_id) if layer is not None and row_dim is not None else None
+            if rows is not None and loaded_weight.shape[row_dim] != rows:
+                problems.append(f"dimension {row_dim} should be {rows} (output rows of the layer), "
+                                f"got {loaded_weight.shape[row_dim]}")
         if int32 and loaded_weight.dtype != torch.int32:
             problems.append(f"dtype should be torch.int32, got {loaded_weight.dtype}")
         if not int32 and not loaded_weight.is_floating_point():
@@ -127,6 +194,35 @@ def _checked_loader(weight_loader, name: str, dims: dict[int, tuple[int, str]], 
             raise ValueError(f"checkpoint tensor {name} does not match its quantization_config: "
                              + "; ".join(problems) + ". The checkpoint is corrupt or its config.json does not "
                              "belong to it; re-convert it with quant_tools.convert.")
-        return weight_loader(param, loaded_weight, *args, **kwargs)
+        result = weight_loader(param, loaded_weight, *args, **kwargs)
+        _CHECKPOINT_LOADED = True
+        if layer is not None:
+            loaded = layer.bipolar_loaded.setdefault(tensor, set())
+            loaded.update(shard_id if isinstance(shard_id, tuple) else (shard_id,))
+        return result
 
     return load
+
+
+def _check_complete(prefix: str, layer: torch.nn.Module) -> None:
+    """Every bipolar tensor of the layer (every shard of a fused layer) came from the checkpoint.
+
+    vLLM leaves a parameter whose tensor is missing from the checkpoint uninitialized (torch.empty)
+    without a word, which would serve garbage. Skipped when no checkpoint tensor was loaded in this
+    process at all (dummy weights).
+    """
+    loaded = getattr(layer, "bipolar_loaded", None)
+    if loaded is None or not _CHECKPOINT_LOADED:
+        return
+    wanted = ["qweight", "scales"] + ([] if getattr(layer, "zeros", None) is None else ["zeros"])
+    missing = []
+    for tensor in wanted:
+        got = loaded.get(tensor, set())
+        if None in got:  # one unfused (or already fused) checkpoint tensor covers every shard
+            continue
+        missing += [_checkpoint_name(prefix, s, layer, tensor).split(" ")[0]
+                    for s in _shard_ids(layer) if s not in got]
+    if missing:
+        raise ValueError(f"{prefix}: the checkpoint lacks tensor(s) {missing}, so this layer's weights would be "
+                         "uninitialized memory. The checkpoint is incomplete or corrupt (an interrupted copy?); "
+                         "re-convert it with quant_tools.convert or copy it again.")

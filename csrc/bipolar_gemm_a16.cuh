@@ -118,6 +118,9 @@ struct Elem<__half> {
   using T2 = __half2;
   // 0x6400 is 1024.0: with a code c < 1024 in the mantissa the half is 1024 + c, exactly.
   static constexpr uint32_t kMagic = 0x64006400u;
+  static constexpr float kMagicValue = 1024.f;
+  static constexpr int kMantissa = 10;
+  static __device__ __forceinline__ T2 splat(float v) { return __float2half2_rn(v); }
   static __device__ __forceinline__ T2 magic() { return __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400)); }
   static __device__ __forceinline__ T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
   static __device__ __forceinline__ T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
@@ -136,6 +139,9 @@ struct Elem<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
   // 0x4300 is 128.0 with 7 mantissa bits: 128 + c exact for c < 128 (bits <= 7; 8 bits go through fp32).
   static constexpr uint32_t kMagic = 0x43004300u;
+  static constexpr float kMagicValue = 128.f;
+  static constexpr int kMantissa = 7;
+  static __device__ __forceinline__ T2 splat(float v) { return __float2bfloat162_rn(v); }
   static __device__ __forceinline__ T2 magic() {
     return __halves2bfloat162(__ushort_as_bfloat16(0x4300), __ushort_as_bfloat16(0x4300));
   }
@@ -177,7 +183,22 @@ __device__ __forceinline__ uint32_t decode_pair(const uint32_t (&words)[BITS], u
     const T2 a2 = from_u32<T2>(aa), b2 = from_u32<T2>(bb);
     const float2 af = __bfloat1622float2(a2), bf = __bfloat1622float2(b2);
     return as_u32(E::floats2(fmaf(c0, af.x, bf.x), fmaf(c1, af.y, bf.y)));
+  } else if constexpr (num_parts(BITS) == 1) {
+    // One part (1, 2, 4 or 8 bits): leave the code where it is in the word when it fits under the
+    // magic's exponent (mantissa position u <= kMantissa - BITS), else shift by the multiple of
+    // (umax + 1) below it, which the pairs of a word share (ptxas keeps one SHF per distinct amount):
+    // t = magic + c 2^u exactly, and c = t 2^-u - magic 2^-u is one exact FMA.
+    constexpr int kUMax = E::kMantissa - BITS;
+    constexpr int kPerWord = 16 / BITS;
+    constexpr int kFrom = BITS * (P % kPerWord);
+    constexpr int kShift = kFrom - kFrom % (kUMax + 1);
+    constexpr int kU = kFrom - kShift;
+    constexpr uint32_t kMask = ((1u << BITS) - 1u) << kU;
+    const uint32_t t = ((words[P / kPerWord] >> kShift) & (kMask | (kMask << 16))) | E::kMagic;  // one LOP3
+    const T2 c = E::fma2(from_u32<T2>(t), E::splat(1.f / float(1 << kU)), E::splat(-E::kMagicValue / float(1 << kU)));
+    return as_u32(E::fma2(c, from_u32<T2>(aa), from_u32<T2>(bb)));
   } else {
+    // Several parts (3, 5, 6, 7 bits): each part moved to its bit offset in the code (SHF + LOP3).
     uint32_t t = E::kMagic;
 #pragma unroll
     for (int i = 0; i < num_parts(BITS); ++i) {
@@ -281,29 +302,28 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
   // Issue the copies of stage `st` (channels st * SK ...) into buffer `buf`.
   auto load_stage = [&](int st, int buf) {
     const int k0 = st * C::SK;
-    // activations: MT rows x SK / 8 chunks; rows past M and channels past K are zero-filled
+    // activations: the mv valid rows x SK / 8 chunks (channels past K zero-filled); rows past M were
+    // zeroed once for every buffer at the start
     T* xs = stage_x(buf);
-    constexpr int kChunks = C::MT * (C::SK / 8);
-    for (int i = tid; i < kChunks; i += kThreads) {
-      const int m = i / (C::SK / 8), c = i % (C::SK / 8);
+    constexpr int kRowChunks = C::SK / 8;
+    for (int i = tid; i < mv * kRowChunks; i += kThreads) {
+      const int m = i / kRowChunks, c = i % kRowChunks;
       const int k = k0 + 8 * c;
-      const bool ok = m < mv && k < p.K;
-      const T* src = ok ? x + (m0 + m) * p.ldx + k : x;
-      cp_async16(xs + (m * (C::SK / 8) + swizzle(m, c)) * 8, src, ok ? 16 : 0);
+      const bool ok = k < p.K;
+      cp_async16(xs + (m * kRowChunks + swizzle(m, c)) * 8, ok ? x + (m0 + m) * p.ldx + k : x, ok ? 16 : 0);
     }
     // weights: for each 16-row block of the tile, the stage's run of 64-channel blocks (contiguous)
     uint32_t* ws = stage_w(buf);
     const int kb0 = k0 / kBlockK;
-    const int kbn = min(C::SK / kBlockK, kblocks - kb0);  // blocks of this stage inside Kp
     constexpr int kBlockWords = 32 * BITS;
-    constexpr int kChunksPerBlock = kBlockWords / 4;
-    const int nb_tile = C::NT / kBlockN;
-    const int total = nb_tile * kbn * kChunksPerBlock;
-    for (int i = tid; i < total; i += kThreads) {
-      const int b = i / (kbn * kChunksPerBlock);
-      const int r = i % (kbn * kChunksPerBlock);
-      const uint32_t* src = p.qweight + ((size_t(n0 / kBlockN + b) * kblocks + kb0) * kBlockWords) + 4 * r;
-      cp_async16(ws + (b * (C::SK / kBlockK) * kBlockWords) + 4 * r, src, 16);
+    constexpr int kRunChunks = (C::SK / kBlockK) * kBlockWords / 4;  // 16-byte chunks of a full run
+    constexpr int kTileBlocks = C::NT / kBlockN;
+    const int run_chunks = min(C::SK / kBlockK, kblocks - kb0) * kBlockWords / 4;  // last stage: shorter
+    const uint32_t* wsrc = p.qweight + (size_t(n0 / kBlockN) * kblocks + kb0) * kBlockWords;
+    const size_t block_row_words = size_t(kblocks) * kBlockWords;  // one 16-row block across all of K
+    for (int i = tid; i < kTileBlocks * kRunChunks; i += kThreads) {
+      const int b = i / kRunChunks, r = i % kRunChunks;  // constant divisors
+      if (r < run_chunks) cp_async16(ws + b * (kRunChunks * 4) + 4 * r, wsrc + b * block_row_words + 4 * r, 16);
     }
     // scale rows: the groups the stage touches (one when groups are at least SK channels)
     uint32_t* ss = stage_s(buf);
@@ -326,6 +346,14 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[a][b][h][e] = 0.f;
 
+  // rows past M: zero in every buffer, once (the copies below never touch them)
+  if (mv < C::MT) {
+    constexpr int kRowChunks = C::SK / 8;
+    for (int i = tid; i < kStages * (C::MT - mv) * kRowChunks; i += kThreads) {
+      const int st = i / ((C::MT - mv) * kRowChunks), r = i % ((C::MT - mv) * kRowChunks);
+      *reinterpret_cast<uint4*>(stage_x(st) + (mv * kRowChunks + r) * 8) = make_uint4(0, 0, 0, 0);
+    }
+  }
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < nstages) load_stage(s, s);
@@ -372,6 +400,17 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
           }
         }
       }
+      // (a, a) / (b, b) per row, for k-steps 0-1 and 2-3 (groups are >= 32 channels: one each)
+      uint32_t aab[2][C::NB][2], bbb[2][C::NB][2];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int gslot = (kbl * kBlockK + 32 * half) >> p.group_shift;  // scale row inside the stage
+#pragma unroll
+        for (int b = 0; b < C::NB; ++b)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            split_ab(ss[gslot * C::NT + (wn * C::NB + b) * kBlockN + 8 * h + lane / 4], aab[half][b][h], bbb[half][b][h]);
+      }
 #pragma unroll
       for (int s = 0; s < 4; ++s) {  // mma k-steps of 16 channels
         const int kl = kbl * kBlockK + 16 * s;  // local channel of the k-step
@@ -393,14 +432,11 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
                          : "=r"(afr[a][0]), "=r"(afr[a][1]), "=r"(afr[a][2]), "=r"(afr[a][3]) : "r"(addr));
           }
         }
-        const int gslot = kl >> p.group_shift;  // scale row inside the stage (0 when groups >= SK)
 #pragma unroll
         for (int b = 0; b < C::NB; ++b) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const int nl = (wn * C::NB + b) * kBlockN + 8 * h + lane / 4;  // tile-local column
-            uint32_t aa, bb;
-            split_ab(ss[gslot * C::NT + nl], aa, bb);
+            const uint32_t aa = aab[s / 2][b][h], bb = bbb[s / 2][b][h];
             uint32_t b0 = 0, b1 = 0;
             // pair index p = 4 s + 2 h + r, as a constant for the decode
 #define BIPOLAR_DECODE_CASE(S, H)                                     \

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import re
 import signal
@@ -21,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 
 from vllm_bipolar.format import (A16, BipolarConfigError, BipolarQuantSpec, pack_codes, quantize_weight)
-from vllm_bipolar.format.spec import DEFAULT_PACKED_MODULES, DEFAULT_SKIP, QUANTIZERS
+from vllm_bipolar.format.spec import DEFAULT_PACKED_MODULES, DEFAULT_SKIP, MAX_BITS, METHODS, MIN_BITS
 
 from .checkpoint import (SUPPORTED_DTYPES, CheckpointError, HFCheckpoint, ShardedWriter, atomic_output_dir,
                          copy_aux_files)
@@ -32,6 +34,9 @@ from .checkpoint import (SUPPORTED_DTYPES, CheckpointError, HFCheckpoint, Sharde
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _DECODER_WEIGHT = re.compile(r"^(?P<module>(?:model\.)?layers\.\d+\.(?:.+\.)?(?P<leaf>[A-Za-z0-9_]+))\.weight$")
+
+
+DEFAULT_CALIB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
 
 class ConvertError(RuntimeError):
@@ -95,10 +100,59 @@ def check_fused_bits(spec: BipolarQuantSpec, modules: list[str]) -> None:
                     f"skip status; got bits {bits}, skipped {skips}. Give them equal --layer-bits / --skip.")
 
 
+@dataclasses.dataclass
+class Calibration:
+    """Options of the calibrated methods, mixed precision and the rotation (see quant_tools.calibrate)."""
+    text: str = str(DEFAULT_CALIB)
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    damp: float = 0.01
+    act_order: bool | None = None
+    avg_bits: float | None = None
+    bit_set: tuple[int, ...] = (2, 3, 4, 8)
+    sensitivity: str | None = None
+    rotate: bool = False
+
+
+def _check_calibration(spec: BipolarQuantSpec, method: str, cal: Calibration) -> None:
+    from .calibrate import CALIBRATED_METHODS, CalibOptions
+
+    calibrated = method in CALIBRATED_METHODS
+    if cal.avg_bits is not None:
+        if not calibrated:
+            raise ConvertError(f"--avg-bits needs calibration data to measure sensitivities; use --method "
+                               f"{' or '.join(CALIBRATED_METHODS)}")
+        if spec.layer_bits:
+            raise ConvertError("--avg-bits assigns every layer's bits itself; drop --layer-bits")
+        if any(not MIN_BITS <= b <= MAX_BITS for b in cal.bit_set) or len(set(cal.bit_set)) != len(cal.bit_set):
+            raise ConvertError(f"--bit-set {list(cal.bit_set)}: expected distinct widths {MIN_BITS}..{MAX_BITS}, "
+                               "e.g. --bit-set 2 3 4 8")
+        allowed = [b for b in cal.bit_set if b >= spec.w_bits]
+        if not allowed or not min(allowed) <= cal.avg_bits <= max(allowed):
+            raise ConvertError(
+                f"--avg-bits {cal.avg_bits}: with --w-bits {spec.w_bits} (the lowest width) and --bit-set "
+                f"{list(cal.bit_set)} the average must lie in [{min(allowed, default=spec.w_bits)}, "
+                f"{max(allowed, default=spec.w_bits)}]; change --avg-bits, --w-bits or --bit-set")
+    if calibrated:
+        try:
+            CalibOptions(text=Path(cal.text), samples=cal.samples, seqlen=cal.seqlen, damp=cal.damp).check()
+        except ValueError as e:
+            raise ConvertError(str(e)) from e
+        if method.endswith("_int") and spec.symmetric:
+            raise ConvertError(f"--method {method} uses the INT grid with a zero point (asymmetric); drop --symmetric")
+    elif cal.act_order:
+        raise ConvertError(f"--act-order applies to the calibrated methods (gptq, gptq_int), not --method {method}")
+
+
 def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", overwrite: bool = False,
-            max_shard_bytes: int = 2 * 1024**3, progress: bool = True) -> dict:
+            max_shard_bytes: int = 2 * 1024**3, progress: bool = True, calibration: Calibration | None = None) -> dict:
     """Convert SRC to DST; returns the summary dict (also printed by the CLI)."""
     from tqdm import tqdm
+
+    from .calibrate import CALIBRATED_METHODS
+    cal = calibration or Calibration()
+    _check_calibration(spec, method, cal)
 
     t0 = time.time()
     src_path = Path(src).absolute()
@@ -116,6 +170,38 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
                            f"e.g. {modules[0]}")
     check_fused_bits(spec, modules)
     to_quantize = {m for m in modules if not spec.is_skipped(m)}
+    calibrated = method in CALIBRATED_METHODS
+    rotation = None
+    if cal.rotate:
+        from .rotation import ONLINE_HADAMARD, ResidualRotation
+
+        spec = dataclasses.replace(spec, online_hadamard=ONLINE_HADAMARD, rotation="orthogonal")
+        try:
+            rotation = ResidualRotation(ckpt.config, ckpt.get, seed=cal.seed,
+                                        down_is_quantized=lambda m: m in to_quantize)
+        except (KeyError, ValueError) as e:
+            raise ConvertError(f"--rotate: {e}") from e
+
+    def transformed(name, t):
+        return t if rotation is None else rotation.transform(name, t)
+
+    stream = ids = None
+    avg_bits = None
+    log = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    if calibrated:
+        from .calibrate import CalibOptions, LayerStream, calibration_windows
+
+        opts = CalibOptions(text=Path(cal.text), samples=cal.samples, seqlen=cal.seqlen, seed=cal.seed,
+                            damp=cal.damp, act_order=cal.act_order)
+        try:
+            ids = calibration_windows(src_path, opts)
+        except ValueError as e:
+            raise ConvertError(str(e)) from e
+        stream = LayerStream(ckpt, transformed)
+        if cal.avg_bits is not None:
+            layer_bits_auto, avg_bits = _auto_bits(stream, spec, method, opts, ids, to_quantize, cal, src_path, log)
+            spec = dataclasses.replace(spec, layer_bits=layer_bits_auto)
+            check_fused_bits(spec, modules)
     # Record only the layer_bits that differ from w_bits and name quantized layers.
     layer_bits = {m: b for m, b in spec.layer_bits.items() if m in to_quantize and b != spec.w_bits}
 
@@ -125,33 +211,54 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
         writer = ShardedWriter(tmp, max_shard_bytes)
         bar = tqdm(total=len(to_quantize), desc="quantizing", unit="layer", disable=not progress,
                    file=sys.stderr)
-        for name, t in ckpt.iter_tensors():
-            module = name[:-len(".weight")] if name.endswith(".weight") else None
-            if module not in to_quantize:
-                writer.add(name, t)
-                continue
-            if t.dtype not in SUPPORTED_DTYPES:
-                raise ConvertError(f"{name}: dtype {t.dtype} is not supported; expected fp16, bf16 or fp32")
-            bits = spec.bits_for(module)
-            try:
-                q = quantize_weight(t, bits, spec.group_size, spec.symmetric, method, dtype=t.dtype)
-            except ValueError as e:
-                raise ConvertError(f"{name}: {e}") from e
-            outs = {"qweight": pack_codes(q.codes, bits), "scales": q.scales, "zeros": q.zeros}
+
+        def add_quantized(module, q, src_bytes):
+            outs = {"qweight": pack_codes(q.codes, q.bits), "scales": q.scales, "zeros": q.zeros}
             for suffix, tensor in outs.items():
                 if tensor is not None:
                     writer.add(f"{module}.{suffix}", tensor)
                     stats["linear_dst_bytes"] += tensor.numel() * tensor.element_size()
-            stats["linear_src_bytes"] += t.numel() * t.element_size()
-            stats[bits] += 1
+            stats["linear_src_bytes"] += src_bytes
+            stats[q.bits] += 1
             bar.update(1)
             bar.set_postfix_str(module.split(".", 1)[-1][-32:])
+
+        if calibrated:
+            from .calibrate import calibrated_layers
+
+            dtype = ckpt.get(f"{next(iter(sorted(to_quantize)))}.weight").dtype
+            try:
+                for module, q in calibrated_layers(stream, spec, method, opts, ids, to_quantize, dtype, log):
+                    add_quantized(module, q, q.codes.numel() * dtype.itemsize)
+            except ValueError as e:
+                raise ConvertError(str(e)) from e
+        for name, t in ckpt.iter_tensors():
+            module = name[:-len(".weight")] if name.endswith(".weight") else None
+            if module not in to_quantize:
+                writer.add(name, transformed(name, t).to(t.dtype).contiguous() if rotation else t)
+                continue
+            if t.dtype not in SUPPORTED_DTYPES:
+                raise ConvertError(f"{name}: dtype {t.dtype} is not supported; expected fp16, bf16 or fp32")
+            if calibrated:
+                continue
+            bits = spec.bits_for(module)
+            try:
+                q = quantize_weight(transformed(name, t).to(torch.float32), bits, spec.group_size, spec.symmetric,
+                                    method, dtype=t.dtype)
+            except ValueError as e:
+                raise ConvertError(f"{name}: {e}") from e
+            add_quantized(module, q, t.numel() * t.element_size())
+        config = dict(ckpt.config)
+        if rotation is not None and rotation.tied:
+            writer.add("lm_head.weight", rotation.untied_lm_head().to(ckpt.get("model.embed_tokens.weight").dtype))
+            config["tie_word_embeddings"] = False
         bar.close()
         writer.close()
-        config = dict(ckpt.config)
         config["quantization_config"] = BipolarQuantSpec(
             w_bits=spec.w_bits, a_bits=spec.a_bits, group_size=spec.group_size, symmetric=spec.symmetric,
-            modules_to_not_convert=spec.modules_to_not_convert, layer_bits=layer_bits, method=method).to_dict()
+            modules_to_not_convert=spec.modules_to_not_convert, layer_bits=layer_bits, method=method,
+            online_hadamard=spec.online_hadamard, rotation=spec.rotation,
+            avg_bits=None if avg_bits is None else round(avg_bits, 4)).to_dict()
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copied = copy_aux_files(src_path, tmp)
         dst_bytes = writer.total_bytes
@@ -161,9 +268,33 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
         "layers_by_bits": dict(sorted(stats.items())), "skipped": len(modules) - len(to_quantize),
         "linear_src_bytes": linear_src, "linear_dst_bytes": linear_dst,
         "src_bytes": src_bytes, "dst_bytes": dst_bytes, "ratio": src_bytes / max(dst_bytes, 1),
-        "seconds": time.time() - t0, "copied": copied,
+        "seconds": time.time() - t0, "copied": copied, "avg_bits": avg_bits,
         "quantization_config": config["quantization_config"],
     }
+
+
+def _auto_bits(stream, spec, method, opts, ids, to_quantize, cal, src_path, log):
+    """--avg-bits: measure each unit's loss estimate per width, then allocate (quant_tools.calibrate)."""
+    from .calibrate import allocate_bits, average_bits, load_or_profile, sensitivity_profile
+
+    # The profile covers the whole --bit-set (so one profile serves every --w-bits floor); the
+    # allocation uses the widths >= --w-bits.
+    full_set = tuple(sorted(cal.bit_set))
+    bit_set = tuple(b for b in full_set if b >= spec.w_bits)
+    fisher_ids = ids[: max(1, min(len(ids), 16))]
+    key = {"src": str(src_path), "method": method, "a_bits": spec.a_bits, "group_size": spec.group_size,
+           "symmetric": spec.symmetric, "bit_set": list(full_set), "calib": str(Path(cal.text).absolute()),
+           "samples": cal.samples, "seqlen": cal.seqlen, "seed": cal.seed, "damp": cal.damp,
+           "act_order": cal.act_order, "rotate": cal.rotate, "skip": sorted(spec.modules_to_not_convert)}
+    units = load_or_profile(cal.sensitivity, key, lambda: sensitivity_profile(
+        stream, spec, method, opts, ids, fisher_ids, to_quantize, full_set,
+        stream.ckpt.get(f"{min(to_quantize)}.weight").dtype, log))
+    try:
+        layer_bits = allocate_bits(units, cal.avg_bits, bit_set)
+    except ValueError as e:
+        raise ConvertError(str(e)) from e
+    params = {m: p for u in units.values() for m, p in zip(u["modules"], u["module_params"])}
+    return layer_bits, average_bits(layer_bits, params)
 
 
 def format_summary(s: dict) -> str:
@@ -191,9 +322,35 @@ def build_parser() -> argparse.ArgumentParser:
                          "per row (default 128; with --a-bits < 16: -1 or a multiple of 128)")
     ap.add_argument("--symmetric", action="store_true",
                     help="no per-group offsets (w = s*v); default: offsets (w = z + s*v), more accurate")
-    ap.add_argument("--method", choices=QUANTIZERS, default="rtn",
+    ap.add_argument("--method", choices=METHODS, default="rtn",
                     help="rtn: round to nearest on the min/max (absmax if --symmetric) grid; mse: per-group "
-                         "search over clip ratio with least-squares refit of scale/offset (default rtn)")
+                         "search over clip ratio with least-squares refit of scale/offset; gptq: calibrated "
+                         "second-order quantization on the bipolar grid (continuous offsets, scale search, "
+                         "act-order); gptq_int: GPTQ as published on the INT grid with an integer zero point "
+                         "(baseline) (default rtn)")
+    cal = ap.add_argument_group("calibration (--method gptq / gptq_int, --avg-bits)")
+    cal.add_argument("--calib", default=str(DEFAULT_CALIB),
+                     help="plain-text calibration file; WikiText-style files are cut into articles and only "
+                          f"the first half is used (default {DEFAULT_CALIB})")
+    cal.add_argument("--calib-samples", type=int, default=128, help="token windows (default 128)")
+    cal.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+    cal.add_argument("--seed", type=int, default=0, help="seed of the window draw and of --rotate (default 0)")
+    cal.add_argument("--damp", type=float, default=0.01,
+                     help="Hessian dampening, a fraction of its mean diagonal (default 0.01)")
+    cal.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                     help="quantize columns by decreasing activation energy (default: on for gptq, off for gptq_int)")
+    cal.add_argument("--avg-bits", type=float, default=None,
+                     help="mixed precision: measure each layer's sensitivity and assign widths from --bit-set "
+                          "(at least --w-bits) so that the parameter-weighted mean is at most this")
+    cal.add_argument("--bit-set", type=int, nargs="+", default=[2, 3, 4, 8], metavar="B",
+                     help="widths --avg-bits may assign (default 2 3 4 8)")
+    cal.add_argument("--sensitivity", default=None, metavar="FILE",
+                     help="cache of the --avg-bits sensitivity measurement: reused when made with the same "
+                          "settings, else measured and written")
+    ap.add_argument("--rotate", action="store_true",
+                    help="outlier treatment: rotate the residual stream offline (random orthogonal), Hadamard "
+                         "on v/o heads, and a block Hadamard on down_proj inputs applied at run time "
+                         "(quantization_config online_hadamard); the full-precision function is unchanged")
     ap.add_argument("--skip", nargs="+", default=[], metavar="NAME",
                     help="module names (dotted prefix components) to keep in full precision, in addition "
                          "to lm_head, e.g. --skip model.layers.0 down_proj")
@@ -218,8 +375,12 @@ def main(argv: list[str] | None = None) -> int:
             w_bits=args.w_bits, a_bits=args.a_bits, group_size=args.group_size, symmetric=args.symmetric,
             modules_to_not_convert=tuple(dict.fromkeys(list(DEFAULT_SKIP) + args.skip)),
             layer_bits=parse_layer_bits(args.layer_bits))
+        calibration = Calibration(text=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen,
+                                  seed=args.seed, damp=args.damp, act_order=args.act_order, avg_bits=args.avg_bits,
+                                  bit_set=tuple(args.bit_set), sensitivity=args.sensitivity, rotate=args.rotate)
         summary = convert(args.src, args.dst, spec, method=args.method, overwrite=args.overwrite,
-                          max_shard_bytes=args.max_shard_size, progress=not args.no_progress)
+                          max_shard_bytes=args.max_shard_size, progress=not args.no_progress,
+                          calibration=calibration)
     except (BipolarConfigError, ConvertError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

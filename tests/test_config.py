@@ -42,7 +42,7 @@ def test_valid_round_trip():
     ({"modules_to_not_convert": "lm_head"}, r"modules_to_not_convert'\] = 'lm_head': expected a list"),
     ({"layer_bits": {"model.layers.0.mlp.down_proj": 11}}, r"layer_bits\.model\.layers\.0\.mlp\.down_proj'\] = 11"),
     ({"layer_bits": [4]}, r"'layer_bits'\] = \[4\]: expected an object"),
-    ({"method": "gptq"}, r"'method'\] = 'gptq': expected one of"),
+    ({"method": "awq"}, r"'method'\] = 'awq': expected one of"),
     ({"wbits": 4}, r"unknown key\(s\) \['wbits'\]; allowed keys are"),
     ({"quant_method": "gptq"}, r"'quant_method'\] = 'gptq', but this is the 'bipolar' loader"),
 ])

@@ -24,6 +24,7 @@ from vllm.model_executor.parameter import (
 
 from .format.packing import WORD_BITS, num_words
 from .format.quantize import num_groups
+from .format.transforms import block_hadamard, hadamard_block
 from .format.spec import shard_names
 from .kernels import BipolarLayerConfig, choose_kernel
 
@@ -88,6 +89,17 @@ class BipolarLinearMethod(LinearMethodBase):
             layer.register_parameter(name, param)
         if spec.symmetric:
             layer.zeros = None
+        # Run-time input transform (online_hadamard): blocks of the full K; a row-parallel shard must
+        # hold whole blocks (the converter rotated the weights block by block over the full K).
+        layer.bipolar_hadamard_block = 0
+        if spec.has_online_hadamard(self.prefix):
+            block = hadamard_block(input_size)
+            if k % block:
+                raise BipolarShardError(
+                    f"{self.prefix}: the online Hadamard transform works on blocks of {block} input channels, "
+                    f"but this tensor-parallel shard has K={k} of {input_size}; use a tensor-parallel size "
+                    f"that divides {input_size // block}.")
+            layer.bipolar_hadamard_block = block
         cfg = BipolarLayerConfig(n=n, k=k, w_bits=bits, a_bits=spec.a_bits, group_size=spec.group_size,
                                  symmetric=spec.symmetric, act_dtype=params_dtype)
         layer.bipolar_config = cfg
@@ -104,6 +116,8 @@ class BipolarLinearMethod(LinearMethodBase):
         layer.bipolar_kernel.process_weights_after_loading(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.bipolar_hadamard_block:
+            x = block_hadamard(x, layer.bipolar_hadamard_block)
         return layer.bipolar_kernel.apply_weights(layer, x, bias)
 
 

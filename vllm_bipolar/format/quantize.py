@@ -103,6 +103,63 @@ def _least_squares(wg, imp, c, bits, symmetric, s_prev, z_prev):
     return s, z
 
 
+def search_grid(wg: torch.Tensor, imp: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype,
+                s: torch.Tensor | None = None, z: torch.Tensor | None = None, c: torch.Tensor | None = None):
+    """Per-group grid search shared by the "mse" quantizer and the calibrated (GPTQ-style) one.
+
+    ``wg`` [..., g] holds the groups' weights, ``imp`` (broadcastable to ``wg``, 0 on padding) the
+    importance of each squared error. Starting from the min/max grid (or ``s``, ``z``), tries each
+    clip ratio of :func:`mse_clip_grid`, refits (s, z) by weighted least squares on the chosen
+    codes (``MSE_REFITS`` times, s and z rounded to ``dtype`` each time) and keeps, per group, the
+    candidate with the least importance-weighted squared error. Returns (s, z, float codes).
+    """
+    if s is None:
+        mask = (imp > 0) if imp.shape == wg.shape else torch.ones_like(wg, dtype=torch.bool)
+        s, z = _rtn_params(wg, mask, bits, symmetric)
+        s, z = _round_to(s, dtype), _round_to(z, dtype)
+    if c is None:
+        c = _assign(wg, s, z, bits)
+    imp = imp.expand_as(wg)
+    best_err = _sq_error(wg, imp, s, z, c, bits)
+    base_s, base_z = s, z
+    for ratio in mse_clip_grid(bits):
+        cs, cz = _round_to(base_s * ratio, dtype), base_z
+        cc = _assign(wg, cs, cz, bits)
+        for _ in range(MSE_REFITS):
+            cs, cz = _least_squares(wg, imp, cc, bits, symmetric, cs, cz)
+            cs, cz = _round_to(cs, dtype), _round_to(cz, dtype)
+            cc = _assign(wg, cs, cz, bits)
+        err = _sq_error(wg, imp, cs, cz, cc, bits)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        s, z = torch.where(better, cs, s), torch.where(better, cz, z)
+        c = torch.where(better, cc, c)
+    return s, z, c
+
+
+def int_grid_params(wg: torch.Tensor, bits: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed-INT grid with an integer zero point (GPTQ's and AWQ's), written as bipolar (s, z).
+
+    Per group, as GPTQ computes it: range [min(w, 0), max(w, 0)], step = range / L (L = 2^bits - 1),
+    integer zero point q0 = round(-min / step); levels step * (q - q0), q = 0..L. With v = 2q - L
+    these are exactly the bipolar levels z + s*v for s = step / 2 and z = step * (L/2 - q0).
+    ``wg`` [..., g]; returns (s, z) [..., 1], rounded to ``dtype``.
+    """
+    lv = max_level(bits)
+    hi = wg.amax(-1, keepdim=True).clamp_min(0)
+    lo = wg.amin(-1, keepdim=True).clamp_max(0)
+    flat = hi == lo  # an all-zero group: GPTQ uses the range [-1, 1]
+    hi, lo = torch.where(flat, torch.ones_like(hi), hi), torch.where(flat, -torch.ones_like(lo), lo)
+    step = (hi - lo) / lv
+    q0 = torch.round(-lo / step)
+    return _round_to(step * 0.5, dtype), _round_to(step * (lv * 0.5 - q0), dtype)
+
+
+def assign_codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest codes (float) of ``w`` on the grid z + s*v (s, z broadcastable to ``w``)."""
+    return _assign(w, s, z, bits)
+
+
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = False,
                     method: str = "rtn", dtype: torch.dtype | None = None) -> QuantizedWeight:
     """Quantize a weight matrix [N, K] to bipolar codes with per-group scales (and offsets).
@@ -130,20 +187,7 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 128, symmetric
         # that carry most of a layer's output) are fitted more closely without ignoring the rest.
         sq = wg * wg * mask
         imp = (sq + sq.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)) * mask
-        best_err = _sq_error(wg, imp, s, z, c, bits)
-        base_s, base_z = s, z
-        for ratio in mse_clip_grid(bits):
-            cs, cz = _round_to(base_s * ratio, dtype), base_z
-            cc = _assign(wg, cs, cz, bits)
-            for _ in range(MSE_REFITS):
-                cs, cz = _least_squares(wg, imp, cc, bits, symmetric, cs, cz)
-                cs, cz = _round_to(cs, dtype), _round_to(cz, dtype)
-                cc = _assign(wg, cs, cz, bits)
-            err = _sq_error(wg, imp, cs, cz, cc, bits)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            s, z = torch.where(better, cs, s), torch.where(better, cz, z)
-            c = torch.where(better, cc, c)
+        s, z, c = search_grid(wg, imp, bits, symmetric, dtype, s, z, c)
     n, k = w.shape
     scales = s.squeeze(-1).to(dtype)
     zeros = None if symmetric else z.squeeze(-1).to(dtype)

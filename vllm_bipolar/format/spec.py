@@ -20,7 +20,12 @@ WORD_BITS = 32  # bits per packed int32 word along K
 # Binary tensor-core MMAs consume K in steps of 128 bits (mma.sync m16n8k128 .b1); with quantized
 # activations every weight group must cover whole steps so its partial sums can be scaled apart.
 BINARY_MMA_K = 128
-QUANTIZERS = ("rtn", "mse")
+QUANTIZERS = ("rtn", "mse")  # data-free quantizers of quantize_weight
+# Every value the informational key "method" may take: the data-free quantizers and the calibrated
+# ones of quant_tools.calibrate ("gptq": bipolar grid, searched scales, act-order; "gptq_int":
+# GPTQ as published, on the signed-INT grid with an integer zero point).
+METHODS = QUANTIZERS + ("gptq", "gptq_int")
+ROTATIONS = ("orthogonal",)  # informational key "rotation": how the residual stream was rotated offline
 DEFAULT_SKIP = ("lm_head",)
 
 # Fused vLLM modules and the checkpoint modules they are made of.
@@ -95,7 +100,12 @@ class BipolarQuantSpec:
       modules_to_not_convert  module names (prefix match on dotted components) kept in full precision
       layer_bits              {module name: bits} overrides of w_bits for single layers
       format_version          checkpoint layout version (1)
-      method                  informational: the quantizer that produced the weights ("rtn", "mse")
+      method                  informational: the quantizer that produced the weights (METHODS)
+      online_hadamard         module names (dotted-component match) whose input is multiplied by a
+                              block Walsh-Hadamard matrix at run time (format/transforms.py); their
+                              stored weights carry the matching rotation
+      rotation                informational: offline rotation of the residual stream ("orthogonal")
+      avg_bits                informational: parameter-weighted mean weight bits (mixed precision)
     """
 
     w_bits: int
@@ -106,6 +116,9 @@ class BipolarQuantSpec:
     layer_bits: Mapping[str, int] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     method: str | None = None
+    online_hadamard: tuple[str, ...] = ()
+    rotation: str | None = None
+    avg_bits: float | None = None
 
     def __post_init__(self):
         # Validate eagerly so a spec built in code is held to the same rules as one read from JSON.
@@ -123,9 +136,24 @@ class BipolarQuantSpec:
                 f"quantization_config['format_version'] = {self.format_version!r}: this vllm-bipolar reads "
                 f"format versions {list(SUPPORTED_FORMAT_VERSIONS)}; upgrade vllm-bipolar or re-convert the "
                 "checkpoint with this version's quant_tools.convert.")
-        if self.method is not None and self.method not in QUANTIZERS:
+        if self.method is not None and self.method not in METHODS:
             raise BipolarConfigError(
-                f"quantization_config['method'] = {self.method!r}: expected one of {list(QUANTIZERS)}.")
+                f"quantization_config['method'] = {self.method!r}: expected one of {list(METHODS)}.")
+        if not isinstance(self.online_hadamard, (list, tuple)) or not all(
+                isinstance(v, str) and v for v in self.online_hadamard):
+            raise BipolarConfigError(
+                f"quantization_config['online_hadamard'] = {self.online_hadamard!r}: expected a list of module "
+                "names such as [\"down_proj\"].")
+        object.__setattr__(self, "online_hadamard", tuple(self.online_hadamard))
+        if self.rotation is not None and self.rotation not in ROTATIONS:
+            raise BipolarConfigError(
+                f"quantization_config['rotation'] = {self.rotation!r}: expected one of {list(ROTATIONS)} or "
+                "no key.")
+        if self.avg_bits is not None and (isinstance(self.avg_bits, bool)
+                                          or not isinstance(self.avg_bits, (int, float))
+                                          or not MIN_BITS <= self.avg_bits <= MAX_BITS):
+            raise BipolarConfigError(
+                f"quantization_config['avg_bits'] = {self.avg_bits!r}: expected a number {MIN_BITS}..{MAX_BITS}.")
 
     # ---- JSON ---------------------------------------------------------------------------------
     @classmethod
@@ -167,6 +195,12 @@ class BipolarQuantSpec:
         }
         if self.method is not None:
             d["method"] = self.method
+        if self.online_hadamard:
+            d["online_hadamard"] = list(self.online_hadamard)
+        if self.rotation is not None:
+            d["rotation"] = self.rotation
+        if self.avg_bits is not None:
+            d["avg_bits"] = self.avg_bits
         return d
 
     def to_json(self) -> str:
@@ -179,16 +213,24 @@ class BipolarQuantSpec:
         An entry matches a whole dotted component run: "lm_head" skips "lm_head" and
         "model.lm_head"; "model.layers.0" skips everything in layer 0; "mlp" skips every mlp.
         """
-        parts = prefix.split(".")
-        for entry in self.modules_to_not_convert:
-            e = entry.split(".")
-            if any(parts[i:i + len(e)] == e for i in range(len(parts) - len(e) + 1)):
-                return True
-        return False
+        return _matches(prefix, self.modules_to_not_convert)
+
+    def has_online_hadamard(self, prefix: str) -> bool:
+        """True when the quantized layer ``prefix`` gets the run-time Hadamard input transform."""
+        return _matches(prefix, self.online_hadamard)
 
     def bits_for(self, prefix: str) -> int:
         """Weight bits of the layer ``prefix`` (``layer_bits`` overrides ``w_bits``)."""
         return self.layer_bits.get(prefix, self.w_bits)
+
+
+def _matches(prefix: str, entries) -> bool:
+    parts = prefix.split(".")
+    for entry in entries:
+        e = entry.split(".")
+        if any(parts[i:i + len(e)] == e for i in range(len(parts) - len(e) + 1)):
+            return True
+    return False
 
 
 def shard_names(prefix: str, packed_modules: Mapping[str, list[str]] | None = None) -> list[str]:

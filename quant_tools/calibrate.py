@@ -1,0 +1,436 @@
+"""Calibrated conversion: layer-by-layer GPTQ-style quantization on calibration text, and the
+sensitivity measurement behind ``--avg-bits`` (mixed precision).
+
+Streaming: the model is built on the meta device and one decoder layer at a time is loaded from
+the checkpoint (float32), so memory holds one layer's weights plus the calibration activations
+entering it ([samples, seqlen, hidden]). For each layer:
+
+ 1. run the layer on its inputs (the outputs of the already-quantized layers before it) and
+    accumulate the input second moment H = mean x x^T of each linear (q/k/v share one H, gate/up
+    share one), after the run-time input transforms (online Hadamard, activation quantization
+    when a_bits < 16) so H describes what the quantized model's kernels will see;
+ 2. quantize each linear with :func:`quant_tools.gptq.gptq_quantize` (q/k/v and gate/up as one
+    stacked matrix: GPTQ treats rows independently, so this equals separate runs);
+ 3. put the dequantized weights in and run the layer again: its outputs feed the next layer.
+
+Calibration text: token windows of ``seqlen`` drawn (seeded) from the calibration part of the
+file, i.e. the first half of its articles (``quant_tools/lm_eval_tasks/wikitext_local.py``); the
+evaluation tasks read only the second half. A file without WikiText article headings is used whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from vllm_bipolar.format import BipolarQuantSpec
+from vllm_bipolar.format.quantize import QuantizedWeight, fake_quantize_activations
+from vllm_bipolar.format.spec import A16
+from vllm_bipolar.format.transforms import block_hadamard, hadamard_block
+
+from .gptq import gptq_quantize
+from .lm_eval_tasks.wikitext_local import calibration_text, detokenize, split_articles
+
+# method -> grid and default act-order. "gptq": bipolar grid with a continuous offset, a per-group
+# scale search weighted by the inverse Hessian, act-order. "gptq_int": GPTQ as published (signed
+# INT grid with an integer zero point from min/max, no search, no act-order).
+CALIBRATED_METHODS = {"gptq": ("bipolar", True), "gptq_int": ("int", False)}
+DEFAULT_BIT_SET = (2, 3, 4, 8)
+EXTRAPOLATE_ABOVE = 5  # --avg-bits measures widths up to this and extrapolates wider ones
+UNITS = (("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+         ("o", ("self_attn.o_proj",)),
+         ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
+         ("down", ("mlp.down_proj",)))
+
+
+class CalibrationError(ValueError):
+    """Bad calibration input or options; the message says what to fix."""
+
+
+@dataclasses.dataclass
+class CalibOptions:
+    text: Path
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    damp: float = 0.01
+    act_order: bool | None = None  # None: the method's default
+    batch: int = 8  # windows per forward call
+
+    def check(self) -> None:
+        if not Path(self.text).is_file():
+            raise CalibrationError(f"--calib {self.text}: no such file; pass a plain-text file (e.g. "
+                                   "../shared/data/wikitext-2/valid.txt)")
+        if self.samples < 1 or self.seqlen < 16:
+            raise CalibrationError(f"--calib-samples {self.samples} / --calib-seqlen {self.seqlen}: need at "
+                                   "least 1 sample of at least 16 tokens (defaults 128 x 512)")
+        if not 0 < self.damp <= 1:
+            raise CalibrationError(f"--damp {self.damp}: expected a fraction of the mean Hessian diagonal in (0, 1]")
+
+
+def calibration_windows(tokenizer_dir: Path, opts: CalibOptions, samples: int | None = None) -> torch.Tensor:
+    """[samples, seqlen] token ids drawn (seeded) from the calibration part of ``opts.text``."""
+    from transformers import AutoTokenizer
+
+    opts.check()
+    raw = Path(opts.text).read_text(encoding="utf-8", errors="replace")
+    part = calibration_text(raw) if len(split_articles(raw)) >= 2 else raw
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        raise CalibrationError(f"{tokenizer_dir}: cannot load the tokenizer ({e}); calibration needs the "
+                               "source checkpoint's tokenizer files") from e
+    ids = torch.tensor(tok(detokenize(part))["input_ids"], dtype=torch.long)
+    n = samples or opts.samples
+    if ids.numel() < opts.seqlen + 1:
+        raise CalibrationError(f"--calib {opts.text}: its calibration part has {ids.numel()} tokens, fewer "
+                               f"than --calib-seqlen {opts.seqlen}; use a longer text or a shorter window")
+    g = torch.Generator().manual_seed(opts.seed)
+    starts = torch.randint(0, ids.numel() - opts.seqlen, (n,), generator=g)
+    return torch.stack([ids[s:s + opts.seqlen] for s in starts.tolist()])
+
+
+class LayerStream:
+    """A Llama-family model whose decoder layers are loaded from the checkpoint one at a time."""
+
+    def __init__(self, ckpt, transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.ckpt = ckpt
+        self.transform = transform
+        cfg = AutoConfig.from_pretrained(str(ckpt.path))
+        cfg._attn_implementation = "sdpa"
+        self.config = cfg
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        self.layers = model.model.layers
+        self.norm = model.model.norm
+        self.rotary = type(model.model.rotary_emb)(config=cfg)
+        names = set(ckpt.names())
+        self.base = "model." if any(n.startswith("model.layers.") for n in names) else ""
+
+    def tensor(self, name: str) -> torch.Tensor:
+        t = self.ckpt.get(name)
+        if self.transform is not None:
+            t = self.transform(name, t)
+        return t.to(torch.float32)
+
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.base}layers.{i}"
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(ids, self.tensor(f"{self.base}embed_tokens.weight"))
+
+    def load(self, i: int) -> torch.nn.Module:
+        layer = self.layers[i]
+        keys = list(layer.state_dict())
+        state = {k: self.tensor(f"{self.layer_prefix(i)}.{k}") for k in keys}
+        layer.to_empty(device="cpu")
+        layer.load_state_dict(state)
+        return layer.float()
+
+    def unload(self, i: int) -> None:
+        self.layers[i].to("meta")
+
+    def position_embeddings(self, x: torch.Tensor):
+        pos = torch.arange(x.shape[1])[None, :]
+        return pos, self.rotary(x, pos)
+
+    def run(self, layer: torch.nn.Module, xs: torch.Tensor, batch: int) -> torch.Tensor:
+        outs = []
+        for b in range(0, xs.shape[0], batch):
+            x = xs[b:b + batch]
+            pos, pe = self.position_embeddings(x)
+            y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            outs.append(y[0] if isinstance(y, tuple) else y)
+        return torch.cat(outs)
+
+
+def _submodule(layer: torch.nn.Module, path: str) -> torch.nn.Module:
+    for part in path.split("."):
+        layer = getattr(layer, part)
+    return layer
+
+
+def _install_runtime_hooks(layer, prefix: str, spec: BipolarQuantSpec, quantized: set[str],
+                           act_quant: bool = True) -> list:
+    """Pre-hooks reproducing the run-time input transforms of the quantized linears (online
+    Hadamard, then per-token activation quantization), so calibration sees what the kernels see."""
+    handles = []
+    for _, members in UNITS:
+        for rel in members:
+            name = f"{prefix}.{rel}"
+            if name not in quantized:
+                continue
+            block = hadamard_block(_submodule(layer, rel).in_features) if spec.has_online_hadamard(name) else 0
+            a_bits = spec.a_bits if act_quant else A16
+            if not block and a_bits == A16:
+                continue
+
+            def hook(mod, args, block=block, a_bits=a_bits):
+                x = args[0]
+                if block:
+                    x = block_hadamard(x, block)
+                if a_bits != A16:
+                    x = fake_quantize_activations(x.reshape(-1, x.shape[-1]), a_bits).reshape(x.shape)
+                return (x,) + tuple(args[1:])
+
+            handles.append(_submodule(layer, rel).register_forward_pre_hook(hook))
+    return handles
+
+
+def _collect_hessians(layer, units: list[tuple[str, tuple[str, ...]]]) -> tuple[dict, list]:
+    """Forward pre-hooks accumulating sum x x^T (float64) and the token count at the first member
+    of each unit (registered after the run-time hooks, so they see transformed inputs)."""
+    stats = {u: {"h": None, "n": 0} for u, _ in units}
+    handles = []
+    for unit, members in units:
+        def hook(mod, args, unit=unit):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+            st = stats[unit]
+            xtx = (x.T @ x).to(torch.float64)
+            st["h"] = xtx if st["h"] is None else st["h"] + xtx
+            st["n"] += x.shape[0]
+        handles.append(_submodule(layer, members[0]).register_forward_pre_hook(hook))
+    return stats, handles
+
+
+def _quantize_unit(layer, prefix: str, members: tuple[str, ...], h: torch.Tensor, bits: int,
+                   spec: BipolarQuantSpec, method: str, opts: CalibOptions, dtype: torch.dtype):
+    """GPTQ on the stacked weights of a unit; returns ({module: QuantizedWeight}, row errors, dequant)."""
+    grid, ao_default = CALIBRATED_METHODS[method]
+    act_order = ao_default if opts.act_order is None else opts.act_order
+    mods = [_submodule(layer, rel) for rel in members]
+    w = torch.cat([m.weight.detach() for m in mods])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # GPTQ's column loop is many small ops: threads only add overhead
+    try:
+        res = gptq_quantize(w, h, bits, spec.group_size, grid=grid, symmetric=spec.symmetric,
+                            act_order=act_order, damp=opts.damp, dtype=dtype)
+    finally:
+        torch.set_num_threads(threads)
+    out, row = {}, 0
+    q = res.qweight
+    for rel, m in zip(members, mods):
+        n = m.weight.shape[0]
+        out[f"{prefix}.{rel}"] = QuantizedWeight(
+            codes=q.codes[row:row + n], scales=q.scales[row:row + n],
+            zeros=None if q.zeros is None else q.zeros[row:row + n], bits=bits, group_size=q.group_size)
+        row += n
+    return out, res
+
+
+def calibrated_layers(stream: LayerStream, spec: BipolarQuantSpec, method: str, opts: CalibOptions,
+                      ids: torch.Tensor, quantized: set[str], dtype: torch.dtype,
+                      log: Callable[[str], None] = lambda s: None) -> Iterator[tuple[str, QuantizedWeight]]:
+    """Yield (module, QuantizedWeight) for every quantized linear, layer by layer (see module doc)."""
+    with torch.no_grad():
+        xs = stream.embed(ids)
+        for i in range(len(stream.layers)):
+            t0 = time.time()
+            prefix = stream.layer_prefix(i)
+            layer = stream.load(i)
+            runtime = _install_runtime_hooks(layer, prefix, spec, quantized)
+            units = [(u, m) for u, m in UNITS if f"{prefix}.{m[0]}" in quantized]
+            stats, handles = _collect_hessians(layer, units)
+            stream.run(layer, xs, opts.batch)
+            for hnd in handles:
+                hnd.remove()
+            for unit, members in units:
+                st = stats[unit]
+                bits = spec.bits_for(f"{prefix}.{members[0]}")
+                qws, res = _quantize_unit(layer, prefix, members, st["h"] / st["n"], bits, spec, method, opts, dtype)
+                row = 0
+                for rel in members:
+                    mod = _submodule(layer, rel)
+                    n = mod.weight.shape[0]
+                    mod.weight.copy_(res.dequant[row:row + n])
+                    row += n
+                yield from qws.items()
+            xs = stream.run(layer, xs, opts.batch)
+            for hnd in runtime:
+                hnd.remove()
+            stream.unload(i)
+            log(f"layer {i}: {time.time() - t0:.1f} s")
+
+
+# ---- mixed precision (--avg-bits) ---------------------------------------------------------------
+
+def output_fisher(stream: LayerStream, spec: BipolarQuantSpec, quantized: set[str], ids: torch.Tensor,
+                  batch: int) -> dict[str, torch.Tensor]:
+    """Mean squared gradient of the next-token loss w.r.t. each decoder linear's outputs, per
+    output channel (diagonal Fisher information of the outputs), by a streamed backward pass:
+    the forward keeps only each layer's input hidden state, the backward reloads one layer at a
+    time, recomputes it and propagates the gradient (gradient checkpointing per layer)."""
+    cfg = stream.config
+    base = stream.base
+    with torch.no_grad():
+        hs = [stream.embed(ids)]
+        for i in range(len(stream.layers)):
+            layer = stream.load(i)
+            runtime = _install_runtime_hooks(layer, stream.layer_prefix(i), spec, quantized, act_quant=False)
+            hs.append(stream.run(layer, hs[-1], batch))
+            for hnd in runtime:
+                hnd.remove()
+            stream.unload(i)
+    head_name = "lm_head.weight" if "lm_head.weight" in stream.ckpt.weight_map else f"{base}embed_tokens.weight"
+    w_head = stream.tensor(head_name)
+    g_norm = stream.tensor(f"{base}norm.weight")
+    eps = getattr(cfg, "rms_norm_eps", 1e-6)
+    h_last = hs[-1].detach().requires_grad_(True)
+    n_tokens = ids[:, 1:].numel()
+    for b in range(0, ids.shape[0], 2):  # a few sequences at a time: the logits are vocab-wide
+        x = h_last[b:b + 2]
+        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g_norm
+        logits = xn[:, :-1] @ w_head.T
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 ids[b:b + 2, 1:].reshape(-1), reduction="sum") / n_tokens
+        loss.backward()
+    grad = h_last.grad
+    fisher: dict[str, torch.Tensor] = {}
+    for i in reversed(range(len(stream.layers))):
+        prefix = stream.layer_prefix(i)
+        layer = stream.load(i)
+        handles = _install_runtime_hooks(layer, prefix, spec, quantized, act_quant=False)
+        for _, members in UNITS:
+            for rel in members:
+                name = f"{prefix}.{rel}"
+
+                def fwd(mod, args, out, name=name):
+                    def acc(g):
+                        sq = g.detach().to(torch.float64).pow(2).reshape(-1, g.shape[-1]).sum(0)
+                        fisher[name] = fisher.get(name, 0) + sq
+                    out.register_hook(acc)
+                handles.append(_submodule(layer, rel).register_forward_hook(fwd))
+        new_grad = torch.zeros_like(hs[i])
+        for b in range(0, ids.shape[0], batch):
+            x = hs[i][b:b + batch].detach().requires_grad_(True)
+            pos, pe = stream.position_embeddings(x)
+            y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            y = y[0] if isinstance(y, tuple) else y
+            y.backward(grad[b:b + batch])
+            new_grad[b:b + batch] = x.grad
+        for hnd in handles:
+            hnd.remove()
+        grad = new_grad
+        stream.unload(i)
+    n_all = ids.numel()
+    return {k: v / n_all for k, v in fisher.items()}
+
+
+def sensitivity_profile(stream: LayerStream, spec: BipolarQuantSpec, method: str, opts: CalibOptions,
+                        ids: torch.Tensor, fisher_ids: torch.Tensor, quantized: set[str], bit_set: tuple[int, ...],
+                        dtype: torch.dtype, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Per unit (q/k/v, o, gate/up, down of each layer): parameter count and the estimated increase
+    of the loss at each width in ``bit_set``: sum over output channels of Fisher x squared output
+    error, the output errors measured after GPTQ at that width on the full-precision model's inputs."""
+    fisher = output_fisher(stream, spec, quantized, fisher_ids, opts.batch)
+    log("fisher: done")
+    units_out = {}
+    with torch.no_grad():
+        xs = stream.embed(ids)
+        for i in range(len(stream.layers)):
+            prefix = stream.layer_prefix(i)
+            layer = stream.load(i)
+            runtime = _install_runtime_hooks(layer, prefix, spec, quantized)
+            units = [(u, m) for u, m in UNITS if f"{prefix}.{m[0]}" in quantized]
+            stats, handles = _collect_hessians(layer, units)
+            xs_next = stream.run(layer, xs, opts.batch)
+            for hnd in handles + runtime:
+                hnd.remove()
+            for unit, members in units:
+                h = stats[unit]["h"] / stats[unit]["n"]
+                f = torch.cat([fisher[f"{prefix}.{rel}"] for rel in members])
+                params = sum(_submodule(layer, rel).weight.numel() for rel in members)
+                err = {}
+                for bits in sorted(bit_set):
+                    if bits > EXTRAPOLATE_ABOVE and any(b <= EXTRAPOLATE_ABOVE for b in bit_set):
+                        # Rounding noise scales as step^2 = 4^-bits: extrapolate the wide widths
+                        # (their losses are negligible next to the narrow ones) instead of running GPTQ.
+                        b0 = max(b for b in bit_set if b <= EXTRAPOLATE_ABOVE)
+                        err[str(bits)] = err[str(b0)] * 4.0 ** (b0 - bits)
+                        continue
+                    _, res = _quantize_unit(layer, prefix, members, h, bits, spec, method, opts, dtype)
+                    err[str(bits)] = float((f * res.row_error).sum())
+                units_out[f"{prefix}.{members[0]}"] = {
+                    "modules": [f"{prefix}.{rel}" for rel in members], "params": params,
+                    "module_params": [_submodule(layer, rel).weight.numel() for rel in members], "loss": err}
+            xs = xs_next
+            stream.unload(i)
+            log(f"profile layer {i}")
+    return units_out
+
+
+def allocate_bits(units: dict, avg_bits: float, bit_set: tuple[int, ...]) -> dict[str, int]:
+    """Widths per module minimising the summed loss estimates with sum(params * bits) at most
+    avg_bits * sum(params): a multiple-choice knapsack solved exactly by dynamic programming over
+    the bit budget (in units of the gcd of the parameter counts, coarsened to at most 40,000
+    steps with sizes rounded up, which can only under-spend)."""
+    names = list(units)
+    params = [units[n]["params"] for n in names]
+    total = sum(params)
+    quantum = 0
+    for p in params:
+        quantum = math.gcd(quantum, p)
+    max_steps = 40000
+    if total * max(bit_set) // quantum > max_steps:
+        quantum = math.ceil(total * max(bit_set) / max_steps)
+    sizes = [math.ceil(p / quantum) for p in params]
+    budget = int(math.floor(avg_bits * total / quantum + 1e-9))
+    if sum(sizes) * min(bit_set) > budget:
+        raise CalibrationError(f"--avg-bits {avg_bits}: even {min(bit_set)} bits everywhere exceeds the budget; "
+                               f"use --avg-bits >= {min(bit_set)}")
+    inf = float("inf")
+    best = torch.full((budget + 1,), inf, dtype=torch.float64)
+    best[0] = 0.0
+    choice = []
+    for n, size in zip(names, sizes):
+        new = torch.full_like(best, inf)
+        pick = torch.full((budget + 1,), -1, dtype=torch.int8)
+        for bi, bits in enumerate(bit_set):
+            cost = size * bits
+            if cost > budget:
+                continue
+            cand = torch.full_like(best, inf)
+            cand[cost:] = best[:budget + 1 - cost] + units[n]["loss"][str(bits)]
+            better = cand < new
+            new = torch.where(better, cand, new)
+            pick = torch.where(better, torch.full_like(pick, bi), pick)
+        best = new
+        choice.append(pick)
+    spent = int(torch.argmin(best))
+    out = {}
+    for n, size, pick in reversed(list(zip(names, sizes, choice))):
+        bits = bit_set[int(pick[spent])]
+        for m in units[n]["modules"]:
+            out[m] = bits
+        spent -= size * bits
+    return out
+
+
+def average_bits(layer_bits: dict[str, int], params: dict[str, int]) -> float:
+    return sum(params[m] * b for m, b in layer_bits.items()) / sum(params[m] for m in layer_bits)
+
+
+def load_or_profile(path: Path | None, key: dict, compute: Callable[[], dict]) -> dict:
+    """The sensitivity profile from ``path`` when it was made with the same ``key``, else computed
+    (and written to ``path`` when given)."""
+    if path is not None and Path(path).is_file():
+        try:
+            saved = json.loads(Path(path).read_text())
+        except json.JSONDecodeError:
+            saved = {}
+        if saved.get("key") == key:
+            return saved["units"]
+        print(f"note: {path} was made with other settings; measuring the sensitivities again", file=sys.stderr)
+    units = compute()
+    if path is not None:
+        Path(path).write_text(json.dumps({"key": key, "units": units}, indent=1))
+    return units

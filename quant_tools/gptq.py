@@ -1,0 +1,156 @@
+"""Second-order (GPTQ-style) quantization of one linear layer onto the bipolar grid.
+
+Minimises the layer's output error ||W X - W_q X||^2 over calibration inputs X, i.e.
+tr((W - W_q) H (W - W_q)^T) with H = X X^T (K x K), by quantizing the columns of W one at a time
+and pushing each column's error onto the columns not yet quantized, weighted by the inverse
+Hessian (Optimal Brain Surgeon's update, in the order and blocked form of GPTQ):
+
+  U = upper Cholesky factor of (H + damp * mean(diag H) * I)^-1
+  for column j:  e = (w_j - q(w_j)) / U_jj ;  w_k -= e * U_jk  for every later column k
+
+Updates to columns beyond the current block of ``block`` columns are deferred and applied as one
+matrix product per block (the "lazy batch" form), which gives the same result with far less
+memory traffic.
+
+Grids (per group of ``group_size`` input channels of one output row, levels z + s*v, v odd):
+  "bipolar"  continuous offset z and a scale search per group: clip ratios of the group's range,
+             weighted least-squares refits of (s, z), errors weighted by 1/U_jj^2 (the cost OBS
+             assigns to a squared error in column j). Fitted when the group's first column comes
+             up, on the group's weights as updated by the columns quantized before it.
+  "int"      GPTQ as published: the signed-INT grid with an integer zero point from the group's
+             min/max (0 included), no search. Exactly representable in the bipolar format.
+
+``act_order`` quantizes columns in decreasing order of diag(H) (the most active inputs first, while
+the most columns remain to absorb their error). The groups stay the contiguous channel ranges of the
+checkpoint (each group's grid is fitted when its first column comes up in that order), so no
+permutation ever reaches the checkpoint or the kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vllm_bipolar.format.packing import max_level
+from vllm_bipolar.format.quantize import (QuantizedWeight, assign_codes, dequantize, effective_group,
+                                          int_grid_params, num_groups, search_grid)
+
+GRIDS = ("bipolar", "int")
+
+
+class GPTQError(ValueError):
+    """The calibration statistics cannot be used (e.g. not positive definite even when dampened)."""
+
+
+@dataclasses.dataclass
+class GPTQResult:
+    qweight: QuantizedWeight
+    dequant: torch.Tensor  # fp32 [N, K]: z + s*v with the stored (dtype-rounded) s, z
+    row_error: torch.Tensor  # fp64 [N]: (W - W_q) H (W - W_q)^T per output row (undampened H)
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 in float64; raises the dampening
+    tenfold (up to 1.0) when H is not numerically positive definite."""
+    k = h.shape[0]
+    eye = torch.eye(k, dtype=torch.float64, device=h.device)
+    mean_diag = torch.diagonal(h).mean().clamp_min(1e-12)
+    d = damp
+    while True:
+        chol, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
+        if info == 0:
+            hinv = torch.cholesky_inverse(chol)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info == 0:
+                return u
+        if d >= 1.0:
+            raise GPTQError(f"the calibration Hessian ({k}x{k}) is not positive definite even with dampening "
+                            f"{d}; use more calibration tokens (--calib-samples / --calib-seqlen)")
+        d = min(d * 10, 1.0)
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = 128, grid: str = "bipolar",
+                  symmetric: bool = False, act_order: bool = True, damp: float = 0.01, block: int = 128,
+                  dtype: torch.dtype | None = None) -> GPTQResult:
+    """Quantize ``w`` [N, K] given the input second moment ``h`` [K, K] (sum or mean of x x^T)."""
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; expected one of {GRIDS}")
+    if grid == "int" and symmetric:
+        raise ValueError("the INT grid with a zero point is asymmetric; drop --symmetric for *_int methods")
+    n, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"Hessian shape {tuple(h.shape)} does not match the weight's K = {k}")
+    dtype = dtype or w.dtype
+    lv = max_level(bits)
+    W = w.to(torch.float32).clone()
+    H = h.to(torch.float64).clone()
+    dead = torch.diagonal(H) == 0  # inputs that are always 0: their weights never matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(k)
+    inv = torch.argsort(perm)
+    W = W[:, perm].contiguous()
+    U = inverse_hessian_factor(H[perm][:, perm], damp).to(torch.float32)
+    u_diag = torch.diagonal(U)
+
+    g = effective_group(k, group_size)
+    ng = num_groups(k, group_size)
+    gid = (perm // g).tolist()  # group of each column, in processing order
+    members = [inv[i * g:min((i + 1) * g, k)] for i in range(ng)]  # processing positions of each group
+    S = torch.zeros(n, ng)
+    Z = torch.zeros(n, ng)
+    fitted = [False] * ng
+    codes = torch.zeros(n, k)
+
+    def fit(cur: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if grid == "int":
+            s, z = int_grid_params(cur, bits, dtype)
+            return s[:, 0], z[:, 0]
+        imp = (1.0 / u_diag[cols] ** 2)[None, :]
+        s, z, _ = search_grid(cur, imp, bits, symmetric, dtype)
+        return s[:, 0], z[:, 0]
+
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros(n, i2 - i1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            grp = gid[j]
+            if not fitted[grp]:
+                cols = members[grp]
+                cur = W[:, cols].clone()
+                inblk = (cols >= i1) & (cols < i2)
+                cur[:, inblk] = W1[:, cols[inblk] - i1]
+                later = cols >= i2
+                if i and bool(later.any()):  # bring in this block's deferred updates
+                    cur[:, later] -= E1[:, :i] @ U[i1:j][:, cols[later]]
+                S[:, grp], Z[:, grp] = fit(cur, cols)
+                fitted[grp] = True
+            wj = W1[:, i]
+            c = assign_codes(wj, S[:, grp], Z[:, grp], bits)
+            q = Z[:, grp] + S[:, grp] * (2 * c - lv)
+            codes[:, j] = c
+            err = (wj - q) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        if i2 < k:
+            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    codes = codes[:, inv].to(torch.uint8)
+    scales = S.to(dtype)
+    zeros = None if symmetric else Z.to(dtype)
+    if not torch.isfinite(scales).all() or (zeros is not None and not torch.isfinite(zeros).all()):
+        raise ValueError(f"scales/offsets overflow {dtype}; the weights are too large for this dtype")
+    qw = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size)
+    deq = dequantize(codes, scales, zeros, bits, group_size)
+    return GPTQResult(qweight=qw, dequant=deq, row_error=output_row_error(w, deq, h))
+
+
+def output_row_error(w: torch.Tensor, w_q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """(W - W_q) H (W - W_q)^T per output row, in float64: the squared output error over the inputs
+    whose second moment is ``h``."""
+    d = (w.to(torch.float64) - w_q.to(torch.float64))
+    return ((d @ h.to(torch.float64)) * d).sum(1)

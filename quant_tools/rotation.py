@@ -1,0 +1,115 @@
+"""Offline rotation of a Llama-family model (the converter's ``--rotate``): outlier treatment that
+leaves the full-precision function unchanged.
+
+With row-vector activations, every map below is orthogonal, so the model computes the same
+function before quantization (tests/test_calibrate.py checks it), while the quantizers see
+flattened, outlier-free weights and activations:
+
+* Residual stream r -> r Q, Q a seeded random orthogonal d x d matrix. RMSNorm commutes with Q
+  once its weight g is folded into the next linear map (rms(rQ) = rms(r)), so:
+  embed E -> E Q; q/k/v/gate/up W -> (W diag(g)) Q with the norm weight set to 1;
+  o/down W -> Q^T W (their outputs are added to the residual), bias b -> Q^T b;
+  lm_head -> (W diag(g_final)) Q with the final norm weight set to 1. A tied lm_head is written
+  out as its own tensor (``tie_word_embeddings`` becomes false).
+* Value/output heads: v_proj rows of each kv head -> H_hd W (H_hd the Hadamard matrix of the
+  head size), o_proj columns of each head -> W H_hd: attention is linear in V, so each head's
+  output arrives rotated and o_proj takes the rotation back. Offline only.
+* down_proj input: W -> W H_b (block Hadamard, ``vllm_bipolar.format.transforms``), with the
+  matching x -> x H_b applied at run time (``online_hadamard: ["down_proj"]``), since the SwiGLU
+  product has no linear map before it to absorb a rotation. Only on quantized down_proj layers;
+  a down_proj kept in full precision is left without it (vLLM runs it unmodified).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+
+from vllm_bipolar.format.transforms import hadamard_block, hadamard_matrix
+
+ROTATIONS = ("orthogonal",)
+ONLINE_HADAMARD = ("down_proj",)
+_LAYER = re.compile(r"^(?P<head>(?:model\.)?layers\.\d+)\.(?P<rest>.+)$")
+
+
+def random_orthogonal(d: int, seed: int) -> torch.Tensor:
+    """A Haar-random orthogonal matrix (float64), reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+class ResidualRotation:
+    """Rewrites checkpoint tensors of a rotated model one at a time (streaming)."""
+
+    def __init__(self, config: dict, get: Callable[[str], torch.Tensor], seed: int = 0,
+                 down_is_quantized: Callable[[str], bool] = lambda module: True):
+        self.d = config["hidden_size"]
+        heads = config["num_attention_heads"]
+        self.head_dim = config.get("head_dim") or self.d // heads
+        if self.head_dim & (self.head_dim - 1):
+            raise ValueError(f"--rotate needs a power-of-two head size, this model's is {self.head_dim}")
+        self.q = random_orthogonal(self.d, seed)
+        self.h_head = hadamard_matrix(self.head_dim)
+        self.get = get
+        self.tied = bool(config.get("tie_word_embeddings", False))
+        self.down_is_quantized = down_is_quantized
+        self.seed = seed
+
+    def _norm(self, head: str, linear_leaf: str) -> torch.Tensor:
+        which = "input_layernorm" if linear_leaf in ("q_proj", "k_proj", "v_proj") else "post_attention_layernorm"
+        return self.get(f"{head}.{which}.weight").to(torch.float64)
+
+    def _heads(self, w: torch.Tensor, rows: bool) -> torch.Tensor:
+        """Apply H_hd to each head's block of rows (v_proj) or columns (o_proj)."""
+        hd = self.head_dim
+        if rows:  # weight [kv_heads*hd, d] or bias [kv_heads*hd]: H @ each head's block (H symmetric)
+            blocks = w.reshape(-1, hd, w.shape[1] if w.dim() == 2 else 1)
+            return torch.einsum("ij,bjd->bid", self.h_head, blocks).reshape(w.shape)
+        return (w.reshape(w.shape[0], -1, hd) @ self.h_head).reshape(w.shape)
+
+    def transform(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The rotated version of checkpoint tensor ``name`` (float64; the caller casts)."""
+        x = t.to(torch.float64)
+        if name.endswith("embed_tokens.weight"):
+            return x @ self.q
+        if name == "lm_head.weight":
+            return (x * self.get(self.final_norm_name()).to(torch.float64)[None, :]) @ self.q
+        if name.endswith("norm.weight") and (name.endswith("layernorm.weight") or name == self.final_norm_name()):
+            return torch.ones_like(x)
+        m = _LAYER.match(name)
+        if not m:
+            return x
+        head, rest = m.group("head"), m.group("rest")
+        leaf, _, kind = rest.rpartition(".")
+        leaf = leaf.rsplit(".", 1)[-1]
+        if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            if kind == "weight":
+                x = (x * self._norm(head, leaf)[None, :]) @ self.q
+            if leaf == "v_proj":
+                x = self._heads(x, rows=True)
+            return x
+        if leaf in ("o_proj", "down_proj"):
+            if kind == "weight":
+                x = self.q.T @ x
+                if leaf == "o_proj":
+                    x = self._heads(x, rows=False)
+                elif self.down_is_quantized(name[: -len(".weight")]):
+                    b = hadamard_block(x.shape[1])
+                    x = (x.reshape(x.shape[0], -1, b) @ hadamard_matrix(b)).reshape(x.shape)
+            elif kind == "bias":
+                x = self.q.T @ x
+            return x
+        return x
+
+    def final_norm_name(self) -> str:
+        return "model.norm.weight"
+
+    def untied_lm_head(self) -> torch.Tensor | None:
+        """The rotated lm_head of a model with tied embeddings (to be written as lm_head.weight)."""
+        if not self.tied:
+            return None
+        return self.transform("lm_head.weight", self.get("model.embed_tokens.weight"))

@@ -118,9 +118,13 @@ struct Elem<__half> {
   using T2 = __half2;
   // 0x6400 is 1024.0: with a code c < 1024 in the mantissa the half is 1024 + c, exactly.
   static constexpr uint32_t kMagic = 0x64006400u;
-  static constexpr float kMagicValue = 1024.f;
   static constexpr int kMantissa = 10;
-  static __device__ __forceinline__ T2 splat(float v) { return __float2half2_rn(v); }
+  // fp16 bits of +-2^e (exact powers of two), both halves: compile-time constants (the intrinsic
+  // conversions are inline asm, which ptxas cannot fold).
+  static constexpr uint32_t pow2(int e, bool negative) {
+    const uint32_t h = (negative ? 0x8000u : 0u) | (uint32_t(e + 15) << 10);
+    return h | (h << 16);
+  }
   static __device__ __forceinline__ T2 magic() { return __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400)); }
   static __device__ __forceinline__ T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
   static __device__ __forceinline__ T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
@@ -139,9 +143,11 @@ struct Elem<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
   // 0x4300 is 128.0 with 7 mantissa bits: 128 + c exact for c < 128 (bits <= 7; 8 bits go through fp32).
   static constexpr uint32_t kMagic = 0x43004300u;
-  static constexpr float kMagicValue = 128.f;
   static constexpr int kMantissa = 7;
-  static __device__ __forceinline__ T2 splat(float v) { return __float2bfloat162_rn(v); }
+  static constexpr uint32_t pow2(int e, bool negative) {  // bf16 bits of +-2^e, both halves
+    const uint32_t h = (negative ? 0x8000u : 0u) | (uint32_t(e + 127) << 7);
+    return h | (h << 16);
+  }
   static __device__ __forceinline__ T2 magic() {
     return __halves2bfloat162(__ushort_as_bfloat16(0x4300), __ushort_as_bfloat16(0x4300));
   }
@@ -195,7 +201,8 @@ __device__ __forceinline__ uint32_t decode_pair(const uint32_t (&words)[BITS], u
     constexpr int kU = kFrom - kShift;
     constexpr uint32_t kMask = ((1u << BITS) - 1u) << kU;
     const uint32_t t = ((words[P / kPerWord] >> kShift) & (kMask | (kMask << 16))) | E::kMagic;  // one LOP3
-    const T2 c = E::fma2(from_u32<T2>(t), E::splat(1.f / float(1 << kU)), E::splat(-E::kMagicValue / float(1 << kU)));
+    // c = t * 2^-u - 2^(kMantissa - u)   (magic = 2^kMantissa)
+    const T2 c = E::fma2(from_u32<T2>(t), from_u32<T2>(E::pow2(-kU, false)), from_u32<T2>(E::pow2(E::kMantissa - kU, true)));
     return as_u32(E::fma2(c, from_u32<T2>(aa), from_u32<T2>(bb)));
   } else {
     // Several parts (3, 5, 6, 7 bits): each part moved to its bit offset in the code (SHF + LOP3).
@@ -360,6 +367,17 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
     cp_async_commit();
   }
 
+  // ldmatrix row addresses: thread i gives row r of matrix i / 8 (x4: rows 0-7 / 8-15 of k 0-7, then
+  // of k 8-15; x2: rows 0-7 of k 0-7, then k 8-15). Chunk c of row r is stored at c ^ (r % 8), and a
+  // 64-channel block adds 8 to c, which the XOR leaves alone: byte offset per k-step s (chunk 2s + q).
+  uint32_t a_off[4];
+  {
+    const int r = C::kHalfA ? lane % 8 : lane % 8 + 8 * ((lane / 8) % 2);
+    const int q = C::kHalfA ? (lane / 8) % 2 : lane / 16;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) a_off[s] = (r * (C::SK / 8) + ((2 * s + q) ^ (r & 7))) * 16;
+  }
+
   for (int st = 0; st < nstages; ++st) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage st visible to all; buffer (st - 1) % kStages free for reuse
@@ -413,23 +431,20 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
       }
 #pragma unroll
       for (int s = 0; s < 4; ++s) {  // mma k-steps of 16 channels
-        const int kl = kbl * kBlockK + 16 * s;  // local channel of the k-step
-        // A fragments (x rows) by ldmatrix from the swizzled tile
+        // A fragments (x rows) by ldmatrix from the swizzled tile (offsets precomputed per k-step)
         uint32_t afr[C::MB][4];
+        const uint32_t xaddr = smem_addr(xs) + kbl * (kBlockK * 2) + a_off[s];
 #pragma unroll
         for (int a = 0; a < C::MB; ++a) {
           if constexpr (C::kHalfA) {
-            const int r = lane % 8, c = kl / 8 + (lane / 8) % 2;
-            const uint32_t addr = smem_addr(xs + (r * (C::SK / 8) + swizzle(r, c)) * 8);
             asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-                         : "=r"(afr[a][0]), "=r"(afr[a][2]) : "r"(addr));
+                         : "=r"(afr[a][0]), "=r"(afr[a][2]) : "r"(xaddr));
             afr[a][1] = 0u;
             afr[a][3] = 0u;
           } else {
-            const int r = 16 * a + lane % 8 + 8 * ((lane / 8) % 2), c = kl / 8 + lane / 16;
-            const uint32_t addr = smem_addr(xs + (r * (C::SK / 8) + swizzle(r, c)) * 8);
             asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                         : "=r"(afr[a][0]), "=r"(afr[a][1]), "=r"(afr[a][2]), "=r"(afr[a][3]) : "r"(addr));
+                         : "=r"(afr[a][0]), "=r"(afr[a][1]), "=r"(afr[a][2]), "=r"(afr[a][3])
+                         : "r"(xaddr + a * 16 * C::SK * 2));
           }
         }
 #pragma unroll
@@ -572,12 +587,13 @@ void launch_config(const Problem& p, cudaStream_t stream) {
 }  // namespace
 
 // Tile choice by M (measured on H100; see benchmarks/kernels.py):
-//   M <= 8   8 x 16 tiles, warps split K: N / 16 CTAs keep every SM streaming at M = 1
+//   M <= 8   8 x 32 tiles (8 x 16 when N < 8192), warps split K: N / 32 CTAs keep every SM streaming
 //   M <= 16  16 x 32 tiles, warps split K
 //   M > 16   64 x 64 tiles, warps split N: each x row is read from L2 once per 64 columns
 template <typename T, int BITS>
 void launch_gemm(const Problem& p, cudaStream_t stream) {
-  if (p.M <= 8) launch_config<T, BITS, Config<BITS, 8, 1, 4>>(p, stream);
+  if (p.M <= 8 && p.N >= 8192) launch_config<T, BITS, Config<BITS, 8, 2, 4>>(p, stream);
+  else if (p.M <= 8) launch_config<T, BITS, Config<BITS, 8, 1, 4>>(p, stream);
   else if (p.M <= 16) launch_config<T, BITS, Config<BITS, 16, 2, 4>>(p, stream);
   else launch_config<T, BITS, Config<BITS, 64, 1, 1>>(p, stream);
 }

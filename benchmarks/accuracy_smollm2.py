@@ -4,7 +4,7 @@ through lm-eval's vLLM backend (CPU, torch kernel backend), one row per conversi
     python benchmarks/accuracy_smollm2.py [--only NAME ...] [--redo] [--calib-samples N]
 
 Calibration: windows from the first half of the articles of valid.txt; evaluation: the task
-``wikitext2_local_small`` (the first 3 articles of the second half, about 14k tokens) unless
+``wikitext2_local_small`` (the first 2 articles of the second half, 6.1k tokens, 5,012 words) unless
 --tasks says otherwise. Conversions go to .models/acc/<row> and are reused when their command is
 unchanged; each finished row is merged into benchmarks/results/accuracy_smollm2.json at once, so
 an interrupted run keeps what it measured. Conversions run one row ahead of the evaluations (two
@@ -105,8 +105,8 @@ META = {
               "CPU, torch kernel backend, enforce_eager",
     "calibration": "token windows drawn from the first half of the articles of "
                    "../shared/data/wikitext-2/valid.txt (articles 0-29)",
-    "evaluation": "task wikitext2_local_small: the first 3 articles of the second half of valid.txt "
-                  "(articles 30-32, about 14k tokens), disjoint from the calibration text",
+    "evaluation": "task wikitext2_local_small: the first 2 articles of the second half of valid.txt "
+                  "(articles 30-31: 6,119 tokens, 5,012 words), disjoint from the calibration text",
 }
 
 
@@ -117,7 +117,11 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--tasks", nargs="+", default=["wikitext2_local_small"])
+    ap.add_argument("--table", action="store_true", help="print the results as a markdown table and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(RESULTS.read_text())))
+        return 0
     calib = ["--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
     done = set()
     if RESULTS.is_file() and not args.redo:
@@ -174,6 +178,21 @@ def main() -> int:
         _save(entry)
         print(f"[done] {row['name']}: word_perplexity {res['word_perplexity']:.3f} ({sec:.0f} s)", flush=True)
     return 0
+
+
+def markdown_table(data: dict) -> str:
+    rows = {r["name"]: r for r in data["rows"]}
+    bf16 = rows.get("bf16", {}).get("word_perplexity")
+    lines = ["| row | w_bits | a_bits | group | method | rotate | avg_bits | word ppl | x bf16 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in data["rows"]:
+        ppl = r["word_perplexity"]
+        ratio = f"{ppl / bf16:.2f}" if bf16 else ""
+        ppl_s = f"{ppl:.2f}" if ppl < 1e4 else f"{ppl:.3g}"
+        avg = r.get("avg_bits")
+        lines.append(f"| {r['name']} | {r['w_bits']} | {r['a_bits']} | {r.get('group_size') or '-'} | {r['method']} | "
+                     f"{'yes' if r.get('rotate') else 'no'} | {avg if avg is not None else '-'} | {ppl_s} | {ratio} |")
+    return "\n".join(lines)
 
 
 def _histogram(qc: dict) -> dict[str, int] | None:

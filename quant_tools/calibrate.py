@@ -25,8 +25,8 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -84,7 +84,7 @@ def calibration_windows(tokenizer_dir: Path, opts: CalibOptions, samples: int | 
     part = calibration_text(raw) if len(split_articles(raw)) >= 2 else raw
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except Exception as e:  # noqa: BLE001 - transformers raises many types here
+    except Exception as e:
         raise CalibrationError(f"{tokenizer_dir}: cannot load the tokenizer ({e}); calibration needs the "
                                "source checkpoint's tokenizer files") from e
     ids = torch.tensor(tok(detokenize(part))["input_ids"], dtype=torch.long)
@@ -383,7 +383,7 @@ def allocate_bits(units: dict, avg_bits: float, bit_set: tuple[int, ...]) -> dic
     if total * max(bit_set) // quantum > max_steps:
         quantum = math.ceil(total * max(bit_set) / max_steps)
     sizes = [math.ceil(p / quantum) for p in params]
-    budget = int(math.floor(avg_bits * total / quantum + 1e-9))
+    budget = math.floor(avg_bits * total / quantum + 1e-9)
     if sum(sizes) * min(bit_set) > budget:
         raise CalibrationError(f"--avg-bits {avg_bits}: even {min(bit_set)} bits everywhere exceeds the budget; "
                                f"use --avg-bits >= {min(bit_set)}")

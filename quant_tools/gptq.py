@@ -33,8 +33,15 @@ import dataclasses
 import torch
 
 from vllm_bipolar.format.packing import max_level
-from vllm_bipolar.format.quantize import (QuantizedWeight, assign_codes, dequantize, effective_group,
-                                          int_grid_params, num_groups, search_grid)
+from vllm_bipolar.format.quantize import (
+    QuantizedWeight,
+    assign_codes,
+    dequantize,
+    effective_group,
+    int_grid_params,
+    num_groups,
+    search_grid,
+)
 
 GRIDS = ("bipolar", "int")
 

@@ -23,7 +23,7 @@ flattened, outlier-free weights and activations:
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -15,11 +15,19 @@ from conftest import make_tiny_llama
 from quant_tools.calibrate import allocate_bits, average_bits
 from quant_tools.convert import main as convert_main
 from quant_tools.gptq import gptq_quantize
-from quant_tools.lm_eval_tasks.wikitext_local import calibration_text, evaluation_articles, split_articles
+from quant_tools.lm_eval_tasks.wikitext_local import (
+    calibration_text,
+    evaluation_articles,
+    split_articles,
+)
 from quant_tools.rotation import ResidualRotation
 from vllm_bipolar.format import BipolarConfigError, BipolarQuantSpec, unpack_codes
 from vllm_bipolar.format.quantize import int_grid_params, quantize_weight
-from vllm_bipolar.format.transforms import block_hadamard, hadamard_block, hadamard_matrix
+from vllm_bipolar.format.transforms import (
+    block_hadamard,
+    hadamard_block,
+    hadamard_matrix,
+)
 
 
 def _layer(seed=0, n=96, k=256, t=2048):
@@ -34,7 +42,7 @@ def _layer(seed=0, n=96, k=256, t=2048):
 
 def _values(codes, scales, zeros, bits, group):
     """z + s*(2c - L) in float64, written out independently of the format package."""
-    n, k = codes.shape
+    k = codes.shape[1]
     lv = 2 ** bits - 1
     col_group = torch.arange(k) // group
     s = scales.double()[:, col_group]

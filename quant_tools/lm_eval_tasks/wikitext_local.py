@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-SMALL_ARTICLES = 3
+SMALL_ARTICLES = 2
 _HEADING = re.compile(r"^ = [^=].* = $")
 
 

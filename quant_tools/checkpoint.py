@@ -8,13 +8,15 @@ only when everything is written, so an interrupted run leaves no half-written ch
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -34,6 +36,35 @@ class CheckpointError(RuntimeError):
     """The source checkpoint cannot be read, or the destination cannot be written."""
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """safetensors reports a corrupt file with its own exception type and no file name: add both."""
+    try:
+        yield
+    except (OSError, CheckpointError):
+        raise
+    except Exception as e:  # safetensors_rust.SafetensorError and friends
+        raise CheckpointError(f"{path}: cannot read this safetensors file ({type(e).__name__}: {e}); "
+                              "re-download or re-save it") from e
+
+
+def _check_finite(name: str, t: torch.Tensor, path: Path) -> torch.Tensor:
+    """A NaN/inf anywhere (quantized or copied) would make every output of the model NaN: refuse it."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        bad = ~torch.isfinite(t)
+        first = [int(i) for i in bad.nonzero()[0]]
+        raise CheckpointError(f"{name}: weight has {int(bad.sum())} NaN/inf value(s) (first at index {first}) in "
+                              f"{path}; fix the source checkpoint (re-save it from a good copy) before converting")
+    return t
+
+
+def _os_error(e: Exception, path: Path) -> OSError:
+    """An OSError (errno, message, file) for an I/O error that safetensors reported as text."""
+    m = re.search(r"os error (\d+)", str(e))
+    code = int(m.group(1)) if m else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
+
+
 def _check_safetensors_file(path: Path) -> None:
     """Fail with a clear message on a truncated or corrupt safetensors file (before reading it)."""
     size = path.stat().st_size
@@ -49,7 +80,11 @@ def _check_safetensors_file(path: Path) -> None:
             header = json.loads(f.read(hlen))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e}); re-download or re-save it") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (no valid tensor table: {e!r}); "
+                              "re-download or re-save it") from e
     if 8 + hlen + end > size:
         raise CheckpointError(f"{path}: file is truncated: its header describes {8 + hlen + end} bytes "
                               f"but it has {size}; re-download or re-save it")
@@ -94,8 +129,8 @@ class HFCheckpoint:
         wm = {}
         for f in files:
             _check_safetensors_file(f)
-            with safe_open(f, framework="pt") as sf:
-                for name in sf.keys():
+            with _reading(f), safe_open(f, framework="pt") as sf:
+                for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
                     wm[name] = f.name
         return wm
 
@@ -103,9 +138,10 @@ class HFCheckpoint:
         return list(self.weight_map)
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(self.path / self.weight_map[name], framework="pt") as sf:
+        f = self.path / self.weight_map[name]
+        with _reading(f), safe_open(f, framework="pt") as sf:
             t = sf.get_tensor(name)
-        return t.clone()
+        return _check_finite(name, t, f).clone()
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) in file order, one shard open at a time."""
@@ -113,9 +149,9 @@ class HFCheckpoint:
         for name, f in self.weight_map.items():
             by_file.setdefault(f, []).append(name)
         for f, names in by_file.items():
-            with safe_open(self.path / f, framework="pt") as sf:
+            with _reading(self.path / f), safe_open(self.path / f, framework="pt") as sf:
                 for name in names:
-                    yield name, sf.get_tensor(name)
+                    yield name, _check_finite(name, sf.get_tensor(name), self.path / f)
 
     def size_bytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in set(self.weight_map.values()))
@@ -141,7 +177,13 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         idx = len(self.shards)
-        save_file(self.pending, str(self.out_dir / f"shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
+        path = self.out_dir / f"shard-{idx:05d}.safetensors"
+        try:
+            save_file(self.pending, str(path), metadata={"format": "pt"})
+        except OSError:
+            raise
+        except Exception as e:  # safetensors reports a full disk as SafetensorError
+            raise _os_error(e, path) from e
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -169,7 +211,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_tmp_dirs(parent: Path, name: str) -> None:
-    """Remove temporary directories left by killed runs for the same destination."""
+    """Remove temporary directories left by killed runs for the same destination.
+
+    A run killed between moving the old DST aside (``--overwrite``) and moving the new one into
+    place leaves no DST and the old one as ``.tmp-<name>-<pid>-old``: that one is put back.
+    """
+    for p in sorted(parent.glob(f"{TMP_PREFIX}{name}-*-old")):
+        pid = p.name[len(TMP_PREFIX) + len(name) + 1:].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)) and not (parent / name).exists():
+            os.replace(p, parent / name)
     for p in parent.glob(f"{TMP_PREFIX}{name}-*"):
         pid = p.name[len(TMP_PREFIX) + len(name) + 1:].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
@@ -185,12 +235,14 @@ def atomic_output_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterat
     removed and ``dst`` is left as it was.
     """
     dst = Path(dst).absolute()
+    parent = dst.parent
+    with contextlib.suppress(OSError):
+        if parent.is_dir():  # first: a DST moved aside by a killed --overwrite run is restored
+            _remove_stale_tmp_dirs(parent, dst.name)
     if dst.exists() and not overwrite:
         raise CheckpointError(f"{dst} already exists; choose another destination or pass --overwrite")
-    parent = dst.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tmp_dirs(parent, dst.name)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dst.name}-{os.getpid()}-", dir=parent))
         tmp.chmod(0o755)
     except OSError as e:

@@ -157,8 +157,11 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
     t0 = time.time()
     src_path = Path(src).absolute()
     dst_path = Path(dst).absolute()
-    if dst_path == src_path or src_path in dst_path.parents:
-        raise ConvertError(f"DST {dst_path} must not be SRC or inside it; SRC is never modified")
+    # Resolved (symlinks followed): DST replaced with --overwrite must not take SRC with it.
+    src_real, dst_real = src_path.resolve(), dst_path.resolve()
+    if dst_real == src_real or src_real in dst_real.parents or dst_real in src_real.parents:
+        raise ConvertError(f"DST {dst_path} must not be SRC, inside it or contain it ({src_path}); SRC is never "
+                           "modified: choose a separate destination directory")
     ckpt = HFCheckpoint(src_path)
     if ckpt.config.get("quantization_config"):
         qm = ckpt.config["quantization_config"].get("quant_method", "?")

@@ -271,13 +271,19 @@ struct Config {
   static constexpr int KW0 = KWw < KWx ? KWw : KWx;
   static constexpr int KW = KW0 < 1 ? 1 : (KW0 > 4 ? 4 : KW0);
   static constexpr int SK = kBlockK * KW * WK;  // channels per stage
-  static constexpr int kXBytes = MT * SK * 2;
   static constexpr int kWBytes = NT * SK * BITS / 8;
   static constexpr int kSGroupsMax = SK / 32;  // scale rows per stage at most (group_size 32)
   static constexpr int kSBytes = kSGroupsMax * NT * 4;
-  static constexpr int kStageBytes = kXBytes + kWBytes + kSBytes;
   static constexpr int kRedBytes = WK * MT * NT * 4;
-  static constexpr int kSmemBytes = kStages * kStageBytes > kRedBytes ? kStages * kStageBytes : kRedBytes;
+  // Rows of x held in shared memory: all MT, except for the 8-row tile, which keeps only the rows
+  // the batch has (min(M, 8)); ldmatrix rows past them read a 16-byte zero block instead. At M = 1
+  // that is 1/8 of the x buffers, so more CTAs fit on an SM (more weight bytes in flight).
+  __host__ __device__ static int x_rows(int M) { return kHalfA ? (M < 8 ? M : 8) : MT; }
+  static int stage_bytes(int M) { return x_rows(M) * SK * 2 + kWBytes + kSBytes; }
+  static int smem_bytes(int M) {
+    const int pipe = kStages * stage_bytes(M) + 16;  // + the zero block
+    return pipe > kRedBytes ? pipe : kRedBytes;
+  }
   static_assert(MT == 8 || MT % 16 == 0, "activation tile");
   static_assert(SK % 64 == 0 && (SK / 8) >= 8, "swizzle needs >= 8 chunks per row");
 };
@@ -300,10 +306,14 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
   const T* x = static_cast<const T*>(p.x);
   const uint32_t* scales = static_cast<const uint32_t*>(p.scales);  // (a, b) pairs as words
 
-  auto stage_x = [&](int s) { return reinterpret_cast<T*>(smem + s * C::kStageBytes); };
-  auto stage_w = [&](int s) { return reinterpret_cast<uint32_t*>(smem + s * C::kStageBytes + C::kXBytes); };
+  const int xrows = C::x_rows(p.M);
+  const int x_bytes = xrows * C::SK * 2;
+  const int stage_bytes = x_bytes + C::kWBytes + C::kSBytes;
+  unsigned char* zero_block = smem + kStages * stage_bytes;
+  auto stage_x = [&](int s) { return reinterpret_cast<T*>(smem + s * stage_bytes); };
+  auto stage_w = [&](int s) { return reinterpret_cast<uint32_t*>(smem + s * stage_bytes + x_bytes); };
   auto stage_s = [&](int s) {
-    return reinterpret_cast<uint32_t*>(smem + s * C::kStageBytes + C::kXBytes + C::kWBytes);
+    return reinterpret_cast<uint32_t*>(smem + s * stage_bytes + x_bytes + C::kWBytes);
   };
 
   // Issue the copies of stage `st` (channels st * SK ...) into buffer `buf`.
@@ -353,11 +363,12 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[a][b][h][e] = 0.f;
 
-  // rows past M: zero in every buffer, once (the copies below never touch them)
-  if (mv < C::MT) {
+  // rows past M (up to xrows): zero in every buffer, once (the copies below never touch them)
+  if (tid == 0) *reinterpret_cast<uint4*>(zero_block) = make_uint4(0, 0, 0, 0);
+  if (mv < xrows) {
     constexpr int kRowChunks = C::SK / 8;
-    for (int i = tid; i < kStages * (C::MT - mv) * kRowChunks; i += kThreads) {
-      const int st = i / ((C::MT - mv) * kRowChunks), r = i % ((C::MT - mv) * kRowChunks);
+    for (int i = tid; i < kStages * (xrows - mv) * kRowChunks; i += kThreads) {
+      const int st = i / ((xrows - mv) * kRowChunks), r = i % ((xrows - mv) * kRowChunks);
       *reinterpret_cast<uint4*>(stage_x(st) + (mv * kRowChunks + r) * 8) = make_uint4(0, 0, 0, 0);
     }
   }
@@ -377,6 +388,8 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
 #pragma unroll
     for (int s = 0; s < 4; ++s) a_off[s] = (r * (C::SK / 8) + ((2 * s + q) ^ (r & 7))) * 16;
   }
+  const bool a_row_held = !C::kHalfA || lane % 8 < xrows;  // else this lane's ldmatrix row is the zero block
+  const uint32_t zero_addr = smem_addr(zero_block);
 
   for (int st = 0; st < nstages; ++st) {
     cp_async_wait<kStages - 2>();
@@ -433,7 +446,7 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
       for (int s = 0; s < 4; ++s) {  // mma k-steps of 16 channels
         // A fragments (x rows) by ldmatrix from the swizzled tile (offsets precomputed per k-step)
         uint32_t afr[C::MB][4];
-        const uint32_t xaddr = smem_addr(xs) + kbl * (kBlockK * 2) + a_off[s];
+        const uint32_t xaddr = a_row_held ? smem_addr(xs) + kbl * (kBlockK * 2) + a_off[s] : zero_addr;
 #pragma unroll
         for (int a = 0; a < C::MB; ++a) {
           if constexpr (C::kHalfA) {
@@ -578,9 +591,10 @@ template <typename T, int BITS, class C>
 void launch_config(const Problem& p, cudaStream_t stream) {
   auto kernel = gemm_a16_kernel<T, BITS, C>;
   // > 48 KB of dynamic shared memory needs the opt-in (idempotent, cheap; no synchronisation).
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+  const int smem = C::smem_bytes(p.M);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid(p.Np / C::NT, (p.M + C::MT - 1) / C::MT);
-  kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(p);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -156,7 +156,7 @@ def test_op_dispatch_and_odd_inputs():
 
     n, k = 1553, 1000
     qw, sc, shift, w = make_layer(n, k, 4, 128, False, torch.float16)
-    for m in (1, ops.A16_FUSED_MAX_M, ops.A16_FUSED_MAX_M + 1, 1000):
+    for m in (1, ops.A16_FUSED_MAX_M, ops.A16_FUSED_MAX_M + 1, ops.A16_FUSED_MAX_M_WIDE + 1, 1000):
         x = torch.randn(m, k, device=DEV, dtype=torch.float16)
         check_gemm(ops.linear_a16_cuda(x, qw, sc, n, k, shift), x, w, f"op M={m}")
     # K not a multiple of 8: the op zero-pads the activations

@@ -40,9 +40,17 @@ def _(x, qweight, scales, zeros, bias, k, group_size, a_bits):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
-# Largest batch (tokens) that the fused weight-only kernel takes; larger batches dequantize the
-# weight once per call and use cuBLAS. Measured on H100 by benchmarks/kernels.py (see README).
-A16_FUSED_MAX_M = 128
+# Which batches (tokens) the fused weight-only kernel takes; larger ones dequantize the weight once
+# per call and use cuBLAS. From benchmarks/kernels.py on an H100 (W1-W8, g128; README has the table):
+# the fused kernel wins up to 16 tokens everywhere, up to 64 on layers with N >= 8192 (11008 x 4096,
+# M = 64: 53 us against 73 us), and loses beyond (4096 x 4096, M = 64: 43 us against 23 us).
+A16_FUSED_MAX_M = 16
+A16_FUSED_MAX_M_WIDE = 64
+A16_WIDE_N = 8192
+
+
+def a16_uses_fused_kernel(m: int, n: int) -> bool:
+    return m <= A16_FUSED_MAX_M or (m <= A16_FUSED_MAX_M_WIDE and n >= A16_WIDE_N)
 
 
 @torch.library.custom_op("bipolar::linear_a16_cuda", mutates_args=())
@@ -53,7 +61,7 @@ def linear_a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     The kernel depends on the number of tokens, so it is chosen here, inside an opaque op: a Python
     branch in the layer would be frozen by torch.compile to whatever M the warm-up used.
     """
-    if x.shape[0] > A16_FUSED_MAX_M:
+    if not a16_uses_fused_kernel(x.shape[0], n):
         w = torch.ops.bipolar_kernels.dequantize_a16(qweight, scales, n, k, group_shift)
         return torch.nn.functional.linear(x, w)
     if k % 8:  # the kernel copies 16-byte row chunks: zero channels up to a multiple of 8 contribute 0

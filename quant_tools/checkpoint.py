@@ -13,7 +13,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,6 +228,47 @@ def _remove_stale_tmp_dirs(parent: Path, name: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` and the directories themselves to disk before the rename:
+    otherwise a power loss soon after could leave a renamed DST with empty or partial files."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system can fsync a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[list[int]]:
+    """Hold SIGINT/SIGTERM during the final renames (a few microseconds): an interrupt between
+    moving the old DST aside and moving the new one in would otherwise leave no DST at all. The
+    output is complete by then, so a signal that arrived meanwhile is only reported."""
+    got: list[int] = []
+    try:
+        old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
+               for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals go elsewhere anyway
+        yield got
+        return
+    try:
+        yield got
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``dst``; on success rename it to ``dst``.
@@ -249,13 +292,24 @@ def atomic_output_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise CheckpointError(f"cannot create the output next to {dst}: {e.strerror or e}") from e
     try:
         yield tmp
-        if dst.exists():
-            old = parent / f"{TMP_PREFIX}{dst.name}-{os.getpid()}-old"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
+        _fsync_tree(tmp)
+        with _signals_deferred() as got:
+            if dst.exists():
+                old = parent / f"{TMP_PREFIX}{dst.name}-{os.getpid()}-old"
+                os.replace(dst, old)
+                try:
+                    os.replace(tmp, dst)
+                except BaseException:
+                    os.replace(old, dst)  # put the previous DST back
+                    raise
+                _fsync_dir(parent)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dst)
+                _fsync_dir(parent)
+        if got:
+            print(f"signal {got[0]} arrived while {dst} was being moved into place; the output is complete",
+                  file=sys.stderr)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -335,3 +335,73 @@ def test_killed_during_the_final_swap_is_recovered(tmp_path, capsys, pristine):
     assert convert_main([str(pristine), str(dst), "--w-bits", "4", "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err  # the old DST is back, and not overwritten unasked
     assert tree_digest(dst) == old and leftovers(tmp_path) == []
+
+
+# ---- the final rename ---------------------------------------------------------------------------------
+def _patch_replace(monkeypatch, on_new_dst):
+    """Call ``on_new_dst(a, b)`` when the complete temporary output is renamed to DST."""
+    import quant_tools.checkpoint as ckpt_mod
+
+    real = os.replace
+
+    def replace(a, b):
+        if Path(b).name == "dst" and Path(a).name.startswith(".tmp-dst-") and not Path(a).name.endswith("-old"):
+            on_new_dst(a, b)
+        return real(a, b)
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", replace)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_during_the_final_swap_is_held(tmp_path, capsys, pristine, monkeypatch, sig):
+    """Ctrl-C / kill between moving the old DST aside and the new one in must not leave no DST."""
+    from quant_tools.convert import _raise_interrupt
+
+    dst = tmp_path / "dst"
+    assert convert_main([str(pristine), str(dst), "--w-bits", "8", "--no-progress"]) == 0
+    old_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # main() installs its own
+    try:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        _patch_replace(monkeypatch, lambda a, b: os.kill(os.getpid(), sig))
+        capsys.readouterr()
+        assert convert_main([str(pristine), str(dst), "--w-bits", "4", "--overwrite", "--no-progress"]) == 0
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    assert "the output is complete" in capsys.readouterr().err
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["w_bits"] == 4
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_final_rename_restores_the_previous_dst(tmp_path, capsys, pristine, monkeypatch):
+    dst = tmp_path / "dst"
+    assert convert_main([str(pristine), str(dst), "--w-bits", "8", "--no-progress"]) == 0
+    old = tree_digest(dst)
+
+    def fail(a, b):
+        raise OSError(5, "Input/output error", str(b))
+
+    _patch_replace(monkeypatch, fail)
+    capsys.readouterr()
+    assert convert_main([str(pristine), str(dst), "--w-bits", "4", "--overwrite", "--no-progress"]) == 1
+    assert "Input/output error" in capsys.readouterr().err
+    assert tree_digest(dst) == old and leftovers(tmp_path) == []
+
+
+def test_output_is_on_disk_before_the_rename(tmp_path, pristine, monkeypatch):
+    """Every file of the new DST is fsynced before it is renamed into place (a power loss right
+    after an --overwrite must not leave empty files where the previous checkpoint was)."""
+    import quant_tools.checkpoint as ckpt_mod
+
+    synced: set[str] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.add(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(ckpt_mod.os, "fsync", fsync)
+    seen: dict[str, set[str]] = {}
+    _patch_replace(monkeypatch, lambda a, b: seen.update(files={p.name for p in Path(a).iterdir()}, synced=set(synced)))
+    assert convert_main([str(pristine), str(tmp_path / "dst"), "--w-bits", "4", "--no-progress"]) == 0
+    assert seen["files"] and seen["files"] <= seen["synced"], seen

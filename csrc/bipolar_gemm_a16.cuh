@@ -21,10 +21,10 @@
 //   pair's part into both halves of a fp16x2 at once, next to the exponent bits (Marlin's trick).
 //   Words: [part][lane][w words of the part]: lane l reads its w words of a part as one 4w-byte
 //   shared-memory load, consecutive lanes consecutive addresses (no bank conflicts).
-// scales x.dtype [Gp, Np, 2]: (a, b) = (2 s, z - s L) per (group, row), so W = a c + b with c the
-//   exact code; Gp groups of 2^group_shift channels (group sizes that are not powers of two are
+// scales x.dtype [Gp, Np, 2]: (s, z) per (group, row) (z = 0 when symmetric): W = z + s (2c - L);
+//   Gp groups of 2^group_shift channels (group sizes that are not powers of two are
 //   expanded to their largest power-of-two divisor at load; group_size -1 is group_shift 30).
-//   Padding rows / channels / groups have a = b = 0 and code 0: they are 0 and never matter.
+//   Padding rows / channels / groups have s = z = 0: they are 0 and never matter.
 //
 // ---- Work split ---------------------------------------------------------------------------------
 // A CTA of 4 warps owns an output tile of MT rows x NT columns and loops over all of K in stages of
@@ -110,6 +110,18 @@ __host__ __device__ constexpr int part_shift(int bits, int i) {
 }
 
 // ---- element types --------------------------------------------------------------------------------
+// Bits of the integer v (|v| < 2^16, exactly representable) in a 16-bit float with `mant` mantissa
+// bits and exponent bias `bias`, in both halves of a word: a compile-time constant for the decode.
+constexpr uint32_t encode_integer(int v, int mant, int bias) {
+  const uint32_t sign = v < 0 ? 0x8000u : 0u;
+  const uint32_t a = uint32_t(v < 0 ? -v : v);
+  int e = 0;
+  while ((a >> (e + 1)) != 0) ++e;
+  const uint32_t frac = e <= mant ? (a - (1u << e)) << (mant - e) : (a - (1u << e)) >> (e - mant);
+  const uint32_t h = a == 0 ? 0u : sign | (uint32_t(e + bias) << mant) | frac;
+  return h | (h << 16);
+}
+
 template <typename T>
 struct Elem;
 
@@ -125,6 +137,7 @@ struct Elem<__half> {
     const uint32_t h = (negative ? 0x8000u : 0u) | (uint32_t(e + 15) << 10);
     return h | (h << 16);
   }
+  static constexpr uint32_t integer(int v) { return encode_integer(v, 10, 15); }
   static __device__ __forceinline__ T2 magic() { return __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400)); }
   static __device__ __forceinline__ T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
   static __device__ __forceinline__ T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
@@ -148,6 +161,7 @@ struct Elem<__nv_bfloat16> {
     const uint32_t h = (negative ? 0x8000u : 0u) | (uint32_t(e + 127) << 7);
     return h | (h << 16);
   }
+  static constexpr uint32_t integer(int v) { return encode_integer(v, 7, 127); }
   static __device__ __forceinline__ T2 magic() {
     return __halves2bfloat162(__ushort_as_bfloat16(0x4300), __ushort_as_bfloat16(0x4300));
   }
@@ -172,38 +186,42 @@ __device__ __forceinline__ T2 from_u32(uint32_t u) {
   return *reinterpret_cast<T2*>(&u);
 }
 
-// ---- decode: one element pair -> (a c + b) as a T2 ------------------------------------------------
-// `words`: the lane's 32 * BITS / 32 = BITS words of one layout block. `ab`: the (a, b) pair of the
-// row, as a T2 word (low half a). The pair index P is a constant after unrolling, so every shift
-// amount and mask is an immediate: per part one SHF + one LOP3 (a single LOP3 when the shift is 0).
+// ---- decode: one element pair -> z + s v as a T2 ------------------------------------------------------
+// `words`: the lane's BITS words of one layout block; `ss` / `zz`: (s, s) and (z, z) of the row. The
+// pair index P is a constant after unrolling, so every shift amount, mask and constant is an
+// immediate. The code c becomes the exact value v = 2c - L in fp16 / bf16 (|v| <= 255 fits), and one
+// FMA gives z + s v rounded once: the same number as dequantizing in float and rounding.
 template <typename T, int BITS, int P>
-__device__ __forceinline__ uint32_t decode_pair(const uint32_t (&words)[BITS], uint32_t aa, uint32_t bb) {
+__device__ __forceinline__ uint32_t decode_pair(const uint32_t (&words)[BITS], uint32_t ss, uint32_t zz) {
   using E = Elem<T>;
   using T2 = typename E::T2;
+  constexpr int kL = (1 << BITS) - 1;
   if constexpr (BITS == 8 && std::is_same<T, __nv_bfloat16>::value) {
-    // bf16, 8 bits: c up to 255 does not fit the bf16 mantissa; widen to fp32 (2^23 + c trick).
+    // bf16, 8 bits: v up to 255 does not fit bf16's 8 significant bits; go through fp32 (2^23 + c).
     const uint32_t w = words[P / 2];
     const uint32_t t = (P % 2) ? (w >> 8) : w;
-    const float c0 = __uint_as_float(0x4B000000u | (t & 0xffu)) - 8388608.f;
-    const float c1 = __uint_as_float(0x4B000000u | ((t >> 16) & 0xffu)) - 8388608.f;
-    const T2 a2 = from_u32<T2>(aa), b2 = from_u32<T2>(bb);
-    const float2 af = __bfloat1622float2(a2), bf = __bfloat1622float2(b2);
-    return as_u32(E::floats2(fmaf(c0, af.x, bf.x), fmaf(c1, af.y, bf.y)));
+    const float v0 = 2.f * (__uint_as_float(0x4B000000u | (t & 0xffu)) - 8388608.f) - float(kL);
+    const float v1 = 2.f * (__uint_as_float(0x4B000000u | ((t >> 16) & 0xffu)) - 8388608.f) - float(kL);
+    const float2 sf = __bfloat1622float2(from_u32<T2>(ss)), zf = __bfloat1622float2(from_u32<T2>(zz));
+    return as_u32(E::floats2(fmaf(v0, sf.x, zf.x), fmaf(v1, sf.y, zf.y)));
   } else if constexpr (num_parts(BITS) == 1) {
-    // One part (1, 2, 4 or 8 bits): leave the code where it is in the word when it fits under the
-    // magic's exponent (mantissa position u <= kMantissa - BITS), else shift by the multiple of
-    // (umax + 1) below it, which the pairs of a word share (ptxas keeps one SHF per distinct amount):
-    // t = magic + c 2^u exactly, and c = t 2^-u - magic 2^-u is one exact FMA.
+    // One part (1, 2, 4 or 8 bits): the code stays at mantissa position u in 1..kUMax (u >= 1 keeps
+    // the constant below exact), reached with the shift amounts the pairs of a word share (ptxas
+    // keeps one SHF per distinct amount): t = magic + c 2^u, so v = t 2^(1-u) - (2^(m+1-u) + L) is
+    // one exact FMA.
     constexpr int kUMax = E::kMantissa - BITS;
+    static_assert(kUMax >= 1, "code must fit under the magic's exponent");
     constexpr int kPerWord = 16 / BITS;
     constexpr int kFrom = BITS * (P % kPerWord);
-    constexpr int kShift = kFrom - kFrom % (kUMax + 1);
-    constexpr int kU = kFrom - kShift;
+    constexpr int kU = 1 + (kFrom + kUMax - 1) % kUMax;
+    constexpr int kShift = kFrom - kU;  // -1 for the pair at bit 0
     constexpr uint32_t kMask = ((1u << BITS) - 1u) << kU;
-    const uint32_t t = ((words[P / kPerWord] >> kShift) & (kMask | (kMask << 16))) | E::kMagic;  // one LOP3
-    // c = t * 2^-u - 2^(kMantissa - u)   (magic = 2^kMantissa)
-    const T2 c = E::fma2(from_u32<T2>(t), from_u32<T2>(E::pow2(-kU, false)), from_u32<T2>(E::pow2(E::kMantissa - kU, true)));
-    return as_u32(E::fma2(c, from_u32<T2>(aa), from_u32<T2>(bb)));
+    const uint32_t word = words[P / kPerWord];
+    const uint32_t moved = kShift >= 0 ? word >> kShift : word << (-kShift);
+    const uint32_t t = (moved & (kMask | (kMask << 16))) | E::kMagic;  // one LOP3
+    const T2 v = E::fma2(from_u32<T2>(t), from_u32<T2>(E::pow2(1 - kU, false)),
+                         from_u32<T2>(E::integer(-((1 << (E::kMantissa + 1 - kU)) + kL))));
+    return as_u32(E::fma2(v, from_u32<T2>(ss), from_u32<T2>(zz)));
   } else {
     // Several parts (3, 5, 6, 7 bits): each part moved to its bit offset in the code (SHF + LOP3).
     uint32_t t = E::kMagic;
@@ -218,16 +236,17 @@ __device__ __forceinline__ uint32_t decode_pair(const uint32_t (&words)[BITS], u
       const uint32_t mask = ((1u << w) - 1u) << sh;
       t |= moved & (mask | (mask << 16));  // one LOP3: t | (moved & mask)
     }
-    // t = magic + c in both halves (exact); c = t - magic; W = a c + b (one rounding: fma).
+    // t = magic + c (exact); c = t - magic; v = 2 c - L (exact); z + s v (one rounding).
     const T2 c = E::sub2(from_u32<T2>(t), E::magic());
-    return as_u32(E::fma2(c, from_u32<T2>(aa), from_u32<T2>(bb)));
+    const T2 v = E::fma2(c, from_u32<T2>(E::integer(2)), from_u32<T2>(E::integer(-kL)));
+    return as_u32(E::fma2(v, from_u32<T2>(ss), from_u32<T2>(zz)));
   }
 }
 
-// (a, a) and (b, b) from the (a, b) word of a row.
-__device__ __forceinline__ void split_ab(uint32_t ab, uint32_t& aa, uint32_t& bb) {
-  aa = __byte_perm(ab, 0, 0x1010);
-  bb = __byte_perm(ab, 0, 0x3232);
+// (s, s) and (z, z) from the (s, z) word of a row.
+__device__ __forceinline__ void split_sz(uint32_t sz, uint32_t& ss, uint32_t& zz) {
+  ss = __byte_perm(sz, 0, 0x1010);
+  zz = __byte_perm(sz, 0, 0x3232);
 }
 
 // ---- memory ---------------------------------------------------------------------------------------
@@ -304,7 +323,7 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
   const int kblocks = p.Kp / kBlockK;
   const int nstages = (p.Kp + C::SK - 1) / C::SK;
   const T* x = static_cast<const T*>(p.x);
-  const uint32_t* scales = static_cast<const uint32_t*>(p.scales);  // (a, b) pairs as words
+  const uint32_t* scales = static_cast<const uint32_t*>(p.scales);  // (s, z) pairs as words
 
   const int xrows = C::x_rows(p.M);
   const int x_bytes = xrows * C::SK * 2;
@@ -431,8 +450,8 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
           }
         }
       }
-      // (a, a) / (b, b) per row, for k-steps 0-1 and 2-3 (groups are >= 32 channels: one each)
-      uint32_t aab[2][C::NB][2], bbb[2][C::NB][2];
+      // (s, s) / (z, z) per row, for k-steps 0-1 and 2-3 (groups are >= 32 channels: one each)
+      uint32_t s2[2][C::NB][2], z2[2][C::NB][2];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int gslot = (kbl * kBlockK + 32 * half) >> p.group_shift;  // scale row inside the stage
@@ -440,7 +459,7 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
         for (int b = 0; b < C::NB; ++b)
 #pragma unroll
           for (int h = 0; h < 2; ++h)
-            split_ab(ss[gslot * C::NT + (wn * C::NB + b) * kBlockN + 8 * h + lane / 4], aab[half][b][h], bbb[half][b][h]);
+            split_sz(ss[gslot * C::NT + (wn * C::NB + b) * kBlockN + 8 * h + lane / 4], s2[half][b][h], z2[half][b][h]);
       }
 #pragma unroll
       for (int s = 0; s < 4; ++s) {  // mma k-steps of 16 channels
@@ -464,13 +483,13 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
         for (int b = 0; b < C::NB; ++b) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const uint32_t aa = aab[s / 2][b][h], bb = bbb[s / 2][b][h];
+            const uint32_t sv = s2[s / 2][b][h], zv = z2[s / 2][b][h];
             uint32_t b0 = 0, b1 = 0;
             // pair index p = 4 s + 2 h + r, as a constant for the decode
 #define BIPOLAR_DECODE_CASE(S, H)                                     \
   if (s == S && h == H) {                                             \
-    b0 = decode_pair<T, BITS, 4 * S + 2 * H + 0>(words[b], aa, bb);   \
-    b1 = decode_pair<T, BITS, 4 * S + 2 * H + 1>(words[b], aa, bb);   \
+    b0 = decode_pair<T, BITS, 4 * S + 2 * H + 0>(words[b], sv, zv);   \
+    b1 = decode_pair<T, BITS, 4 * S + 2 * H + 1>(words[b], sv, zv);   \
   }
             BIPOLAR_DECODE_CASE(0, 0) BIPOLAR_DECODE_CASE(0, 1) BIPOLAR_DECODE_CASE(1, 0) BIPOLAR_DECODE_CASE(1, 1)
             BIPOLAR_DECODE_CASE(2, 0) BIPOLAR_DECODE_CASE(2, 1) BIPOLAR_DECODE_CASE(3, 0) BIPOLAR_DECODE_CASE(3, 1)
@@ -547,7 +566,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_a16_kernel(Problem p) {
   }
   const uint32_t* scales = static_cast<const uint32_t*>(p.scales);
   T* t = tile[warp];
-  // one (a, b) word per row and 16-channel step when groups are 16+ channels: per (h, s)
+  // one (s, z) word per row and 16-channel step when groups are 16+ channels: per (h, s)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = 8 * h + lane / 4;
@@ -555,7 +574,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_a16_kernel(Problem p) {
     for (int s = 0; s < 4; ++s) {
       const int kl = 16 * s + 2 * (lane % 4);
       uint32_t aa, bb;
-      split_ab(__ldg(scales + size_t((kb * kBlockK + 16 * s) >> p.group_shift) * p.Np + nb * kBlockN + r), aa, bb);
+      split_sz(__ldg(scales + size_t((kb * kBlockK + 16 * s) >> p.group_shift) * p.Np + nb * kBlockN + r), aa, bb);
       uint32_t v0 = 0, v1 = 0;
 #define BIPOLAR_DEQ_CASE(S, H)                                     \
   if (s == S && h == H) {                                          \

@@ -12,11 +12,12 @@ m16n8k16 B fragments, so :func:`repack` rearranges them once, in ``process_weigh
     bits ``[w*j, w*j+w)`` (e = 0) and ``[16+w*j, ...)`` (e = 1). Words are ordered
     ``[part][lane][w words]``; the part of width w with bit offset o in the code starts at word 32*o.
 ``scales`` act dtype ``[Gp, Np, 2]``
-    ``(a, b) = (2s, z - s*L)`` per (group, row), so that ``W = a*c + b`` for the code c
-    (``v = 2c - L``). Groups are ``2**group_shift`` channels: a group size that is not a power of two
+    ``(s, z)`` per (group, row) (z = 0 when symmetric): ``W = z + s*(2c - L)``, which the kernel
+    computes as one FMA on the exact value ``v = 2c - L``, i.e. rounded once, like the reference.
+    Groups are ``2**group_shift`` channels: a group size that is not a power of two
     is expanded to its largest power-of-two divisor; group_size -1 becomes group_shift 30 (one group).
 
-Padding rows, channels and groups hold code 0 and ``a = b = 0``, so they are exactly zero.
+Padding rows, channels and groups hold code 0 and ``s = z = 0``, so they are exactly zero.
 """
 
 from __future__ import annotations
@@ -95,14 +96,14 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | No
         z = z.repeat_interleave(rep, dim=1)[:, :gp]
     ab = torch.zeros(gp, np_, 2, dtype=torch.float32, device=scales.device)
     g = s.shape[1]
-    ab[:g, :n, 0] = (2.0 * s).t()
-    ab[:g, :n, 1] = (z - s * max_level(bits)).t()
+    ab[:g, :n, 0] = s.t()
+    ab[:g, :n, 1] = z.t()
     return packed, ab.to(dtype).contiguous(), shift
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int, shift: int,
                dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Dense W [n, k] from the kernel layout, computed as ``a*c + b`` in float64 (then ``dtype``).
+    """Dense W [n, k] from the kernel layout, computed as ``z + s*(2c - L)`` in float64 (then ``dtype``).
 
     The independent reader of :func:`repack`'s output, used by the tests of both the layout and the
     CUDA kernels.
@@ -123,10 +124,10 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int, shif
     # inverse of _fragment_order
     c = frag.view(nb, kb, 8, 4, 4, 2, 2, 2)  # nb kb g t s h r e
     c = c.permute(0, 5, 2, 1, 4, 6, 3, 7)  # nb h g kb s r t e
-    codes = c.reshape(nb * 16, kb * 64)[:n, :k].to(torch.float64)
+    values = 2 * c.reshape(nb * 16, kb * 64)[:n, :k].to(torch.float64) - max_level(bits)
     ab = scales.to(torch.float64)
     cols = torch.arange(k, device=qweight.device) >> shift if shift != NO_GROUPS_SHIFT else \
         torch.zeros(k, dtype=torch.int64, device=qweight.device)
-    a = ab[cols, :n, 0].t()
-    b = ab[cols, :n, 1].t()
-    return (a * codes + b).to(dtype)
+    s = ab[cols, :n, 0].t()
+    z = ab[cols, :n, 1].t()
+    return (z + s * values).to(dtype)

@@ -320,17 +320,27 @@ async def send(session, base: str, model: str, req: dict, prompt: str, logprobs:
     return out
 
 
-def compare(ref: dict, got: dict, tie: float) -> str:
-    """'exact', 'tie' (differs only after a near tie of the reference), 'prefix' (a cancelled stream
-    that is a prefix of the reference) or 'mismatch'."""
-    if got["cancelled"]:
-        return "prefix" if ref["text"].startswith(got["text"]) else "mismatch"
-    if got["text"] == ref["text"]:
-        return "exact"
+def divergence(ref: dict, got: dict) -> tuple[int | None, float | None]:
+    """First generated token where ``got`` differs from ``ref``, and the reference's top-2 logprob
+    gap there (nats; None when unknown)."""
     i = next((j for j, (a, b) in enumerate(zip(ref["tokens"], got["tokens"])) if a != b), None)
-    if i is not None and i < len(ref["top"]) and len(ref["top"][i]) >= 2 and ref["top"][i][0] - ref["top"][i][1] < tie:
-        return "tie"
-    return "mismatch"
+    if i is None and not got["cancelled"] and len(got["tokens"]) != len(ref["tokens"]):
+        i = min(len(got["tokens"]), len(ref["tokens"]))
+    if i is None or i >= len(ref["top"]) or len(ref["top"][i]) < 2:
+        return i, None
+    return i, ref["top"][i][0] - ref["top"][i][1]
+
+
+def compare(ref: dict, got: dict, tie: float) -> str:
+    """'exact', 'prefix' (a cancelled stream, a prefix of the reference), 'tie' (differs only after a
+    near tie of the reference: top-2 logprobs within ``tie`` nats) or 'mismatch'."""
+    if got["cancelled"]:
+        if ref["text"].startswith(got["text"]):
+            return "prefix"
+    elif got["text"] == ref["text"]:
+        return "exact"
+    _, gap = divergence(ref, got)
+    return "tie" if gap is not None and gap < tie else "mismatch"
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -367,6 +377,13 @@ async def run_load(args, server: Server, base: str, served_name: str) -> dict:
             res["max_tokens"] = mt
             refs[p] = res
         ref_seconds = time.perf_counter() - t0
+        # warm-up: one concurrent burst of the same mix, so that "before" is a server that has seen
+        # this concurrency (first-time allocations are not a leak); its failures count as failures
+        rng = random.Random(args.seed + 2)
+        burst = [dict(rng.choice(reqs), id=-1 - i) for i in range(args.warmup)]
+        warm = await asyncio.gather(*(send(session, base, served_name, r, prompts[r["prompt"]], logprobs,
+                                           args.request_timeout) for r in burst))
+        warmup_failures = [{"request": r, "error": w["error"]} for r, w in zip(burst, warm) if not w["ok"]]
         mem["rss_before_mib"] = tree_rss_bytes(server.proc.pid) / 2**20
         mem["gpu_before_mib"] = gpu_memory_mib()
 
@@ -419,6 +436,7 @@ async def run_load(args, server: Server, base: str, served_name: str) -> dict:
 
     verdicts: dict[str, int] = {"exact": 0, "tie": 0, "prefix": 0, "mismatch": 0}
     failures, mismatches = [], []
+    failures += warmup_failures
     for r in reqs:
         got = results[r["id"]]
         if not got["ok"]:
@@ -427,13 +445,16 @@ async def run_load(args, server: Server, base: str, served_name: str) -> dict:
         v = compare(refs[r["prompt"]], got, args.tie)
         verdicts[v] += 1
         if v == "mismatch":
-            mismatches.append({"request": r, "reference": refs[r["prompt"]]["text"], "got": got["text"]})
+            i, gap = divergence(refs[r["prompt"]], got)
+            mismatches.append({"request": r, "reference": refs[r["prompt"]]["text"], "got": got["text"],
+                               "first_different_token": i, "reference_top2_gap": gap})
     done = [results[r["id"]] for r in reqs if results[r["id"]]["ok"] and not results[r["id"]]["cancelled"]]
     lat = [g["latency"] for g in done]
     ttft = [g["ttft"] for g in done if g["ttft"] is not None]
     gen_tokens = sum(len(g["tokens"]) for g in done)
     return {
-        "requests": len(reqs), "clients": args.clients, "distinct_prompts": len(needed),
+        "requests": len(reqs), "clients": args.clients, "warmup_requests": len(burst),
+        "quantization": args.quantization, "tie_nats": args.tie, "distinct_prompts": len(needed),
         "streaming": sum(r["stream"] for r in reqs), "non_streaming": sum(not r["stream"] for r in reqs),
         "cancelled": sum(results[r["id"]]["cancelled"] for r in reqs),
         "long_prompt_requests": sum(r["prompt"] >= args.short_prompts for r in reqs),
@@ -456,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python benchmarks/load_test.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="converted bipolar checkpoint to serve (default: build a tiny random one)")
+    ap.add_argument("--quantization", default="bipolar",
+                    help="--quantization for vllm serve (default bipolar; 'none' serves an unquantized model as a "
+                         "control: same load, same checks)")
     ap.add_argument("--tiny", help="directory for the tiny model (default: a temporary directory)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="label and defaults (default: cuda when nvidia-smi sees a GPU, else cpu); vLLM runs on "
@@ -471,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stream-frac", type=float, default=0.5, help="fraction of streaming requests (default 0.5)")
     ap.add_argument("--cancel-frac", type=float, default=0.1,
                     help="fraction of all requests that are streams closed after 1-3 chunks (default 0.1)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="requests sent at once before the memory baseline (default: --clients)")
     ap.add_argument("--tie", type=float, default=0.05,
                     help="nats: a reference top-2 logprob gap below this allows a different greedy token (default 0.05)")
     ap.add_argument("--dtype", default=None, help="--dtype for vllm serve (default: float32 for the tiny model, else auto)")
@@ -520,6 +546,8 @@ def format_table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args._t_start = time.time()
+    if args.warmup is None:
+        args.warmup = args.clients
     device = args.device or ("cuda" if gpu_memory_mib() is not None else "cpu")
     tmp = None
     if args.model:
@@ -533,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     log_path = Path(args.log) if args.log else out_json.with_suffix(".server.log")
     port = free_port()
     served_name = "bipolar-under-test"
-    cmd = [sys.executable, "-c", SERVE_LAUNCHER, "serve", str(model), "--quantization", "bipolar",
+    quant = [] if args.quantization == "none" else ["--quantization", args.quantization]
+    cmd = [sys.executable, "-c", SERVE_LAUNCHER, "serve", str(model), *quant,
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name, "--dtype", dtype,
            "--max-model-len", str(args.max_model_len), "--seed", "0",
            "--disable-uvicorn-access-log", *(["--enforce-eager"] if args.eager else []), *args.serve_arg]

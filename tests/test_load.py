@@ -33,7 +33,9 @@ def test_compare_verdicts():
     assert compare(ref, got(" x b c", [" x", " b", " c"]), tie=0.05) == "mismatch"  # gap 2.9 at token 0
     assert compare(ref, got(" a x c", [" a", " x", " c"]), tie=0.01) == "mismatch"
     assert compare(ref, got(" a b", [" a", " b"], cancelled=True), tie=0.05) == "prefix"
-    assert compare(ref, got(" a x", [" a", " x"], cancelled=True), tie=0.05) == "mismatch"
+    assert compare(ref, got(" x b", [" x", " b"], cancelled=True), tie=0.05) == "mismatch"
+    assert compare(ref, got(" a x", [" a", " x"], cancelled=True), tie=0.05) == "tie"
+    assert compare(ref, got(" a b", [" a", " b"]), tie=0.05) == "mismatch"  # ended early, not cancelled
 
 
 def test_request_mix():

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the extension, run GPU tests, benchmarks and the SASS census.
 #
-#   bash benchmarks/gpu_session.sh [--tests "tests/test_cuda_kernels.py ..."] [--bench "ARGS"] [--sass]
+#   bash benchmarks/gpu_session.sh [--tests "tests/test_cuda_kernels.py ..."] [--bench "ARGS"] [--sass] [--vllm]
+#
+# --vllm: install this package (editable, no rebuild) into the python that runs vLLM, so that vLLM
+# finds the plugin's entry point (run `source .gpu/device-vllm.sh activate 4` first; see
+# ../shared/gpu/README.md). `python3 -m pip`, not `pip`: a bare pip may belong to another Python,
+# and vLLM then reports "Unknown quantization method: bipolar".
 #
 # Results go to $OUT (the device tool brings that folder back) and benchmarks/results/.
 # `unset CC CXX`: the extension must be built by the compiler torch was built with (see README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/bipolar-out}"; mkdir -p "$OUT"
-TESTS=""; BENCH=""; SASS=0
+TESTS=""; BENCH=""; SASS=0; VLLM=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --tests) TESTS="$2"; shift 2 ;;
     --bench) BENCH="$2"; shift 2 ;;
     --sass) SASS=1; shift ;;
+    --vllm) VLLM=1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -26,6 +32,11 @@ if ! TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS=16 python3 se
 fi
 echo "build: $(( $(date +%s) - t0 )) s"
 grep -E "spill|registers" "$OUT/build.log" | sort | uniq -c | head -20
+if [[ $VLLM -eq 1 ]]; then
+  VLLM_BIPOLAR_SKIP_CUDA=1 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/pip.log" 2>&1 \
+    || { tail -5 "$OUT/pip.log"; exit 1; }
+  python3 -c "from importlib.metadata import entry_points as e; print('entry points:', [x.value for x in e(group='vllm.general_plugins')])"
+fi
 if [[ -n "$TESTS" ]]; then
   # shellcheck disable=SC2086
   python3 -m pytest -q -x -p no:cacheprovider $TESTS 2>&1 | tee "$OUT/tests.log" | tail -25

@@ -403,10 +403,16 @@ async def run_load(args, server: Server, base: str, served_name: str) -> dict:
                 results[r["id"]] = await send(session, base, served_name, r, prompts[r["prompt"]], logprobs,
                                               args.request_timeout)
 
+        timeline = []  # (seconds into the load, requests done, server RSS MiB): growth that tracks
+        # the number of requests is a leak, growth that levels off is allocator caching
+
         async def sampler():
+            t_load = time.perf_counter()
             while True:
-                peak["rss"] = max(peak["rss"], tree_rss_bytes(server.proc.pid))
-                await asyncio.sleep(0.5)
+                rss = tree_rss_bytes(server.proc.pid)
+                peak["rss"] = max(peak["rss"], rss)
+                timeline.append((round(time.perf_counter() - t_load, 1), len(results), round(rss / 2**20, 1)))
+                await asyncio.sleep(1.0)
 
         sampling = asyncio.create_task(sampler())
         t0 = time.perf_counter()
@@ -416,6 +422,7 @@ async def run_load(args, server: Server, base: str, served_name: str) -> dict:
         await asyncio.sleep(1.0)  # let the server finish aborting the cancelled requests
         mem["rss_after_mib"] = tree_rss_bytes(server.proc.pid) / 2**20
         mem["rss_peak_mib"] = peak["rss"] / 2**20
+        mem["rss_timeline"] = timeline
         mem["gpu_after_mib"] = gpu_memory_mib()
 
         # The server's own count of finished requests by reason ("abort": a client went away mid-request).
@@ -497,8 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of all requests that are streams closed after 1-3 chunks (default 0.1)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="requests sent at once before the memory baseline (default: --clients)")
-    ap.add_argument("--tie", type=float, default=0.05,
-                    help="nats: a reference top-2 logprob gap below this allows a different greedy token (default 0.05)")
+    ap.add_argument("--tie", type=float, default=None,
+                    help="nats: a reference top-2 logprob gap below this allows a different greedy token (default "
+                         "0.05 with --dtype float32, else 0.25: 16-bit logits of magnitude 16..32 come in steps of "
+                         "0.125, so a gap of one or two such steps is a tie that batching may round either way)")
     ap.add_argument("--dtype", default=None, help="--dtype for vllm serve (default: float32 for the tiny model, else auto)")
     ap.add_argument("--max-model-len", type=int, default=1024, help="--max-model-len (default 1024)")
     ap.add_argument("--eager", action="store_true", help="--enforce-eager (faster start, no torch.compile / CUDA graphs)")
@@ -556,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.tiny) if args.tiny else Path(tmp := tempfile.mkdtemp(prefix="bipolar-load-"))
         model = build_tiny_model(root)
     dtype = args.dtype or ("auto" if args.model else "float32")
+    if args.tie is None:
+        args.tie = 0.05 if dtype == "float32" else 0.25
     out_json = Path(args.json) if args.json else REPO / "benchmarks" / "results" / f"load_test_{device}.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
     log_path = Path(args.log) if args.log else out_json.with_suffix(".server.log")

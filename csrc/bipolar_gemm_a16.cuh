@@ -24,7 +24,7 @@
 // scales x.dtype [Gp, Np, 2]: (s, z) per (group, row) (z = 0 when symmetric): W = z + s (2c - L);
 //   Gp groups of 2^group_shift channels (group sizes that are not powers of two are
 //   expanded to their largest power-of-two divisor at load; group_size -1 is group_shift 30).
-//   Padding rows / channels / groups have s = z = 0: they are 0 and never matter.
+//   Padding rows / groups have s = z = 0; padding channels meet zero-filled activations: never matter.
 //
 // ---- Work split ---------------------------------------------------------------------------------
 // A CTA of 4 warps owns an output tile of MT rows x NT columns and loops over all of K in stages of

@@ -17,7 +17,8 @@ m16n8k16 B fragments, so :func:`repack` rearranges them once, in ``process_weigh
     Groups are ``2**group_shift`` channels: a group size that is not a power of two
     is expanded to its largest power-of-two divisor; group_size -1 becomes group_shift 30 (one group).
 
-Padding rows, channels and groups hold code 0 and ``s = z = 0``, so they are exactly zero.
+Padding rows and groups hold ``s = z = 0`` (exactly zero); padding channels of the last real group
+hold code 0 and meet zero activations (the kernels zero-fill x past K), so they never contribute.
 """
 
 from __future__ import annotations

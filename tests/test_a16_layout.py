@@ -1,0 +1,48 @@
+"""The weight-only kernels' load-time layout (vllm_bipolar/kernels/a16_layout.py), on the CPU.
+
+repack() followed by the layout's own float64 reader must give back the checkpoint's weight as
+vllm_bipolar.format defines it, for every width, odd shapes, group sizes (powers of two, -1, and
+sizes that are expanded to a power-of-two divisor), with and without offsets; padding rows are zero.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vllm_bipolar.format as fmt
+from vllm_bipolar.kernels import a16_layout
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n,k,group_size", [(17, 100, 32), (3, 96, -1), (70, 1000, 96),
+                                            (16, 64, 256)])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["offsets", "symmetric"])
+def test_repack_round_trip(bits, n, k, group_size, symmetric):
+    w = torch.randn(n, k) * 0.02 + torch.randn(n, 1) * 0.01
+    q = fmt.quantize_weight(w, bits, group_size=group_size, symmetric=symmetric, dtype=torch.float16)
+    qweight = fmt.pack_codes(q.codes, bits)
+    ref = fmt.dequantize_packed(qweight, q.scales, q.zeros, k, group_size, torch.float64)
+    packed, sz, shift = a16_layout.repack(qweight, q.scales, q.zeros, k, group_size)
+    np_, kp = a16_layout.round_up(n, 64), a16_layout.round_up(k, 64)
+    assert packed.shape == (np_ // 16, kp // 64, 32 * bits) and packed.dtype == torch.int32
+    assert sz.shape[1:] == (np_, 2) and sz.dtype == torch.float16
+    got = a16_layout.dequantize(packed, sz, n, k, shift)
+    assert torch.equal(got, ref), f"max error {(got - ref).abs().max().item():.3g}"
+    # padding rows read back as exact zeros (padding channels of a real group need not: the kernels
+    # zero-fill the activations past K)
+    full = a16_layout.dequantize(packed, sz, np_, kp, shift)
+    assert torch.equal(full[n:], torch.zeros_like(full[n:]))
+
+
+def test_parts_cover_every_bit_once():
+    for bits in range(1, 9):
+        parts = a16_layout.parts(bits)
+        assert sum(w for w, _ in parts) == bits
+        assert [o for _, o in parts] == [sum(w for w, _ in parts[:i]) for i in range(len(parts))]
+        assert all(w in (1, 2, 4, 8) for w, _ in parts)
+
+
+def test_group_shift():
+    assert a16_layout.group_shift(-1) == a16_layout.NO_GROUPS_SHIFT
+    assert [a16_layout.group_shift(g) for g in (32, 64, 128, 256, 96, 160, 192)] == [5, 6, 7, 8, 5, 5, 6]

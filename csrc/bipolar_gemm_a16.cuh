@@ -43,6 +43,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 namespace bipolar {
@@ -274,14 +275,15 @@ __device__ __forceinline__ int swizzle(int m, int c) { return c ^ (m & 7); }
 // KW: layout blocks (64 channels) per warp per stage, sized so that a stage moves ~8 KB of weights
 // while its activation slice stays within 8 KB (16 KB for the 64-row tile): shared memory decides how
 // many CTAs an SM holds, hence how many bytes it has in flight.
-template <int BITS, int MT_, int NB_, int WK_>
+template <int BITS, int MT_, int NB_, int WK_, int WN_ = (WK_ >= 4 ? 1 : 4 / WK_)>
 struct Config {
   static constexpr int MT = MT_;
   static constexpr int MB = MT_ <= 16 ? 1 : MT_ / 16;  // m16 tiles per warp
   static constexpr bool kHalfA = MT_ == 8;
   static constexpr int NB = NB_;
   static constexpr int WK = WK_;
-  static constexpr int WN = kWarps / WK_;
+  static constexpr int WN = WN_;
+  static constexpr int kThreads = kWarpSize * WK_ * WN_;
   static constexpr int NT = kBlockN * NB * WN;  // output columns per CTA
   static constexpr int kWeightBytesPerBlockK = NT * kBlockK * BITS / 8;  // one 64-channel slice of the tile
   static constexpr int kXMax = MT_ == 64 ? 16384 : 8192;
@@ -309,7 +311,7 @@ struct Config {
 
 // ---- the GEMM kernel ------------------------------------------------------------------------------
 template <typename T, int BITS, class C>
-__global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
+__global__ void __launch_bounds__(C::kThreads) gemm_a16_kernel(Problem p) {
   using E = Elem<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x;
@@ -342,7 +344,7 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
     // zeroed once for every buffer at the start
     T* xs = stage_x(buf);
     constexpr int kRowChunks = C::SK / 8;
-    for (int i = tid; i < mv * kRowChunks; i += kThreads) {
+    for (int i = tid; i < mv * kRowChunks; i += C::kThreads) {
       const int m = i / kRowChunks, c = i % kRowChunks;
       const int k = k0 + 8 * c;
       const bool ok = k < p.K;
@@ -357,7 +359,7 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
     const int run_chunks = min(C::SK / kBlockK, kblocks - kb0) * kBlockWords / 4;  // last stage: shorter
     const uint32_t* wsrc = p.qweight + (size_t(n0 / kBlockN) * kblocks + kb0) * kBlockWords;
     const size_t block_row_words = size_t(kblocks) * kBlockWords;  // one 16-row block across all of K
-    for (int i = tid; i < kTileBlocks * kRunChunks; i += kThreads) {
+    for (int i = tid; i < kTileBlocks * kRunChunks; i += C::kThreads) {
       const int b = i / kRunChunks, r = i % kRunChunks;  // constant divisors
       if (r < run_chunks) cp_async16(ws + b * (kRunChunks * 4) + 4 * r, wsrc + b * block_row_words + 4 * r, 16);
     }
@@ -366,7 +368,7 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
     const int g0 = k0 >> p.group_shift;
     const int gn = min(max(1, C::SK >> min(p.group_shift, 30)), p.Gp - g0);
     const int stotal = gn * (C::NT / 4);
-    for (int i = tid; i < stotal; i += kThreads) {
+    for (int i = tid; i < stotal; i += C::kThreads) {
       const int g = i / (C::NT / 4), c = i % (C::NT / 4);
       cp_async16(ss + g * C::NT + 4 * c, scales + (size_t(g0 + g) * p.Np + n0) + 4 * c, 16);
     }
@@ -386,7 +388,7 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
   if (tid == 0) *reinterpret_cast<uint4*>(zero_block) = make_uint4(0, 0, 0, 0);
   if (mv < xrows) {
     constexpr int kRowChunks = C::SK / 8;
-    for (int i = tid; i < kStages * (xrows - mv) * kRowChunks; i += kThreads) {
+    for (int i = tid; i < kStages * (xrows - mv) * kRowChunks; i += C::kThreads) {
       const int st = i / ((xrows - mv) * kRowChunks), r = i % ((xrows - mv) * kRowChunks);
       *reinterpret_cast<uint4*>(stage_x(st) + (mv * kRowChunks + r) * 8) = make_uint4(0, 0, 0, 0);
     }
@@ -520,7 +522,7 @@ __global__ void __launch_bounds__(kThreads) gemm_a16_kernel(Problem p) {
         }
   __syncthreads();
   T* y = static_cast<T*>(p.y);
-  for (int i = tid; i < C::MT * C::NT / 2; i += kThreads) {
+  for (int i = tid; i < C::MT * C::NT / 2; i += C::kThreads) {
     const int m = i / (C::NT / 2), n = 2 * (i % (C::NT / 2));
     float v0 = 0.f, v1 = 0.f;
 #pragma unroll
@@ -613,7 +615,7 @@ void launch_config(const Problem& p, cudaStream_t stream) {
   const int smem = C::smem_bytes(p.M);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid(p.Np / C::NT, (p.M + C::MT - 1) / C::MT);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  kernel<<<grid, C::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -625,7 +627,16 @@ void launch_config(const Problem& p, cudaStream_t stream) {
 //   M > 16   64 x 64 tiles, warps split N: each x row is read from L2 once per 64 columns
 template <typename T, int BITS>
 void launch_gemm(const Problem& p, cudaStream_t stream) {
-  if (p.M <= 8 && p.N >= 8192) launch_config<T, BITS, Config<BITS, 8, 2, 4>>(p, stream);
+  // BIPOLAR_A16_TILE (tuning experiments only): 1 = 16-column tiles, 2 = 8 warps along K, 3 = both.
+  static const int tile = [] {
+    const char* e = getenv("BIPOLAR_A16_TILE");
+    return e ? atoi(e) : 0;
+  }();
+  if (p.M <= 8 && tile == 1) launch_config<T, BITS, Config<BITS, 8, 1, 4>>(p, stream);
+  else if (p.M <= 8 && tile == 2) launch_config<T, BITS, Config<BITS, 8, 2, 8>>(p, stream);
+  else if (p.M <= 8 && tile == 3) launch_config<T, BITS, Config<BITS, 8, 1, 8>>(p, stream);
+  else if (p.M <= 16 && tile >= 2) launch_config<T, BITS, Config<BITS, 16, 2, 8>>(p, stream);
+  else if (p.M <= 8 && p.N >= 8192) launch_config<T, BITS, Config<BITS, 8, 2, 4>>(p, stream);
   else if (p.M <= 8) launch_config<T, BITS, Config<BITS, 8, 1, 4>>(p, stream);
   else if (p.M <= 16) launch_config<T, BITS, Config<BITS, 16, 2, 4>>(p, stream);
   else launch_config<T, BITS, Config<BITS, 64, 1, 1>>(p, stream);

@@ -43,7 +43,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
 namespace bipolar {
@@ -621,24 +620,21 @@ void launch_config(const Problem& p, cudaStream_t stream) {
 
 }  // namespace
 
-// Tile choice by M (measured on H100; see benchmarks/kernels.py):
-//   M <= 8   8 x 32 tiles (8 x 16 when N < 8192), warps split K: N / 32 CTAs keep every SM streaming
-//   M <= 16  16 x 32 tiles, warps split K
-//   M > 16   64 x 64 tiles, warps split N: each x row is read from L2 once per 64 columns
+// Tile choice by M and N (measured on H100 with benchmarks/kernels.py, W1-W8, g128):
+//   M <= 16  8 x 32 (M <= 8) or 16 x 32 tiles, warps split K. Wide layers (N >= 8192: N / 32 CTAs
+//            fill the GPU) use 4 warps; narrow ones use 8 warps along K, which doubles the warps in
+//            flight per SM (4096 x 14336, M = 16, W4: 51 -> 32 us; 4096 x 4096: 16.7 -> 11.6 us),
+//            while on 11008 x 4096 the 4-warp tiles are faster (22.7 against 24.4 us at M = 16).
+//            16-column tiles were slower everywhere (11008 x 4096, M = 1, W4: 20.3 against 17.7 us).
+//   M > 16   64 x 64 tiles, warps split N: each x row is read from L2 once per 64 columns (used up
+//            to M = 64 on wide layers; the op dequantizes + cuBLAS beyond, vllm_bipolar/ops.py)
 template <typename T, int BITS>
 void launch_gemm(const Problem& p, cudaStream_t stream) {
-  // BIPOLAR_A16_TILE (tuning experiments only): 1 = 16-column tiles, 2 = 8 warps along K, 3 = both.
-  static const int tile = [] {
-    const char* e = getenv("BIPOLAR_A16_TILE");
-    return e ? atoi(e) : 0;
-  }();
-  if (p.M <= 8 && tile == 1) launch_config<T, BITS, Config<BITS, 8, 1, 4>>(p, stream);
-  else if (p.M <= 8 && tile == 2) launch_config<T, BITS, Config<BITS, 8, 2, 8>>(p, stream);
-  else if (p.M <= 8 && tile == 3) launch_config<T, BITS, Config<BITS, 8, 1, 8>>(p, stream);
-  else if (p.M <= 16 && tile >= 2) launch_config<T, BITS, Config<BITS, 16, 2, 8>>(p, stream);
-  else if (p.M <= 8 && p.N >= 8192) launch_config<T, BITS, Config<BITS, 8, 2, 4>>(p, stream);
-  else if (p.M <= 8) launch_config<T, BITS, Config<BITS, 8, 1, 4>>(p, stream);
-  else if (p.M <= 16) launch_config<T, BITS, Config<BITS, 16, 2, 4>>(p, stream);
+  const bool wide = p.N >= 8192;
+  if (p.M <= 8 && wide) launch_config<T, BITS, Config<BITS, 8, 2, 4>>(p, stream);
+  else if (p.M <= 8) launch_config<T, BITS, Config<BITS, 8, 2, 8>>(p, stream);
+  else if (p.M <= 16 && wide) launch_config<T, BITS, Config<BITS, 16, 2, 4>>(p, stream);
+  else if (p.M <= 16) launch_config<T, BITS, Config<BITS, 16, 2, 8>>(p, stream);
   else launch_config<T, BITS, Config<BITS, 64, 1, 1>>(p, stream);
 }
 

@@ -2,7 +2,7 @@
 
     python -m quant_tools.generate MODEL [--prompt TEXT ...] [--max-tokens N] [--eager]
         [--dtype auto|bfloat16|float16] [--max-model-len N] [--quantization NAME]
-        [--logprobs N] [--json FILE]
+        [--logprobs N] [--json FILE] [--tensor-parallel-size N]
 
 Runs on whatever vLLM platform is installed (CPU or GPU). On CPU set VLLM_CPU_KVCACHE_SPACE
 (GiB of KV cache, e.g. 1); this tool defaults it to 1 when unset.
@@ -21,12 +21,13 @@ DEFAULT_PROMPTS = ("The capital of France is", "def fibonacci(n):", "The best wa
 
 
 def generate(model: str, prompts: list[str], max_tokens: int = 16, eager: bool = False, dtype: str = "auto",
-             max_model_len: int = 512, quantization: str | None = None, logprobs: int = 0) -> list[dict]:
+             max_model_len: int = 512, quantization: str | None = None, logprobs: int = 0,
+             tensor_parallel_size: int = 1) -> list[dict]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, enforce_eager=eager,
-              quantization=quantization, seed=0)
+              quantization=quantization, seed=0, tensor_parallel_size=tensor_parallel_size)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=logprobs or None)
     outs = llm.generate(prompts, params)
     results = []
@@ -51,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantization", default=None, help="quantization method to insist on, e.g. bipolar")
     ap.add_argument("--logprobs", type=int, default=0, help="record the top-N logprobs per generated token (JSON)")
     ap.add_argument("--json", help="also write the results (text and token ids) to this file")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over (default 1)")
     args = ap.parse_args(argv)
     t0 = time.time()
     results = generate(args.model, args.prompt or list(DEFAULT_PROMPTS), args.max_tokens, args.eager,
-                       args.dtype, args.max_model_len, args.quantization, args.logprobs)
+                       args.dtype, args.max_model_len, args.quantization, args.logprobs, args.tensor_parallel_size)
     for r in results:
         print(f"{r['prompt']!r} -> {r['text']!r}")
     print(f"({time.time() - t0:.1f} s including engine start)")

@@ -436,19 +436,19 @@ __global__ void __launch_bounds__(C::kThreads) gemm_a16_kernel(Problem p) {
     const uint32_t* ws = stage_w(buf);
     const uint32_t* ss = stage_s(buf);
     const int k0 = st * C::SK;
-    // The shared-memory loads of a block (weight words, scale words, and for single-m16 tiles the x
-    // fragments of its 4 k-steps) are issued together; when the warp's blocks need few registers
-    // (NB * BITS * KW <= 8 words: W1, W2) all blocks are fetched before any is decoded, so their
-    // latencies overlap (H100, 11008 x 4096, M = 1: W1 16.5 -> 15.2 us, W2 16.9 -> 15.7 us; for W4 the
-    // extra registers cost more than the overlap gained: 17.7 -> 19.1 us).
-    constexpr bool kFetchAll = C::NB * BITS * C::KW <= 8;
-    constexpr bool kPrefetchA = C::MB == 1 && kFetchAll;
+    // Two passes over the warp's KW blocks: first every shared-memory load (weight words, scale
+    // words, and for single-m16 tiles the x fragments of all 4 k-steps), then the decode and the
+    // mma. Issuing the loads together lets their latency overlap instead of stalling each block.
+    constexpr bool kPrefetchA = C::MB == 1;
     uint32_t words[C::KW][C::NB][BITS];
     uint32_t sz_raw[C::KW][2][C::NB][2];
     uint32_t afr_all[C::KW][kPrefetchA ? 4 : 1][4];
     bool held[C::KW];
-    auto fetch = [&](int j) {
+#pragma unroll
+    for (int j = 0; j < C::KW; ++j) {
       const int kbl = wk * C::KW + j;  // local 64-channel block
+      held[j] = k0 + kbl * kBlockK < p.Kp;  // warp-uniform
+      if (!held[j]) continue;
 #pragma unroll
       for (int b = 0; b < C::NB; ++b) {
         const uint32_t* blk = ws + ((wn * C::NB + b) * (C::SK / kBlockK) + kbl) * (32 * BITS);
@@ -485,16 +485,10 @@ __global__ void __launch_bounds__(C::kThreads) gemm_a16_kernel(Problem p) {
 #pragma unroll
         for (int s = 0; s < 4; ++s) load_a<C>(afr_all[j][s], a_row_held ? smem_addr(xs) + kbl * (kBlockK * 2) + a_off[s] : zero_addr, 0);
       }
-    };
-#pragma unroll
-    for (int j = 0; j < C::KW; ++j) {
-      held[j] = k0 + (wk * C::KW + j) * kBlockK < p.Kp;  // warp-uniform
-      if (kFetchAll && held[j]) fetch(j);
     }
 #pragma unroll
     for (int j = 0; j < C::KW; ++j) {
       if (!held[j]) continue;
-      if (!kFetchAll) fetch(j);
       const int kbl = wk * C::KW + j;
       uint32_t s2[2][C::NB][2], z2[2][C::NB][2];
 #pragma unroll

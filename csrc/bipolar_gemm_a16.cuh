@@ -308,20 +308,6 @@ struct Config {
   static_assert(SK % 64 == 0 && (SK / 8) >= 8, "swizzle needs >= 8 chunks per row");
 };
 
-// A fragment of one m16 x k16 step by ldmatrix (x2 for the 8-row tile: rows 8-15 are zero registers).
-template <class C>
-__device__ __forceinline__ void load_a(uint32_t (&afr)[4], uint32_t addr, int offset) {
-  if constexpr (C::kHalfA) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(afr[0]), "=r"(afr[2]) : "r"(addr));
-    afr[1] = 0u;
-    afr[3] = 0u;
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(afr[0]), "=r"(afr[1]), "=r"(afr[2]), "=r"(afr[3])
-                 : "r"(addr + offset));
-  }
-}
-
 // ---- the GEMM kernel ------------------------------------------------------------------------------
 template <typename T, int BITS, class C>
 __global__ void __launch_bounds__(C::kThreads) gemm_a16_kernel(Problem p) {
@@ -436,19 +422,12 @@ __global__ void __launch_bounds__(C::kThreads) gemm_a16_kernel(Problem p) {
     const uint32_t* ws = stage_w(buf);
     const uint32_t* ss = stage_s(buf);
     const int k0 = st * C::SK;
-    // Two passes over the warp's KW blocks: first every shared-memory load (weight words, scale
-    // words, and for single-m16 tiles the x fragments of all 4 k-steps), then the decode and the
-    // mma. Issuing the loads together lets their latency overlap instead of stalling each block.
-    constexpr bool kPrefetchA = C::MB == 1;
-    uint32_t words[C::KW][C::NB][BITS];
-    uint32_t sz_raw[C::KW][2][C::NB][2];
-    uint32_t afr_all[C::KW][kPrefetchA ? 4 : 1][4];
-    bool held[C::KW];
 #pragma unroll
     for (int j = 0; j < C::KW; ++j) {
       const int kbl = wk * C::KW + j;  // local 64-channel block
-      held[j] = k0 + kbl * kBlockK < p.Kp;  // warp-uniform
-      if (!held[j]) continue;
+      if (k0 + kbl * kBlockK >= p.Kp) break;  // warp-uniform
+      // weight words of this warp's NB blocks
+      uint32_t words[C::NB][BITS];
 #pragma unroll
       for (int b = 0; b < C::NB; ++b) {
         const uint32_t* blk = ws + ((wn * C::NB + b) * (C::SK / kBlockK) + kbl) * (32 * BITS);
@@ -459,55 +438,47 @@ __global__ void __launch_bounds__(C::kThreads) gemm_a16_kernel(Problem p) {
           if (w == 8) {
             const uint4 v0 = *reinterpret_cast<const uint4*>(src);
             const uint4 v1 = *reinterpret_cast<const uint4*>(src + 4);
-            words[j][b][sh + 0] = v0.x; words[j][b][sh + 1] = v0.y; words[j][b][sh + 2] = v0.z; words[j][b][sh + 3] = v0.w;
-            words[j][b][sh + 4] = v1.x; words[j][b][sh + 5] = v1.y; words[j][b][sh + 6] = v1.z; words[j][b][sh + 7] = v1.w;
+            words[b][sh + 0] = v0.x; words[b][sh + 1] = v0.y; words[b][sh + 2] = v0.z; words[b][sh + 3] = v0.w;
+            words[b][sh + 4] = v1.x; words[b][sh + 5] = v1.y; words[b][sh + 6] = v1.z; words[b][sh + 7] = v1.w;
           } else if (w == 4) {
             const uint4 v = *reinterpret_cast<const uint4*>(src);
-            words[j][b][sh + 0] = v.x; words[j][b][sh + 1] = v.y; words[j][b][sh + 2] = v.z; words[j][b][sh + 3] = v.w;
+            words[b][sh + 0] = v.x; words[b][sh + 1] = v.y; words[b][sh + 2] = v.z; words[b][sh + 3] = v.w;
           } else if (w == 2) {
             const uint2 v = *reinterpret_cast<const uint2*>(src);
-            words[j][b][sh + 0] = v.x; words[j][b][sh + 1] = v.y;
+            words[b][sh + 0] = v.x; words[b][sh + 1] = v.y;
           } else {
-            words[j][b][sh] = *src;
+            words[b][sh] = *src;
           }
         }
       }
-      // (s, z) words per row, for k-steps 0-1 and 2-3 (groups are >= 32 channels: one each)
+      // (s, s) / (z, z) per row, for k-steps 0-1 and 2-3 (groups are >= 32 channels: one each)
+      uint32_t s2[2][C::NB][2], z2[2][C::NB][2];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int gslot = (kbl * kBlockK + 32 * half) >> p.group_shift;  // scale row inside the stage
 #pragma unroll
         for (int b = 0; b < C::NB; ++b)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) sz_raw[j][half][b][h] = ss[gslot * C::NT + (wn * C::NB + b) * kBlockN + 8 * h + lane / 4];
+          for (int h = 0; h < 2; ++h)
+            split_sz(ss[gslot * C::NT + (wn * C::NB + b) * kBlockN + 8 * h + lane / 4], s2[half][b][h], z2[half][b][h]);
       }
-      if constexpr (kPrefetchA) {
-#pragma unroll
-        for (int s = 0; s < 4; ++s) load_a<C>(afr_all[j][s], a_row_held ? smem_addr(xs) + kbl * (kBlockK * 2) + a_off[s] : zero_addr, 0);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < C::KW; ++j) {
-      if (!held[j]) continue;
-      const int kbl = wk * C::KW + j;
-      uint32_t s2[2][C::NB][2], z2[2][C::NB][2];
-#pragma unroll
-      for (int half = 0; half < 2; ++half)
-#pragma unroll
-        for (int b = 0; b < C::NB; ++b)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) split_sz(sz_raw[j][half][b][h], s2[half][b][h], z2[half][b][h]);
 #pragma unroll
       for (int s = 0; s < 4; ++s) {  // mma k-steps of 16 channels
         // A fragments (x rows) by ldmatrix from the swizzled tile (offsets precomputed per k-step)
         uint32_t afr[C::MB][4];
-        if constexpr (kPrefetchA) {
+        const uint32_t xaddr = a_row_held ? smem_addr(xs) + kbl * (kBlockK * 2) + a_off[s] : zero_addr;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) afr[0][e] = afr_all[j][s][e];
-        } else {
-          const uint32_t xaddr = a_row_held ? smem_addr(xs) + kbl * (kBlockK * 2) + a_off[s] : zero_addr;
-#pragma unroll
-          for (int a = 0; a < C::MB; ++a) load_a<C>(afr[a], xaddr, a * 16 * C::SK * 2);
+        for (int a = 0; a < C::MB; ++a) {
+          if constexpr (C::kHalfA) {
+            asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                         : "=r"(afr[a][0]), "=r"(afr[a][2]) : "r"(xaddr));
+            afr[a][1] = 0u;
+            afr[a][3] = 0u;
+          } else {
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(afr[a][0]), "=r"(afr[a][1]), "=r"(afr[a][2]), "=r"(afr[a][3])
+                         : "r"(xaddr + a * 16 * C::SK * 2));
+          }
         }
 #pragma unroll
         for (int b = 0; b < C::NB; ++b) {
@@ -516,10 +487,10 @@ __global__ void __launch_bounds__(C::kThreads) gemm_a16_kernel(Problem p) {
             const uint32_t sv = s2[s / 2][b][h], zv = z2[s / 2][b][h];
             uint32_t b0 = 0, b1 = 0;
             // pair index p = 4 s + 2 h + r, as a constant for the decode
-#define BIPOLAR_DECODE_CASE(S, H)                                        \
-  if (s == S && h == H) {                                                \
-    b0 = decode_pair<T, BITS, 4 * S + 2 * H + 0>(words[j][b], sv, zv);   \
-    b1 = decode_pair<T, BITS, 4 * S + 2 * H + 1>(words[j][b], sv, zv);   \
+#define BIPOLAR_DECODE_CASE(S, H)                                     \
+  if (s == S && h == H) {                                             \
+    b0 = decode_pair<T, BITS, 4 * S + 2 * H + 0>(words[b], sv, zv);   \
+    b1 = decode_pair<T, BITS, 4 * S + 2 * H + 1>(words[b], sv, zv);   \
   }
             BIPOLAR_DECODE_CASE(0, 0) BIPOLAR_DECODE_CASE(0, 1) BIPOLAR_DECODE_CASE(1, 0) BIPOLAR_DECODE_CASE(1, 1)
             BIPOLAR_DECODE_CASE(2, 0) BIPOLAR_DECODE_CASE(2, 1) BIPOLAR_DECODE_CASE(3, 0) BIPOLAR_DECODE_CASE(3, 1)

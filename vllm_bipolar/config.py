@@ -54,7 +54,7 @@ class BipolarConfig(QuantizationConfig):
         return []
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "BipolarConfig":
+    def from_config(cls, config: dict[str, Any]) -> BipolarConfig:
         return cls(BipolarQuantSpec.from_dict(config))
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:

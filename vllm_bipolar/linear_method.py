@@ -24,8 +24,8 @@ from vllm.model_executor.parameter import (
 
 from .format.packing import WORD_BITS, num_words
 from .format.quantize import num_groups
-from .format.transforms import block_hadamard, hadamard_block
 from .format.spec import shard_names
+from .format.transforms import block_hadamard, hadamard_block
 from .kernels import BipolarLayerConfig, choose_kernel
 
 logger = init_logger("vllm.bipolar")  # under "vllm" so vLLM's logging config prints it

@@ -249,7 +249,8 @@ def test_fast_reference_equals_bitplane_matmul():
 
 
 def test_custom_op_and_backend():
-    """bipolar::linear_binary_cuda and CudaBinaryGemmKernel (chooser picks it first for WpAq)."""
+    """bipolar::linear_binary_cuda and CudaBinaryGemmKernel (chosen when forced; the weight-only kernels
+    come first for WpAq layers)."""
     from vllm_bipolar import ops
     from vllm_bipolar.kernels import BipolarLayerConfig, choose_kernel
     from vllm_bipolar.kernels.cuda_binary_gemm import CudaBinaryGemmKernel
@@ -259,7 +260,9 @@ def test_custom_op_and_backend():
     x = torch.randn(5, 3, k, device=DEV, dtype=torch.float16)
     cfg = BipolarLayerConfig(n=n, k=k, w_bits=w_bits, a_bits=a_bits, group_size=g, symmetric=False,
                              act_dtype=torch.float16)
-    assert choose_kernel(cfg, torch.device(DEV)) is CudaBinaryGemmKernel
+    from vllm_bipolar.kernels.cuda_gemm_a16 import CudaGemmA16Kernel
+
+    assert choose_kernel(cfg, torch.device(DEV)) is CudaGemmA16Kernel
     ok, why = CudaBinaryGemmKernel.can_implement(
         BipolarLayerConfig(n=n, k=k, w_bits=2, a_bits=16, group_size=g, symmetric=False, act_dtype=torch.float16),
         torch.device(DEV))

@@ -201,3 +201,21 @@ def test_cuda_graph_capture_and_replay():
         graph.replay()
         torch.cuda.synchronize()
         check_gemm(ys, xs, w, "graph replay")
+
+
+# ---- WpAq layers through the weight-only kernels ---------------------------------------------------
+@pytest.mark.parametrize("a_bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("w_bits", [1, 2, 3, 4, 8])
+def test_wpaq_through_a16_kernels(w_bits, a_bits):
+    """ops.linear_wpaq_a16_cuda = per-token activation quantization (the reference's own function),
+    then the weight-only kernels: equal to x_q @ W within the kernels' rounding, for every M path."""
+    from vllm_bipolar import ops
+    from vllm_bipolar.format import fake_quantize_activations
+
+    seed = torch.seed()
+    n, k = 1553, 1536
+    qw, sc, shift, w = make_layer(n, k, w_bits, 128, False, torch.float16)
+    for m in (1, 17, 100):
+        x = torch.randn(m, k, device=DEV, dtype=torch.float16) * 3
+        y = ops.linear_wpaq_a16_cuda(x, qw, sc, n, k, shift, a_bits)
+        check_gemm(y, fake_quantize_activations(x, a_bits), w, f"W{w_bits}A{a_bits} M={m} seed={seed}")

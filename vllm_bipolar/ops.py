@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .format.quantize import fake_quantize_activations
 from .format.reference import bipolar_linear
 
 try:  # the CUDA extension is optional: absent on CPU-only installs
@@ -53,14 +54,8 @@ def a16_uses_fused_kernel(m: int, n: int) -> bool:
     return m <= A16_FUSED_MAX_M or (m <= A16_FUSED_MAX_M_WIDE and n >= A16_WIDE_N)
 
 
-@torch.library.custom_op("bipolar::linear_a16_cuda", mutates_args=())
-def linear_a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int,
-                    group_shift: int) -> torch.Tensor:
-    """Weight-only bipolar linear on CUDA (repacked layout, kernels/a16_layout.py), x [M, K] -> [M, N].
-
-    The kernel depends on the number of tokens, so it is chosen here, inside an opaque op: a Python
-    branch in the layer would be frozen by torch.compile to whatever M the warm-up used.
-    """
+def _a16_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int,
+                 group_shift: int) -> torch.Tensor:
     if not a16_uses_fused_kernel(x.shape[0], n):
         w = torch.ops.bipolar_kernels.dequantize_a16(qweight, scales, n, k, group_shift)
         return torch.nn.functional.linear(x, w)
@@ -71,6 +66,30 @@ def linear_a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     elif x.data_ptr() % 16 or (x.shape[0] > 1 and x.stride(0) % 8):
         x = x.clone(memory_format=torch.contiguous_format)
     return torch.ops.bipolar_kernels.gemm_a16(x, qweight, scales, n, k, group_shift)
+
+
+@torch.library.custom_op("bipolar::linear_a16_cuda", mutates_args=())
+def linear_a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int,
+                    group_shift: int) -> torch.Tensor:
+    """Weight-only bipolar linear on CUDA (repacked layout, kernels/a16_layout.py), x [M, K] -> [M, N].
+
+    The kernel depends on the number of tokens, so it is chosen here, inside an opaque op: a Python
+    branch in the layer would be frozen by torch.compile to whatever M the warm-up used.
+    """
+    return _a16_forward(x, qweight, scales, n, k, group_shift)
+
+
+@torch.library.custom_op("bipolar::linear_wpaq_a16_cuda", mutates_args=())
+def linear_wpaq_a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int,
+                         group_shift: int, a_bits: int) -> torch.Tensor:
+    """WpAq layer through the weight-only kernels: activations quantized per token (a_bits) and
+    dequantized, then x_q @ W^T -- the pure-torch reference's own order of operations."""
+    return _a16_forward(fake_quantize_activations(x, a_bits), qweight, scales, n, k, group_shift)
+
+
+@linear_wpaq_a16_cuda.register_fake
+def _(x, qweight, scales, n, k, group_shift, a_bits):
+    return x.new_empty((x.shape[0], n))
 
 
 @linear_a16_cuda.register_fake

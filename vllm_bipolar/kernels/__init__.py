@@ -17,7 +17,9 @@ from .cuda_gemm_a16 import CudaGemmA16Kernel
 from .layer_config import BipolarLayerConfig
 from .torch_reference import TorchReferenceKernel
 
-KERNELS: list[type[BipolarLinearKernel]] = [CudaBinaryGemmKernel, CudaGemmA16Kernel, TorchReferenceKernel]
+# The weight-only kernels come first for every a_bits: measured faster than the binary tensor-core
+# kernels at every shape (see cuda_gemm_a16.py); those stay available through VLLM_BIPOLAR_KERNEL.
+KERNELS: list[type[BipolarLinearKernel]] = [CudaGemmA16Kernel, CudaBinaryGemmKernel, TorchReferenceKernel]
 FORCE_ENV = "VLLM_BIPOLAR_KERNEL"
 
 

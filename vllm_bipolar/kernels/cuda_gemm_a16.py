@@ -1,5 +1,5 @@
-"""CUDA weight-only backend (a_bits = 16): ``bipolar_kernels::gemm_a16`` / ``dequantize_a16`` from
-csrc/bipolar_gemm_a16.cu.
+"""CUDA backend on the weight-only kernels ``bipolar_kernels::gemm_a16`` / ``dequantize_a16``
+(csrc/bipolar_gemm_a16.cu), for every a_bits.
 
 At load the checkpoint bit planes are repacked (a16_layout.repack) so that each thread finds the
 codes of its mma.sync B fragments side by side, and scales/offsets become (2s, z - sL) pairs.
@@ -7,6 +7,12 @@ Up to ``ops.A16_FUSED_MAX_M`` tokens the fused kernel streams the weights once a
 fp16/bf16 in registers for the tensor cores; larger batches dequantize into a dense weight and call
 cuBLAS (compute-bound there, where cuBLAS is the fastest tensor-core GEMM). The choice is made per
 call inside the op.
+
+Layers with a_bits < 16 run the same kernels on activations quantized per token and dequantized
+(``ops.linear_wpaq_a16_cuda``): the reference's own order of operations, and on an H100 4-30x
+faster than the binary tensor-core kernels of ``cuda_binary_gemm`` as they stand
+(benchmarks/results/kernels_h100.json: W2A2, 14336 x 4096, M = 4096: 3.4 ms there against the
+0.78 ms of the weight-only path), which stay selectable with VLLM_BIPOLAR_KERNEL=cuda_binary_gemm.
 """
 
 from __future__ import annotations
@@ -25,8 +31,6 @@ class CudaGemmA16Kernel(BipolarLinearKernel):
     @classmethod
     def can_implement(cls, config: BipolarLayerConfig, device: torch.device) -> tuple[bool, str | None]:
         why = cuda_half_reason(config, device)
-        if why is None and not config.weight_only:
-            why = f"weight-only kernel; a_bits={config.a_bits} needs a WpAq kernel"
         if why is None:
             major, minor = torch.cuda.get_device_capability(device)
             if major < 8:
@@ -45,5 +49,8 @@ class CudaGemmA16Kernel(BipolarLinearKernel):
 
     def apply_weights(self, layer, x, bias=None):
         c = self.config
-        return apply_2d(x, bias, c.n, lambda x2: ops.linear_a16_cuda(
-            x2, layer.qweight, layer.scales, c.n, c.k, self.group_shift))
+        if c.weight_only:
+            return apply_2d(x, bias, c.n, lambda x2: ops.linear_a16_cuda(
+                x2, layer.qweight, layer.scales, c.n, c.k, self.group_shift))
+        return apply_2d(x, bias, c.n, lambda x2: ops.linear_wpaq_a16_cuda(
+            x2, layer.qweight, layer.scales, c.n, c.k, self.group_shift, c.a_bits))

@@ -40,17 +40,21 @@ ROWS = [
     _row("bf16"),
     *[_row(f"w4-{m}", 4, method=m) for m in ("rtn", "mse", "gptq", "gptq_int")],
     *[_row(f"w3-{m}", 3, method=m) for m in ("rtn", "mse", "gptq", "gptq_int")],
-    _row("w3.5-avg-gptq", 3, method="gptq", avg_bits=3.5),
-    _row("w2.5-avg-gptq", 2, method="gptq", avg_bits=2.5),
-    *[_row(f"w2-{m}", 2, method=m) for m in ("rtn", "mse", "gptq", "gptq_int")],
+    _row("w2-rtn", 2, method="rtn"),
+    _row("w2-mse", 2, method="mse"),
     _row("w4a8-gptq", 4, 8, "gptq"),
-    _row("w4a8-gptq-rot", 4, 8, "gptq", rotate=True),
-    _row("w4a4-gptq", 4, 4, "gptq"),
     _row("w4a4-gptq-rot", 4, 4, "gptq", rotate=True),
+    _row("w3.5-avg-gptq", 3, method="gptq", avg_bits=3.5),
+    _row("w4a4-gptq", 4, 4, "gptq"),
+    _row("w2-gptq", 2, method="gptq"),
+    _row("w2.5-avg-gptq", 2, method="gptq", avg_bits=2.5),
     _row("w8a8-rtn", 8, 8, "rtn"),
     _row("w8a8-rtn-rot", 8, 8, "rtn", rotate=True),
-    *[_row(f"w8-{m}", 8, method=m) for m in ("rtn", "mse", "gptq")],
-    # Beyond the required table: the rotation as incoherence processing for weight-only low bits.
+    _row("w8-rtn", 8, method="rtn"),
+    _row("w2-gptq_int", 2, method="gptq_int"),
+    _row("w4a8-gptq-rot", 4, 8, "gptq", rotate=True),
+    *[_row(f"w8-{m}", 8, method=m) for m in ("mse", "gptq")],
+    # The rotation (--rotate) as incoherence processing for weight-only low bits.
     _row("w2-gptq-rot", 2, method="gptq", rotate=True),
     _row("w3-gptq-rot", 3, method="gptq", rotate=True),
     _row("w4-gptq-rot", 4, method="gptq", rotate=True),
@@ -75,6 +79,35 @@ def convert_cmd(row: dict, calib: list[str]) -> list[str] | None:
 def eval_cmd(row: dict, tasks: list[str]) -> list[str]:
     model = str(SRC.relative_to(REPO)) if row["w_bits"] is None else f".models/acc/{row['name']}"
     return ["python", "-m", "quant_tools.evaluate", model, "--tasks", *tasks]
+
+
+def _stamped(row: dict, calib: list[str]) -> bool:
+    """True when the row's checkpoint exists and was made by its current command."""
+    cmd = convert_cmd(row, calib)
+    if cmd is None:
+        return True
+    stamp = OUT_DIR / f"{row['name']}.cmd"
+    return (REPO / cmd[4]).is_dir() and stamp.is_file() and stamp.read_text() == shlex.join(cmd)
+
+
+def _wait_for_other_writer(target: str) -> None:
+    """Wait while another converter process (an earlier run of this script) has ``target`` in its
+    command line (the row's output directory, or the sensitivity cache it is measuring)."""
+    while True:
+        busy = False
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_text()
+            except OSError:
+                continue
+            if "quant_tools.convert" in cmdline and target in cmdline:
+                busy = True
+                break
+        if not busy:
+            return
+        time.sleep(10)
 
 
 def _run(cmd: list[str], log: Path) -> tuple[int, float]:
@@ -117,6 +150,10 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--tasks", nargs="+", default=["wikitext2_local_small"])
+    ap.add_argument("--skip", nargs="+", default=[], help="row names to leave out")
+    ap.add_argument("--merge", nargs="+", help="merge the finished evaluation JSON of these rows (made by an "
+                    "earlier, interrupted run) into the results file and exit")
+    ap.add_argument("--parallel", type=int, default=2, help="conversions at a time (default 2)")
     ap.add_argument("--table", action="store_true", help="print the results as a markdown table and exit")
     args = ap.parse_args()
     if args.table:
@@ -126,21 +163,37 @@ def main() -> int:
     done = set()
     if RESULTS.is_file() and not args.redo:
         done = {r["name"] for r in json.loads(RESULTS.read_text())["rows"] if r.get("word_perplexity")}
-    rows = [r for r in ROWS if (not args.only or r["name"] in args.only) and r["name"] not in done]
+    if args.merge:
+        for row in (r for r in ROWS if r["name"] in args.merge):
+            ccmd, ecmd = convert_cmd(row, calib), eval_cmd(row, args.tasks)
+            _record(row, ccmd, ecmd, OUT_DIR / f"{row['name']}.eval.json", args.tasks[0], {"rc": 0, "seconds": None},
+                    None)
+        return 0
+    rows = [r for r in ROWS if (not args.only or r["name"] in args.only) and r["name"] not in done
+            and r["name"] not in args.skip]
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     logs = OUT_DIR / "logs"
     logs.mkdir(exist_ok=True)
     converted: dict[str, threading.Event] = {r["name"]: threading.Event() for r in rows}
     conv_info: dict[str, dict] = {}
 
+    queue = list(rows)
+    qlock = threading.Lock()
+
+    def next_row():
+        with qlock:
+            return queue.pop(0) if queue else None
+
     def converter():
-        for row in rows:
+        while (row := next_row()) is not None:
             cmd = convert_cmd(row, calib)
             info = {"rc": 0, "seconds": 0.0}
             if cmd is not None:
-                dst = REPO / cmd[4]
                 stamp = OUT_DIR / f"{row['name']}.cmd"
-                if not (dst.is_dir() and stamp.is_file() and stamp.read_text() == shlex.join(cmd)):
+                _wait_for_other_writer(f".models/acc/{row['name']}\0")
+                if row["avg_bits"] is not None:  # reuse the sensitivity profile another run is measuring
+                    _wait_for_other_writer("sensitivity.json")
+                if not _stamped(row, calib):
                     rc, sec = _run(cmd + ["--overwrite", "--no-progress"], logs / f"{row['name']}.convert.log")
                     info = {"rc": rc, "seconds": round(sec, 1)}
                     if rc == 0:
@@ -149,35 +202,49 @@ def main() -> int:
             conv_info[row["name"]] = info
             converted[row["name"]].set()
 
-    threading.Thread(target=converter, daemon=True).start()
-    for row in rows:
-        converted[row["name"]].wait()
-        info = conv_info[row["name"]]
+    for _ in range(args.parallel):
+        threading.Thread(target=converter, daemon=True).start()
+    pending = list(rows)
+    while pending:
+        # The first row (in priority order) whose conversion is done: a slow conversion does not
+        # hold up the evaluation of the rows behind it.
+        ready = [r for r in pending if converted[r["name"]].is_set() or _stamped(r, calib)]
+        if not ready:
+            time.sleep(2)
+            continue
+        row = ready[0]
+        pending.remove(row)
+        info = conv_info.get(row["name"], {"rc": 0, "seconds": 0.0})
         ccmd = convert_cmd(row, calib)
-        entry = {k: row[k] for k in ("name", "w_bits", "a_bits", "group_size", "method", "avg_bits", "rotate")}
-        if row["w_bits"] is None:
-            entry.update(w_bits=16, a_bits=16, group_size=None, method="bf16")
         if info["rc"] != 0:
             print(f"[skip] {row['name']}: conversion failed (see {logs}/{row['name']}.convert.log)", flush=True)
             continue
-        if ccmd is not None:
-            qc = json.loads((REPO / ccmd[4] / "config.json").read_text())["quantization_config"]
-            entry["avg_bits"] = qc.get("avg_bits", row["w_bits"])
-            entry["layer_bits_histogram"] = _histogram(qc)
         ecmd = eval_cmd(row, args.tasks)
         json_out = OUT_DIR / f"{row['name']}.eval.json"
         rc, sec = _run(ecmd + ["--json", str(json_out)], logs / f"{row['name']}.eval.log")
         if rc != 0:
             print(f"[fail] {row['name']}: evaluation rc={rc} (see {logs}/{row['name']}.eval.log)", flush=True)
             continue
-        res = json.loads(json_out.read_text())["results"][args.tasks[0]]
-        entry.update(word_perplexity=res["word_perplexity"], byte_perplexity=res.get("byte_perplexity"),
-                     task=args.tasks[0],
-                     command=(shlex.join(ccmd) + " && " if ccmd else "") + shlex.join(ecmd),
-                     convert_seconds=info["seconds"], eval_seconds=round(sec, 1))
-        _save(entry)
+        res = _record(row, ccmd, ecmd, json_out, args.tasks[0], info, round(sec, 1))
         print(f"[done] {row['name']}: word_perplexity {res['word_perplexity']:.3f} ({sec:.0f} s)", flush=True)
     return 0
+
+
+def _record(row, ccmd, ecmd, json_out: Path, task: str, info: dict, eval_seconds) -> dict:
+    """Merge one finished row (its evaluation JSON and its checkpoint's config) into RESULTS."""
+    entry = {k: row[k] for k in ("name", "w_bits", "a_bits", "group_size", "method", "avg_bits", "rotate")}
+    if row["w_bits"] is None:
+        entry.update(w_bits=16, a_bits=16, group_size=None, method="bf16")
+    else:
+        qc = json.loads((REPO / ccmd[4] / "config.json").read_text())["quantization_config"]
+        entry["avg_bits"] = qc.get("avg_bits", row["w_bits"])
+        entry["layer_bits_histogram"] = _histogram(qc)
+    res = json.loads(json_out.read_text())["results"][task]
+    entry.update(word_perplexity=res["word_perplexity"], byte_perplexity=res.get("byte_perplexity"), task=task,
+                 command=(shlex.join(ccmd) + " && " if ccmd else "") + shlex.join(ecmd),
+                 convert_seconds=info["seconds"], eval_seconds=eval_seconds)
+    _save(entry)
+    return res
 
 
 def markdown_table(data: dict) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PROMPTS = ["the capital of france is", "water in the river", "the first people of the north",
            "music and history of the city"]
@@ -33,10 +34,10 @@ TIE = 0.05  # logprob gap below which a divergence is a tie, not an error
 
 def build_model(path: Path, intermediate: int) -> Path:
     from conftest import make_tiny_llama
-    from test_vllm_gpu import make_tokenizer
+    from load_test import make_word_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
-    vocab = make_tokenizer(path)
+    vocab = make_word_tokenizer(path)
     make_tiny_llama(path, hidden=1024, intermediate=intermediate, layers=4, heads=16, kv_heads=8, vocab=vocab)
     cfg = json.loads((path / "config.json").read_text())
     cfg.update(bos_token_id=1, eos_token_id=2)

@@ -21,21 +21,11 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("vllm")
 
-WORDS = ("the of and to in is was for on as with by at from that it an be are this which or his "
-         "her their city river music history science water paris france capital language north "
-         "south east west first second new old great small large people time year world").split()
-
-
 def make_tokenizer(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """The word-level tokenizer of benchmarks/load_test.py (no hub access needed); returns the vocab size."""
+    from benchmarks.load_test import make_word_tokenizer
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(path)
-    return len(vocab)
+    return make_word_tokenizer(path)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from test_tp_loading import (  # noqa: F401,F811
+from test_tp_loading import (  # noqa: F401
     _one_thread,
     _registered,
     _torch_kernel,
@@ -35,7 +35,7 @@ def _config(online):
 
 @pytest.mark.parametrize("tp", [1, 3])
 @pytest.mark.parametrize("online", [["down_proj"], []])
-def test_row_parallel_applies_block_hadamard(tp, online, gen, set_tp):
+def test_row_parallel_applies_block_hadamard(tp, online, gen, set_tp):  # noqa: F811 - fixtures
     down = make_module(HIDDEN, DOWN_IN, 4, 128, False, torch.float32, gen)
     x = torch.randn(TOKENS, DOWN_IN, generator=gen)
     h = hadamard_matrix(256)
@@ -52,7 +52,7 @@ def test_row_parallel_applies_block_hadamard(tp, online, gen, set_tp):
     assert ((total - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def test_shard_splitting_a_hadamard_block_is_refused(set_tp):
+def test_shard_splitting_a_hadamard_block_is_refused(set_tp):  # noqa: F811 - fixture
     set_tp(0, 2)  # K/tp = 384 is not a multiple of the 256-channel blocks
     with pytest.raises(BipolarShardError, match=r"down_proj: the online Hadamard transform works on blocks of 256"):
         RowParallelLinear(DOWN_IN, HIDDEN, bias=False, params_dtype=torch.float32, reduce_results=False,

@@ -184,13 +184,49 @@ def test_config_parser_on_random_json(config):
     _parse(config)
 
 
+# An independent statement of which scalar values the format allows (DESIGN.md section 4).
+SCALAR_RULES = {
+    "w_bits": lambda v: 1 <= v <= 8,
+    "a_bits": lambda v: 1 <= v <= 8 or v == 16,
+    "group_size": lambda v: v == -1 or (v > 0 and v % 32 == 0),
+}
+
+
+# a valid config with one scalar key set to a value near the edges of the rules, other keys plausible
+EDGE_VALUES = [-1, 0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 48, 64, 96, 128, 130, 256, True, 4.0, "8"]
+near_valid = st.builds(
+    lambda over, key, value: {"quant_method": "bipolar", "format_version": 1, "w_bits": 4, **over, key: value},
+    st.dictionaries(st.sampled_from(["symmetric", "modules_to_not_convert", "method"]), plausible, max_size=2),
+    st.sampled_from(sorted(SCALAR_RULES)), st.sampled_from(EDGE_VALUES))
+
+
+@pytest.mark.parametrize("key", sorted(SCALAR_RULES))
+@pytest.mark.parametrize("value", EDGE_VALUES, ids=repr)
+def test_config_parser_scalar_edges(key, value):
+    """Every edge value of every scalar key, on an otherwise valid config: accepted exactly when the
+    independent rules allow it (a_bits < 16 also needs group_size -1 or a multiple of 128)."""
+    config = {"quant_method": "bipolar", "format_version": 1, "w_bits": 4, "group_size": 128, key: value}
+    spec = _parse(config)
+    a_bits, group = config.get("a_bits", 16), config["group_size"]
+    valid = all(type(config[k]) is int and SCALAR_RULES[k](config[k]) for k in SCALAR_RULES if k in config)
+    valid = valid and (a_bits == 16 or group == -1 or group % 128 == 0)
+    assert (spec is not None) == valid, (key, value)
+    if spec is not None:
+        assert getattr(spec, key) == value
+
+
 @SETTINGS
-@given(st.dictionaries(st.sampled_from(KEYS), plausible, max_size=len(KEYS)))
+@given(st.one_of(near_valid, st.dictionaries(st.sampled_from(KEYS), plausible, max_size=len(KEYS))))
 def test_config_parser_on_plausible_configs(config):
     spec = _parse(config)
-    if spec is not None:
-        assert 1 <= spec.w_bits <= 8 and (1 <= spec.a_bits <= 8 or spec.a_bits == 16)
-        assert spec.group_size == -1 or (spec.group_size > 0 and spec.group_size % 32 == 0)
+    # a present scalar key outside the rules (or not a plain int) must make the parser refuse the config
+    broken = [k for k, ok in SCALAR_RULES.items() if k in config and not (type(config[k]) is int and ok(config[k]))]
+    if broken:
+        assert spec is None, f"parser accepted {broken} = {[config[k] for k in broken]}"
+    if spec is not None:  # and what it accepts, it keeps as given
+        for key in SCALAR_RULES:
+            if key in config:
+                assert getattr(spec, key) == config[key]
 
 
 @SETTINGS

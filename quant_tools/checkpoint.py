@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from vllm_bipolar.format.safetensors_header import SafetensorsHeaderError, read_safetensors_header
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Files copied verbatim from SRC to DST (tokenizer, generation and chat-template files).
@@ -69,27 +70,10 @@ def _os_error(e: Exception, path: Path) -> OSError:
 
 def _check_safetensors_file(path: Path) -> None:
     """Fail with a clear message on a truncated or corrupt safetensors file (before reading it)."""
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: file is truncated ({size} bytes); re-download or re-save it")
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > size - 8:
-                raise CheckpointError(f"{path}: header length {hlen} exceeds the file size {size}; "
-                                      "the file is truncated or not a safetensors file")
-            header = json.loads(f.read(hlen))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e}); re-download or re-save it") from e
-    try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header (no valid tensor table: {e!r}); "
-                              "re-download or re-save it") from e
-    if 8 + hlen + end > size:
-        raise CheckpointError(f"{path}: file is truncated: its header describes {8 + hlen + end} bytes "
-                              f"but it has {size}; re-download or re-save it")
+        read_safetensors_header(path)
+    except SafetensorsHeaderError as e:
+        raise CheckpointError(f"{e}; re-download or re-save it") from e
 
 
 class HFCheckpoint:

@@ -170,7 +170,7 @@ def test_corrupt_header(good, tmp_path):
     data = bytearray(f.read_bytes())
     data[8:16] = b"\xff" * 8  # JSON header starts with garbage
     f.write_bytes(bytes(data))
-    refused(d, str(f), "unreadable safetensors header")
+    refused(d, str(f), "corrupt safetensors header")
 
 
 def test_shard_file_missing(good, tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
+from .format.safetensors_header import SafetensorsHeaderError, read_safetensors_header
 from .format.spec import QUANT_METHOD, BipolarConfigError, BipolarQuantSpec, shard_names
 
 
@@ -86,27 +86,10 @@ LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def _read_header(path: Path) -> dict[str, dict]:
-    """The tensor table of a safetensors file; a clear error when the file is truncated or corrupt."""
-    size = path.stat().st_size
-    fix = "the file is truncated or corrupt (an interrupted copy or download?); copy or re-convert it"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise BipolarConfigError(f"{path}: {size} bytes, too short for a safetensors file; {fix}")
-        (hlen,) = struct.unpack("<Q", head)
-        if hlen > size - 8:
-            raise BipolarConfigError(f"{path}: header length {hlen} exceeds the file size {size}; {fix}")
-        try:
-            header = json.loads(f.read(hlen))
-            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-            end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
-            for v in tensors.values():
-                v["shape"] = [int(d) for d in v["shape"]]
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-            raise BipolarConfigError(f"{path}: unreadable safetensors header ({e!r}); {fix}") from e
-    if 8 + hlen + end > size:
-        raise BipolarConfigError(f"{path}: the file has {size} bytes but its header describes {8 + hlen + end}; {fix}")
-    return tensors
+    try:
+        return read_safetensors_header(path)
+    except SafetensorsHeaderError as e:
+        raise BipolarConfigError(f"{e}; copy or re-convert it") from e
 
 
 def checkpoint_tensors(model_dir: Path) -> dict[str, dict]:

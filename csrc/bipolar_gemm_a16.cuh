@@ -79,6 +79,8 @@ constexpr int64_t kMaxM = int64_t(65535) * 16;
 #if defined(BIPOLAR_GEMM_A16_KERNELS)
 #include <c10/cuda/CUDAException.h>
 
+#include <atomic>
+
 namespace bipolar {
 namespace a16 {
 namespace {
@@ -610,9 +612,17 @@ __global__ void __launch_bounds__(kThreads) dequantize_a16_kernel(Problem p) {
 template <typename T, int BITS, class C>
 void launch_config(const Problem& p, cudaStream_t stream) {
   auto kernel = gemm_a16_kernel<T, BITS, C>;
-  // > 48 KB of dynamic shared memory needs the opt-in (idempotent, cheap; no synchronisation).
   const int smem = C::smem_bytes(p.M);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  // > 48 KB of dynamic shared memory needs the opt-in, once per device (the attribute is per device),
+  // set to the tile's largest request (x_rows grows with M up to MT), so no later call pays for it.
+  static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (bit == 0 || !(opted_in.load(std::memory_order_relaxed) & bit)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::smem_bytes(C::MT)));
+    opted_in.fetch_or(bit, std::memory_order_relaxed);
+  }
   const dim3 grid(p.Np / C::NT, (p.M + C::MT - 1) / C::MT);
   kernel<<<grid, C::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -174,6 +174,29 @@ main()
 """
 
 
+def serve_command(model: Path | str, port: int, served_name: str, dtype: str, max_model_len: int,
+                  quantization: str = "bipolar", eager: bool = False, extra: list[str] | tuple = ()) -> tuple[list[str], str]:
+    """(argv that starts `vllm serve` on 127.0.0.1:port through SERVE_LAUNCHER, the same as a `vllm serve ...` line)."""
+    quant = [] if quantization == "none" else ["--quantization", quantization]
+    cmd = [sys.executable, "-c", SERVE_LAUNCHER, "serve", str(model), *quant,
+           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name, "--dtype", dtype,
+           "--max-model-len", str(max_model_len), "--seed", "0",
+           "--disable-uvicorn-access-log", *(["--enforce-eager"] if eager else []), *extra]
+    return cmd, " ".join(["vllm", *cmd[3:]])
+
+
+def server_env(device: str) -> dict[str, str]:
+    env = dict(os.environ)
+    if device == "cpu":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env
+
+
+def default_device() -> str:
+    """cuda when nvidia-smi sees a GPU, else cpu."""
+    return "cuda" if gpu_memory_mib() is not None else "cpu"
+
+
 class Server:
     """`vllm serve` in its own process group, its output in a log file."""
 
@@ -557,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     args._t_start = time.time()
     if args.warmup is None:
         args.warmup = args.clients
-    device = args.device or ("cuda" if gpu_memory_mib() is not None else "cpu")
+    device = args.device or default_device()
     tmp = None
     if args.model:
         model = Path(args.model).absolute()
@@ -572,17 +595,10 @@ def main(argv: list[str] | None = None) -> int:
     log_path = Path(args.log) if args.log else out_json.with_suffix(".server.log")
     port = free_port()
     served_name = "bipolar-under-test"
-    quant = [] if args.quantization == "none" else ["--quantization", args.quantization]
-    cmd = [sys.executable, "-c", SERVE_LAUNCHER, "serve", str(model), *quant,
-           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name, "--dtype", dtype,
-           "--max-model-len", str(args.max_model_len), "--seed", "0",
-           "--disable-uvicorn-access-log", *(["--enforce-eager"] if args.eager else []), *args.serve_arg]
-    env = dict(os.environ)
-    if device == "cpu":
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    shown = " ".join(["vllm", *cmd[3:]])
+    cmd, shown = serve_command(model, port, served_name, dtype, args.max_model_len, args.quantization, args.eager,
+                               args.serve_arg)
     print("server:", shown, flush=True)
-    server = Server(cmd, env, log_path)
+    server = Server(cmd, server_env(device), log_path)
     try:
         res = asyncio.run(run_load(args, server, f"http://127.0.0.1:{port}", served_name))
     except RuntimeError as e:

@@ -27,12 +27,14 @@
 //   Padding rows / groups have s = z = 0; padding channels meet zero-filled activations: never matter.
 //
 // ---- Work split ---------------------------------------------------------------------------------
-// A CTA of 4 warps owns an output tile of MT rows x NT columns and loops over all of K in stages of
-// SK channels, a cp.async pipeline of kStages stages (x rows, weight blocks, scale rows of one stage
-// land in shared memory together). Inside a stage the warps split K (WK warps) and/or N (WN
-// warps); with WK > 1 the partial tiles are summed through shared memory at the end.
-// Tile shapes (Config below): small M uses 16-column tiles so N / 16 CTAs fill the GPU at M = 1;
-// larger M uses wider tiles so each activation row is read from L2 fewer times.
+// Two GEMM kernels read the layout:
+// * gemv_a16_kernel (M <= 16, decode): weights stream from HBM straight into registers, two chunks
+//   per warp in flight, no shared memory or barrier in the main loop; a CTA owns 32 output columns
+//   and its 8 or 16 warps split K; x rows sit in shared memory (or come from L1/L2 when too large).
+// * gemm_a16_kernel (M 17..64): a CTA of 4 warps owns a 64 x 64 output tile and loops over K in
+//   stages, a cp.async pipeline of kStages stages (x rows, weight blocks, scale rows of one stage land
+//   in shared memory together); A fragments by ldmatrix from a swizzled tile.
+// Beyond, the op dequantizes (dequantize_a16_kernel) and calls cuBLAS (vllm_bipolar/ops.py).
 //
 // No host synchronisation, no allocation beyond the output, launched on the current stream: the
 // op can be captured in a CUDA graph.
@@ -80,6 +82,7 @@ constexpr int64_t kMaxM = int64_t(65535) * 16;
 #include <c10/cuda/CUDAException.h>
 
 #include <atomic>
+#include <cstdlib>
 
 namespace bipolar {
 namespace a16 {
@@ -249,6 +252,17 @@ __device__ __forceinline__ uint32_t decode_pair(const uint32_t (&words)[BITS], u
 __device__ __forceinline__ void split_sz(uint32_t sz, uint32_t& ss, uint32_t& zz) {
   ss = __byte_perm(sz, 0, 0x1010);
   zz = __byte_perm(sz, 0, 0x3232);
+}
+
+// Output elements n and n + 1 (n even) of a row of N: one 4-byte store when both exist and are aligned.
+template <typename T, typename T2>
+__device__ __forceinline__ void store_pair(T* dst, T2 pair, int n, int N) {
+  if (n + 1 < N && (N % 2) == 0) {
+    *reinterpret_cast<T2*>(dst) = pair;
+  } else {
+    dst[0] = pair.x;
+    if (n + 1 < N) dst[1] = pair.y;
+  }
 }
 
 // ---- memory ---------------------------------------------------------------------------------------
@@ -533,14 +547,231 @@ __global__ void __launch_bounds__(C::kThreads) gemm_a16_kernel(Problem p) {
     }
     const int gn = n0 + n;
     if (m >= mv || gn >= p.N) continue;
-    T* dst = y + size_t(m0 + m) * p.N + gn;
-    const auto pair = E::floats2(v0, v1);
-    if (gn + 1 < p.N && (p.N % 2) == 0) {
-      *reinterpret_cast<typename E::T2*>(dst) = pair;
-    } else {
-      dst[0] = pair.x;
-      if (gn + 1 < p.N) dst[1] = pair.y;
+    store_pair<T>(y + size_t(m0 + m) * p.N + gn, E::floats2(v0, v1), gn, p.N);
+  }
+}
+
+// ---- the decode kernel (M <= 16) ------------------------------------------------------------------
+// At decode the weights are everything: 1 to 16 activation rows meet every weight exactly once, so
+// this kernel keeps weights out of shared memory and away from barriers. Each warp streams its
+// layout blocks from HBM straight into registers, D blocks at a time (D * bits words per lane and
+// block row in flight, ~2 KB per warp whatever the width), takes its A fragments (the x rows) straight
+// from global memory (a few KB, L1/L2-resident after the first warp of an SM touched them), decodes
+// and issues mma. A CTA owns NT = 16 NB output columns across all of K; its WARPS warps split K
+// (warp w takes layout blocks w, w + WARPS, w + 2 WARPS, ...: together they read each block row as
+// one contiguous run) and sum their partial tiles through shared memory once, at the end.
+// MT = 8 (M <= 8): A rows 8-15 are zero registers; MT = 16: all 16 rows of the mma.
+template <int BITS, int MT_, int WARPS_, int NB_ = 2>
+struct DecodeConfig {
+  static constexpr int MT = MT_;
+  static constexpr int NB = NB_;
+  static constexpr int WARPS = WARPS_;
+  static constexpr int NT = kBlockN * NB_;
+  static constexpr int kThreads = kWarpSize * WARPS_;
+  // layout blocks per warp and chunk (two chunks in registers: one decoded while the next loads):
+  // one, two for 1-bit weights, so that the registers hold without spilling
+  static constexpr int D = BITS == 1 ? 2 : 1;
+  static constexpr int kSmemBytes = WARPS_ * MT_ * NT * 4;  // the partial tiles of the final sum
+  // 24 warps per SM (<= 80 registers a thread): the loads in flight are what keeps HBM busy; the
+  // 16-row tile needs more registers (its x fragments are twice as many): 16 warps
+  static constexpr int kMinBlocks = (MT_ == 16 ? 512 : 768) / kThreads > 0 ? (MT_ == 16 ? 512 : 768) / kThreads : 1;
+  static_assert(MT_ == 8 || MT_ == 16, "decode tiles are 8 or 16 rows");
+  static_assert(kSmemBytes <= 48 * 1024, "no opt-in needed");
+};
+
+// Streaming loads of a part's w words (read once: not kept in L1).
+template <int W>
+__device__ __forceinline__ void ldg_stream(const uint32_t* src, uint32_t* dst) {
+  if constexpr (W == 1) {
+    asm volatile("ld.global.nc.L1::no_allocate.b32 %0, [%1];\n" : "=r"(dst[0]) : "l"(src));
+  } else if constexpr (W == 2) {
+    asm volatile("ld.global.nc.L1::no_allocate.v2.b32 {%0, %1}, [%2];\n" : "=r"(dst[0]), "=r"(dst[1]) : "l"(src));
+  } else {
+#pragma unroll
+    for (int i = 0; i < W / 4; ++i)
+      asm volatile("ld.global.nc.L1::no_allocate.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(dst[4 * i]), "=r"(dst[4 * i + 1]), "=r"(dst[4 * i + 2]), "=r"(dst[4 * i + 3])
+                   : "l"(src + 4 * i));
+  }
+}
+
+// X_SMEM: the CTA first copies its x rows (M x Kp, zero-filled past K) into shared memory, rows
+// Kp + 8 elements apart so that the 8 rows a fragment load touches start 4 banks apart (conflict-free);
+// otherwise (x too large: many rows of a long K) the fragments come from global memory (L1 / L2).
+template <typename T, int BITS, class C, bool X_SMEM>
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Problem p) {
+  using E = Elem<T>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: A row / B column g, k pair 2t
+  const int nb0 = blockIdx.x * C::NB;    // first 16-row layout block of the CTA
+  const int kblocks = p.Kp / kBlockK;
+  constexpr int kBlockWords = 32 * BITS;
+  constexpr int D = C::D;
+  constexpr int NB = C::NB;
+  const size_t row_words = size_t(kblocks) * kBlockWords;  // one 16-row block row across all of K
+  const uint32_t* wbase = p.qweight + size_t(nb0) * row_words;
+  const uint32_t* scales = static_cast<const uint32_t*>(p.scales);  // (s, z) pairs as words
+  const T* x = static_cast<const T*>(p.x);
+  const bool two_groups = p.group_shift < 6;  // group size 32: a 64-channel block has two scale rows
+  // A rows of this lane: g (a0, a2) and g + 8 (a1, a3; MT = 16 only); rows past M give zeros.
+  const bool has0 = g < p.M, has1 = C::MT == 16 && g + 8 < p.M;
+  const int xrow_words = X_SMEM ? p.Kp / 2 + 4 : 0;  // shared row stride in words (Kp + 8 elements)
+  const uint32_t* x0;
+  const uint32_t* x1;
+  if constexpr (X_SMEM) {
+    x0 = reinterpret_cast<const uint32_t*>(smem) + (has0 ? g : 0) * xrow_words + t;
+    x1 = reinterpret_cast<const uint32_t*>(smem) + (has1 ? g + 8 : 0) * xrow_words + t;
+    const int chunks = p.Kp / 8;  // 16-byte pieces of a row
+    T* xs = reinterpret_cast<T*>(smem);
+    for (int i = threadIdx.x; i < p.M * chunks; i += C::kThreads) {
+      const int m = i / chunks, c = i % chunks;
+      const bool in = 8 * c < p.K;  // K is a multiple of 8: a piece is all in or all out
+      cp_async16(xs + m * (p.Kp + 8) + 8 * c, in ? x + m * p.ldx + 8 * c : x, in ? 16 : 0);
     }
+    cp_async_commit();
+  } else {
+    x0 = reinterpret_cast<const uint32_t*>(x + int64_t(has0 ? g : 0) * p.ldx) + t;
+    x1 = reinterpret_cast<const uint32_t*>(x + int64_t(has1 ? g + 8 : 0) * p.ldx) + t;
+  }
+  const int kpairs = p.K / 2;  // x words of a row (global memory path)
+
+  float acc[NB][2][4];
+#pragma unroll
+  for (int b = 0; b < NB; ++b)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[b][h][e] = 0.f;
+
+  // A chunk: D layout blocks of the warp (kb0, kb0 + WARPS, ...) x NB block rows of weight words, and
+  // their (s, z) words (the scale row of channels 0-31 of each block).
+  using Words = uint32_t[D][NB][BITS];
+  using Sz = uint32_t[D][NB][2];
+  auto load_chunk = [&](Words& words, Sz& sz, int kb0) {
+#pragma unroll
+    for (int j = 0; j < D; ++j) {
+      const int kb = kb0 + j * C::WARPS;
+      if (kb < kblocks) {
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          const uint32_t* blk = wbase + b * row_words + size_t(kb) * kBlockWords;
+#pragma unroll
+          for (int i = 0; i < num_parts(BITS); ++i) {
+            const int w = part_width(BITS, i), sh = part_shift(BITS, i);
+            if (w == 8) ldg_stream<8>(blk + sh * 32 + lane * 8, &words[j][b][sh]);
+            else if (w == 4) ldg_stream<4>(blk + sh * 32 + lane * 4, &words[j][b][sh]);
+            else if (w == 2) ldg_stream<2>(blk + sh * 32 + lane * 2, &words[j][b][sh]);
+            else ldg_stream<1>(blk + sh * 32 + lane, &words[j][b][sh]);
+          }
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            sz[j][b][h] = __ldg(scales + size_t((kb * kBlockK) >> p.group_shift) * p.Np + (nb0 + b) * kBlockN + 8 * h + g);
+        }
+      }
+    }
+  };
+  auto compute_chunk = [&](const Words& words, const Sz& sz, int kb0) {
+#pragma unroll
+    for (int j = 0; j < D; ++j) {
+      const int kb = kb0 + j * C::WARPS;
+      if (kb >= kblocks) break;  // warp-uniform
+      // (s, s) / (z, z) per block row and h, for channels 0-31 and 32-63 of the block (the same scale
+      // row unless groups are 32 channels)
+      uint32_t ss[2][NB][2], zz[2][NB][2];
+#pragma unroll
+      for (int b = 0; b < NB; ++b)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          split_sz(sz[j][b][h], ss[0][b][h], zz[0][b][h]);
+          if (two_groups) {
+            split_sz(__ldg(scales + size_t((kb * kBlockK + 32) >> p.group_shift) * p.Np + (nb0 + b) * kBlockN + 8 * h + g),
+                     ss[1][b][h], zz[1][b][h]);
+          } else {
+            ss[1][b][h] = ss[0][b][h];
+            zz[1][b][h] = zz[0][b][h];
+          }
+        }
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        // A fragment of k-step s: a0 / a2 = row g, channels 16 s + 2 t (+ 8); a1 / a3 = row g + 8.
+        // In shared memory the rows are zero-filled up to Kp: no bounds to check.
+        const int kw = (kb * kBlockK + 16 * s) / 2;  // x word of channel pair 0 of the step
+        const bool in0 = X_SMEM || kw + t < kpairs, in2 = X_SMEM || kw + 4 + t < kpairs;
+        uint32_t a[4];
+        a[0] = has0 && in0 ? x0[kw] : 0u;
+        a[2] = has0 && in2 ? x0[kw + 4] : 0u;
+        a[1] = has1 && in0 ? x1[kw] : 0u;
+        a[3] = has1 && in2 ? x1[kw + 4] : 0u;
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t sv = ss[s / 2][b][h], zv = zz[s / 2][b][h];
+            uint32_t b0 = 0, b1 = 0;
+#define BIPOLAR_DECODE_CASE(S, H)                                        \
+  if (s == S && h == H) {                                                \
+    b0 = decode_pair<T, BITS, 4 * S + 2 * H + 0>(words[j][b], sv, zv);   \
+    b1 = decode_pair<T, BITS, 4 * S + 2 * H + 1>(words[j][b], sv, zv);   \
+  }
+            BIPOLAR_DECODE_CASE(0, 0) BIPOLAR_DECODE_CASE(0, 1) BIPOLAR_DECODE_CASE(1, 0) BIPOLAR_DECODE_CASE(1, 1)
+            BIPOLAR_DECODE_CASE(2, 0) BIPOLAR_DECODE_CASE(2, 1) BIPOLAR_DECODE_CASE(3, 0) BIPOLAR_DECODE_CASE(3, 1)
+#undef BIPOLAR_DECODE_CASE
+            E::mma(acc[b][h], a, b0, b1);
+          }
+        }
+      }
+    }
+  };
+
+  // Two chunks in registers: the next one's loads are in flight while this one is decoded.
+  constexpr int kStep = C::WARPS * D;
+  Words wa, wb;
+  Sz sa, sb;
+  int kb0 = warp;
+  load_chunk(wa, sa, kb0);
+  if constexpr (X_SMEM) {
+    cp_async_wait<0>();
+    __syncthreads();  // x rows visible to every warp
+  }
+  while (kb0 < kblocks) {
+    load_chunk(wb, sb, kb0 + kStep);
+    compute_chunk(wa, sa, kb0);
+    kb0 += kStep;
+    if (kb0 >= kblocks) break;
+    load_chunk(wa, sa, kb0 + kStep);
+    compute_chunk(wb, sb, kb0);
+    kb0 += kStep;
+  }
+
+  // The warps' partial tiles -> shared memory (after every warp is done with x there) -> summed -> y.
+  // C fragment of mma m16n8: d0, d1 = row g, columns 2 t + {0, 1}; d2, d3 = row g + 8.
+  __syncthreads();
+  float* red = reinterpret_cast<float*>(smem);  // [WARPS][MT][NT]
+#pragma unroll
+  for (int b = 0; b < NB; ++b)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = g + 8 * (e / 2);
+        const int n = b * kBlockN + 8 * h + 2 * t + (e % 2);
+        if (m < C::MT) red[(warp * C::MT + m) * C::NT + n] = acc[b][h][e];
+      }
+  __syncthreads();
+  T* y = static_cast<T*>(p.y);
+  const int n0 = nb0 * kBlockN;
+  for (int i = threadIdx.x; i < C::MT * C::NT / 2; i += C::kThreads) {
+    const int m = i / (C::NT / 2), n = 2 * (i % (C::NT / 2));
+    if (m >= p.M || n0 + n >= p.N) continue;
+    float v0 = 0.f, v1 = 0.f;
+#pragma unroll
+    for (int w = 0; w < C::WARPS; ++w) {
+      v0 += red[(w * C::MT + m) * C::NT + n];
+      v1 += red[(w * C::MT + m) * C::NT + n + 1];
+    }
+    store_pair<T>(y + size_t(m) * p.N + n0 + n, E::floats2(v0, v1), n0 + n, p.N);
   }
 }
 
@@ -609,42 +840,77 @@ __global__ void __launch_bounds__(kThreads) dequantize_a16_kernel(Problem p) {
   }
 }
 
-template <typename T, int BITS, class C>
-void launch_config(const Problem& p, cudaStream_t stream) {
-  auto kernel = gemm_a16_kernel<T, BITS, C>;
-  const int smem = C::smem_bytes(p.M);
-  // > 48 KB of dynamic shared memory needs the opt-in, once per device (the attribute is per device),
-  // set to the tile's largest request (x_rows grows with M up to MT), so no later call pays for it.
-  static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d
+// > 48 KB of dynamic shared memory needs an opt-in per kernel and device: done once per device, for
+// the kernel's largest request, so that no later launch pays for the driver call.
+template <auto kKernel>
+void opt_in_shared_memory(int bytes) {
+  static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d (one set of flags per kernel)
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
   if (bit == 0 || !(opted_in.load(std::memory_order_relaxed) & bit)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::smem_bytes(C::MT)));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
+}
+
+template <typename T, int BITS, class C>
+void launch_config(const Problem& p, cudaStream_t stream) {
+  opt_in_shared_memory<gemm_a16_kernel<T, BITS, C>>(C::smem_bytes(C::MT));  // x_rows grows with M up to MT
   const dim3 grid(p.Np / C::NT, (p.M + C::MT - 1) / C::MT);
-  kernel<<<grid, C::kThreads, smem, stream>>>(p);
+  gemm_a16_kernel<T, BITS, C><<<grid, C::kThreads, C::smem_bytes(p.M), stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// x rows in shared memory up to this size (3 CTAs of 8 warps or 2 of 16 still fit an SM).
+constexpr int kDecodeXSmemMax = 64 * 1024;
+
+template <typename T, int BITS, class C>
+void launch_decode(const Problem& p, cudaStream_t stream) {
+  const int x_bytes = p.M * (p.Kp + 8) * 2;
+  if (x_bytes <= kDecodeXSmemMax) {
+    opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, true>>(kDecodeXSmemMax);
+    gemv_a16_kernel<T, BITS, C, true><<<p.Np / C::NT, C::kThreads, x_bytes > C::kSmemBytes ? x_bytes : C::kSmemBytes, stream>>>(p);
+  } else {
+    gemv_a16_kernel<T, BITS, C, false><<<p.Np / C::NT, C::kThreads, C::kSmemBytes, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Decode CTA: 32 output columns (two 16-row layout blocks: each A fragment serves 4 mma), WARPS warps
+// along K, chosen by N: wide layers (N >= 8192) have enough column tiles for CTAs of 8 warps; narrow
+// ones (N = 4096: 128 CTAs) take 16 warps, so that every SM still has enough loads in flight (H100,
+// benchmarks/kernels.py, M = 1: 4096 x 14336 W4 20.4 us against 29.6 with 8 warps; 11008 x 4096
+// 16.5 against 18.9 with 16). BIPOLAR_A16_DECODE_WARPS=8|16 overrides the choice, for tuning.
+inline int decode_warps_override() {
+  static const int v = [] {
+    const char* e = std::getenv("BIPOLAR_A16_DECODE_WARPS");
+    if (e == nullptr || *e == 0) return 0;
+    const int w = std::atoi(e);
+    TORCH_CHECK(w == 8 || w == 16, "BIPOLAR_A16_DECODE_WARPS must be 8 or 16, got \"", e, "\"");
+    return w;
+  }();
+  return v;
+}
+
+template <typename T, int BITS, int MT>
+void launch_decode_tile(const Problem& p, cudaStream_t stream) {
+  int warps = decode_warps_override();
+  if (warps == 0) warps = p.N >= 8192 ? 8 : 16;
+  if (warps == 8) launch_decode<T, BITS, DecodeConfig<BITS, MT, 8>>(p, stream);
+  else launch_decode<T, BITS, DecodeConfig<BITS, MT, 16>>(p, stream);
 }
 
 }  // namespace
 
-// Tile choice by M and N (measured on H100 with benchmarks/kernels.py, W1-W8, g128):
-//   M <= 16  8 x 32 (M <= 8) or 16 x 32 tiles, warps split K. Wide layers (N >= 8192: N / 32 CTAs
-//            fill the GPU) use 4 warps; narrow ones use 8 warps along K, which doubles the warps in
-//            flight per SM (4096 x 14336, M = 16, W4: 51 -> 32 us; 4096 x 4096: 16.7 -> 11.6 us),
-//            while on 11008 x 4096 the 4-warp tiles are faster (22.7 against 24.4 us at M = 16).
-//            16-column tiles were slower everywhere (11008 x 4096, M = 1, W4: 20.3 against 17.7 us).
-//   M > 16   64 x 64 tiles, warps split N: each x row is read from L2 once per 64 columns (used up
-//            to M = 64 on wide layers; the op dequantizes + cuBLAS beyond, vllm_bipolar/ops.py)
+// Kernel choice by M: M <= 16 the decode kernel (gemv_a16_kernel, 8- or 16-row mma tiles); above,
+// 64 x 64 tiles with a shared-memory pipeline, warps split N: each x row is read from L2 once per
+// 64 columns (the op uses it up to M = 64 on wide layers and dequantizes + cuBLAS beyond,
+// vllm_bipolar/ops.py).
 template <typename T, int BITS>
 void launch_gemm(const Problem& p, cudaStream_t stream) {
-  const bool wide = p.N >= 8192;
-  if (p.M <= 8 && wide) launch_config<T, BITS, Config<BITS, 8, 2, 4>>(p, stream);
-  else if (p.M <= 8) launch_config<T, BITS, Config<BITS, 8, 2, 8>>(p, stream);
-  else if (p.M <= 16 && wide) launch_config<T, BITS, Config<BITS, 16, 2, 4>>(p, stream);
-  else if (p.M <= 16) launch_config<T, BITS, Config<BITS, 16, 2, 8>>(p, stream);
+  if (p.M <= 8) launch_decode_tile<T, BITS, 8>(p, stream);
+  else if (p.M <= 16) launch_decode_tile<T, BITS, 16>(p, stream);
   else launch_config<T, BITS, Config<BITS, 64, 1, 1>>(p, stream);
 }
 

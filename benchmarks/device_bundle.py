@@ -636,8 +636,8 @@ def unpack(dest_root: Path, n_parts: int, bundle_dir: Path, stash_dir: Path, ove
                 raise UsageError(f"{dest} exists and is not {name} of bundle {bundle_id}; pass --overwrite "
                                  "to replace it")
             write_model(name, model, blob_dir, dest, bundle_id)
-            n_t = sum(len(e.get("segments", [])) for e in model["files"])
-            print(f"unpack: {dest}  ({len(model['files'])} files, {n_t} safetensors segments, "
+            n_t = sum(manifest["blobs"][k]["kind"] == "tensor" for e in model["files"] for k in e.get("segments", []))
+            print(f"unpack: {dest}  ({len(model['files'])} files, {n_t} tensors, "
                   f"{human(sum(e['bytes'] for e in model['files']))}) checked")
     finally:
         shutil.rmtree(blob_dir, ignore_errors=True)

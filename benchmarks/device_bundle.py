@@ -541,16 +541,9 @@ def read_bundle(paths: list[Path], blob_dir: Path) -> dict:
                 if not member.name.startswith("blobs/") or info is None:
                     raise BundleError(f"unexpected tar member {member.name!r} {where()}")
                 h = blob_hasher(info)
-                size = 0
                 tmp = blob_dir / (key + ".tmp")
                 with open(tmp, "wb") as out:
-                    while True:
-                        b = f.read(CHUNK)
-                        if not b:
-                            break
-                        h.update(b)
-                        out.write(b)
-                        size += len(b)
+                    size = copy_hashed(f, out, h)
                 if size != info["bytes"] or h.hexdigest() != key:
                     what = (f"tensor blob ({info['dtype']} {info['shape']})" if info["kind"] == "tensor"
                             else "file blob")
@@ -572,6 +565,18 @@ def read_bundle(paths: list[Path], blob_dir: Path) -> dict:
     return manifest
 
 
+def copy_hashed(src, out, h) -> int:
+    """Copies the file object src to out in CHUNK pieces, feeding hasher h; returns the bytes copied."""
+    size = 0
+    while True:
+        b = src.read(CHUNK)
+        if not b:
+            return size
+        h.update(b)
+        out.write(b)
+        size += len(b)
+
+
 def write_model(name: str, model: dict, blob_dir: Path, dest: Path, bundle_id: str) -> None:
     tmp = dest.with_name(f".{dest.name}.unpack-{os.getpid()}")
     if tmp.exists():
@@ -586,12 +591,7 @@ def write_model(name: str, model: dict, blob_dir: Path, dest: Path, bundle_id: s
             with open(path, "wb") as out:
                 for key in keys:
                     with open(blob_dir / key, "rb") as f:
-                        while True:
-                            b = f.read(CHUNK)
-                            if not b:
-                                break
-                            h.update(b)
-                            out.write(b)
+                        copy_hashed(f, out, h)
             if h.hexdigest() != entry["sha256"] or path.stat().st_size != entry["bytes"]:
                 raise BundleError(f"{name}/{entry['path']}: reassembled file differs from the packed one")
         (tmp / MARKER_NAME).write_text(json.dumps({"bundle_id": bundle_id, "name": name,

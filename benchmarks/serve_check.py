@@ -147,6 +147,23 @@ def counts(usage: dict | None) -> tuple | None:
     return tuple(usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
 
 
+def check_stream(ck, what: str, base: str, path: str, req: dict, timeout: float, piece, ref_text: str,
+                 ref_usage: dict | None) -> str:
+    """The streaming form of a request: ends with [DONE], same text (`piece` takes a chunk's choice to
+    its text) and usage as the non-streaming answer (ref_text, ref_usage); returns the text."""
+    status, chunks, done, err = stream(base, path, dict(req, stream_options={"include_usage": True}), timeout)
+    text = "".join(piece(c["choices"][0]) or "" for c in chunks if c.get("choices"))
+    usage = next((c["usage"] for c in reversed(chunks) if c.get("usage")), None)
+    ck.add(f"{what}: HTTP 200, ends with [DONE]", status == 200 and done and not err,
+           f"HTTP {status}, {len(chunks)} chunks, [DONE] {done} {err}")
+    ck.add(f"{what}: same text as non-streaming", text == ref_text and bool(ref_text),
+           "same" if text == ref_text else f"{text!r} vs {ref_text!r}")
+    ck.add(f"{what}: usage equals non-streaming usage",
+           ref_usage is not None and counts(usage) is not None and counts(usage) == counts(ref_usage),
+           f"{counts(usage)} vs {counts(ref_usage)} (prompt, completion, total)")
+    return text
+
+
 def run_checks(base: str, server: Server, prompt: str, chat_text: str, max_tokens: int, max_model_len: int,
                timeout: float) -> tuple[Checks, dict]:
     ck, texts = Checks(), {}
@@ -175,18 +192,9 @@ def run_checks(base: str, server: Server, prompt: str, chat_text: str, max_token
            "same" if text2 == text else f"{text!r} vs {text2!r}")
 
     # completions, streaming
-    sreq = dict(req, stream_options={"include_usage": True})
-    status, chunks, done, err = stream(base, "/v1/completions", sreq, timeout)
-    stext = "".join(c["choices"][0].get("text") or "" for c in chunks if c.get("choices"))
-    susage = next((c["usage"] for c in reversed(chunks) if c.get("usage")), None)
-    texts["completion_stream"] = stext
-    ck.add("completion stream: HTTP 200, ends with [DONE]", status == 200 and done and not err,
-           f"HTTP {status}, {len(chunks)} chunks, [DONE] {done} {err}")
-    ck.add("completion stream: same text as non-streaming", stext == text and bool(text),
-           "same" if stext == text else f"{stext!r} vs {text!r}")
-    ck.add("completion stream: usage equals non-streaming usage",
-           ok and counts(susage) is not None and counts(susage) == counts(first.get("usage")),
-           f"{counts(susage)} vs {counts(first.get('usage')) if ok else None} (prompt, completion, total)")
+    texts["completion_stream"] = check_stream(ck, "completion stream", base, "/v1/completions", req, timeout,
+                                              lambda choice: choice.get("text"), text,
+                                              first.get("usage") if ok else None)
 
     # chat completions
     creq = {"model": SERVED_NAME, "messages": [{"role": "user", "content": chat_text}], "max_tokens": max_tokens,
@@ -208,18 +216,9 @@ def run_checks(base: str, server: Server, prompt: str, chat_text: str, max_token
                 if status2 == 200 and isinstance(chat2, dict) else None)
     ck.add("chat: identical request, identical greedy text", cok and content2 == content,
            "same" if content2 == content else f"{content!r} vs {content2!r}")
-    status, chunks, done, err = stream(base, "/v1/chat/completions",
-                                       dict(creq, stream_options={"include_usage": True}), timeout)
-    scontent = "".join((c["choices"][0].get("delta") or {}).get("content") or "" for c in chunks if c.get("choices"))
-    susage = next((c["usage"] for c in reversed(chunks) if c.get("usage")), None)
-    texts["chat_stream"] = scontent
-    ck.add("chat stream: HTTP 200, ends with [DONE]", status == 200 and done and not err,
-           f"HTTP {status}, {len(chunks)} chunks, [DONE] {done} {err}")
-    ck.add("chat stream: same text as non-streaming", scontent == content and bool(content),
-           "same" if scontent == content else f"{scontent!r} vs {content!r}")
-    ck.add("chat stream: usage equals non-streaming usage",
-           cok and counts(susage) is not None and counts(susage) == counts(chat.get("usage")),
-           f"{counts(susage)} vs {counts(chat.get('usage')) if cok else None} (prompt, completion, total)")
+    texts["chat_stream"] = check_stream(ck, "chat stream", base, "/v1/chat/completions", creq, timeout,
+                                        lambda choice: (choice.get("delta") or {}).get("content"), content,
+                                        chat.get("usage") if cok else None)
 
     # bad requests: a 4xx with an error body, and the server goes on
     too_long = " ".join(WORDS[i % len(WORDS)] for i in range(2 * max_model_len + 8))

@@ -254,6 +254,21 @@ __device__ __forceinline__ void split_sz(uint32_t sz, uint32_t& ss, uint32_t& zz
   zz = __byte_perm(sz, 0, 0x3232);
 }
 
+// The two B registers of mma k-step s and row half h of a layout block: pairs 4 s + 2 h and
+// 4 s + 2 h + 1. s and h are constants after unrolling, so the branches fold to one decode each.
+template <typename T, int BITS>
+__device__ __forceinline__ void decode_b(int s, int h, const uint32_t (&words)[BITS], uint32_t sv, uint32_t zv,
+                                         uint32_t& b0, uint32_t& b1) {
+#define BIPOLAR_DECODE_CASE(S, H)                                \
+  if (s == S && h == H) {                                        \
+    b0 = decode_pair<T, BITS, 4 * S + 2 * H + 0>(words, sv, zv); \
+    b1 = decode_pair<T, BITS, 4 * S + 2 * H + 1>(words, sv, zv); \
+  }
+  BIPOLAR_DECODE_CASE(0, 0) BIPOLAR_DECODE_CASE(0, 1) BIPOLAR_DECODE_CASE(1, 0) BIPOLAR_DECODE_CASE(1, 1)
+  BIPOLAR_DECODE_CASE(2, 0) BIPOLAR_DECODE_CASE(2, 1) BIPOLAR_DECODE_CASE(3, 0) BIPOLAR_DECODE_CASE(3, 1)
+#undef BIPOLAR_DECODE_CASE
+}
+
 // Output elements n and n + 1 (n even) of a row of N: one 4-byte store when both exist and are aligned.
 template <typename T, typename T2>
 __device__ __forceinline__ void store_pair(T* dst, T2 pair, int n, int N) {
@@ -503,14 +518,7 @@ __global__ void __launch_bounds__(C::kThreads) gemm_a16_kernel(Problem p) {
             const uint32_t sv = s2[s / 2][b][h], zv = z2[s / 2][b][h];
             uint32_t b0 = 0, b1 = 0;
             // pair index p = 4 s + 2 h + r, as a constant for the decode
-#define BIPOLAR_DECODE_CASE(S, H)                                     \
-  if (s == S && h == H) {                                             \
-    b0 = decode_pair<T, BITS, 4 * S + 2 * H + 0>(words[b], sv, zv);   \
-    b1 = decode_pair<T, BITS, 4 * S + 2 * H + 1>(words[b], sv, zv);   \
-  }
-            BIPOLAR_DECODE_CASE(0, 0) BIPOLAR_DECODE_CASE(0, 1) BIPOLAR_DECODE_CASE(1, 0) BIPOLAR_DECODE_CASE(1, 1)
-            BIPOLAR_DECODE_CASE(2, 0) BIPOLAR_DECODE_CASE(2, 1) BIPOLAR_DECODE_CASE(3, 0) BIPOLAR_DECODE_CASE(3, 1)
-#undef BIPOLAR_DECODE_CASE
+            decode_b<T, BITS>(s, h, words[b], sv, zv, b0, b1);
 #pragma unroll
             for (int a = 0; a < C::MB; ++a) E::mma(acc[a][b][h], afr[a], b0, b1);
           }
@@ -710,14 +718,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
           for (int h = 0; h < 2; ++h) {
             const uint32_t sv = ss[s / 2][b][h], zv = zz[s / 2][b][h];
             uint32_t b0 = 0, b1 = 0;
-#define BIPOLAR_DECODE_CASE(S, H)                                        \
-  if (s == S && h == H) {                                                \
-    b0 = decode_pair<T, BITS, 4 * S + 2 * H + 0>(words[j][b], sv, zv);   \
-    b1 = decode_pair<T, BITS, 4 * S + 2 * H + 1>(words[j][b], sv, zv);   \
-  }
-            BIPOLAR_DECODE_CASE(0, 0) BIPOLAR_DECODE_CASE(0, 1) BIPOLAR_DECODE_CASE(1, 0) BIPOLAR_DECODE_CASE(1, 1)
-            BIPOLAR_DECODE_CASE(2, 0) BIPOLAR_DECODE_CASE(2, 1) BIPOLAR_DECODE_CASE(3, 0) BIPOLAR_DECODE_CASE(3, 1)
-#undef BIPOLAR_DECODE_CASE
+            decode_b<T, BITS>(s, h, words[j][b], sv, zv, b0, b1);
             E::mma(acc[b][h], a, b0, b1);
           }
         }
@@ -810,14 +811,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_a16_kernel(Problem p) {
       uint32_t aa, bb;
       split_sz(__ldg(scales + size_t((kb * kBlockK + 16 * s) >> p.group_shift) * p.Np + nb * kBlockN + r), aa, bb);
       uint32_t v0 = 0, v1 = 0;
-#define BIPOLAR_DEQ_CASE(S, H)                                     \
-  if (s == S && h == H) {                                          \
-    v0 = decode_pair<T, BITS, 4 * S + 2 * H + 0>(words, aa, bb);   \
-    v1 = decode_pair<T, BITS, 4 * S + 2 * H + 1>(words, aa, bb);   \
-  }
-      BIPOLAR_DEQ_CASE(0, 0) BIPOLAR_DEQ_CASE(0, 1) BIPOLAR_DEQ_CASE(1, 0) BIPOLAR_DEQ_CASE(1, 1)
-      BIPOLAR_DEQ_CASE(2, 0) BIPOLAR_DEQ_CASE(2, 1) BIPOLAR_DEQ_CASE(3, 0) BIPOLAR_DEQ_CASE(3, 1)
-#undef BIPOLAR_DEQ_CASE
+      decode_b<T, BITS>(s, h, words, aa, bb, v0, v1);
       *reinterpret_cast<uint32_t*>(t + r * kRow + kl) = v0;
       *reinterpret_cast<uint32_t*>(t + r * kRow + kl + 8) = v1;
     }

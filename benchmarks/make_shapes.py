@@ -70,17 +70,23 @@ def write_gptq(dst: Path, cfg: dict, group_size: int) -> None:
     add("model.embed_tokens.weight", (torch.randn(v, h, generator=g) * 0.02).half())
     add("lm_head.weight", (torch.randn(v, h, generator=g) * 0.02).half())
     add("model.norm.weight", torch.ones(h, dtype=torch.float16))
+    # One random tensor set per linear shape, cloned into every layer: drawing 0.8 G random words per
+    # 7B model took minutes on the GPU machine's CPU; the benchmark only needs valid, non-constant codes.
+    per_shape = {}
+    for suffix, (n, k) in linear_shapes(cfg).items():
+        groups = k // group_size
+        per_shape[suffix] = {
+            "qweight": torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 8, n), generator=g, dtype=torch.int64).to(torch.int32),
+            "qzeros": torch.full((groups, n // 8), 0x77777777, dtype=torch.int32),
+            "scales": (torch.rand(groups, n, generator=g) * 0.002 + 0.001).half(),
+            "g_idx": (torch.arange(k) // group_size).to(torch.int32)}
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}"
         add(f"{p}.input_layernorm.weight", torch.ones(h, dtype=torch.float16))
         add(f"{p}.post_attention_layernorm.weight", torch.ones(h, dtype=torch.float16))
-        for suffix, (n, k) in linear_shapes(cfg).items():
-            groups = k // group_size
-            packed = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 8, n), generator=g, dtype=torch.int64)
-            add(f"{p}.{suffix}.qweight", packed.to(torch.int32))
-            add(f"{p}.{suffix}.qzeros", torch.full((groups, n // 8), 0x77777777, dtype=torch.int32))
-            add(f"{p}.{suffix}.scales", (torch.rand(groups, n, generator=g) * 0.002 + 0.001).half())
-            add(f"{p}.{suffix}.g_idx", (torch.arange(k) // group_size).to(torch.int32))
+        for suffix, tensors in per_shape.items():
+            for key, t in tensors.items():
+                add(f"{p}.{suffix}.{key}", t.clone())  # safetensors refuses shared storage
     flush()
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
 

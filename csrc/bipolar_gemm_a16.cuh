@@ -191,6 +191,14 @@ __device__ __forceinline__ T2 from_u32(uint32_t u) {
   return *reinterpret_cast<T2*>(&u);
 }
 
+// (a & mask) | bits in one LOP3. Written out because ptxas splits the C expression into two LOP3 when
+// mask and bits are both immediates (a SASS LOP3 takes one); here they become registers set once.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t bits) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(d) : "r"(a), "r"(mask), "r"(bits));
+  return d;
+}
+
 // ---- decode: one element pair -> z + s v as a T2 ------------------------------------------------------
 // `words`: the lane's BITS words of one layout block; `ss` / `zz`: (s, s) and (z, z) of the row. The
 // pair index P is a constant after unrolling, so every shift amount, mask and constant is an
@@ -223,7 +231,7 @@ __device__ __forceinline__ uint32_t decode_pair(const uint32_t (&words)[BITS], u
     constexpr uint32_t kMask = ((1u << BITS) - 1u) << kU;
     const uint32_t word = words[P / kPerWord];
     const uint32_t moved = kShift >= 0 ? word >> kShift : word << (-kShift);
-    const uint32_t t = (moved & (kMask | (kMask << 16))) | E::kMagic;  // one LOP3
+    const uint32_t t = and_or(moved, kMask | (kMask << 16), E::kMagic);
     const T2 v = E::fma2(from_u32<T2>(t), from_u32<T2>(E::pow2(1 - kU, false)),
                          from_u32<T2>(E::integer(-((1 << (E::kMantissa + 1 - kU)) + kL))));
     return as_u32(E::fma2(v, from_u32<T2>(ss), from_u32<T2>(zz)));
@@ -239,7 +247,7 @@ __device__ __forceinline__ uint32_t decode_pair(const uint32_t (&words)[BITS], u
       const int from = w * (P % per_word);  // bit of the pair's element 0 in the word
       const uint32_t moved = from >= sh ? word >> (from - sh) : word << (sh - from);
       const uint32_t mask = ((1u << w) - 1u) << sh;
-      t |= moved & (mask | (mask << 16));  // one LOP3: t | (moved & mask)
+      t = and_or(moved, mask | (mask << 16), t);  // one LOP3: t | (moved & mask)
     }
     // t = magic + c (exact); c = t - magic; v = 2 c - L (exact); z + s v (one rounding).
     const T2 c = E::sub2(from_u32<T2>(t), E::magic());
@@ -563,15 +571,18 @@ __global__ void __launch_bounds__(C::kThreads) gemm_a16_kernel(Problem p) {
 // At decode the weights are everything: 1 to 16 activation rows meet every weight exactly once, so
 // this kernel keeps weights out of shared memory and away from barriers. Each warp streams its
 // layout blocks from HBM straight into registers, D blocks at a time (D * bits words per lane and
-// block row in flight, ~2 KB per warp whatever the width), takes its A fragments (the x rows) straight
-// from global memory (a few KB, L1/L2-resident after the first warp of an SM touched them), decodes
-// and issues mma. A CTA owns NT = 16 NB output columns across all of K; its WARPS warps split K
-// (warp w takes layout blocks w, w + WARPS, w + 2 WARPS, ...: together they read each block row as
-// one contiguous run) and sum their partial tiles through shared memory once, at the end.
-// MT = 8 (M <= 8): A rows 8-15 are zero registers; MT = 16: all 16 rows of the mma.
+// block row in flight, ~2 KB per warp whatever the width), decodes and issues mma. A CTA owns
+// NT = 16 NB output columns across all of K; its WARPS warps split K (warp w takes layout blocks w,
+// w + WARPS, w + 2 WARPS, ...: together they read each block row as one contiguous run) and sum their
+// partial tiles through shared memory once, at the end.
+// Roles swapped against the larger-M kernel: the mma computes y^T = W x^T, the 16 decoded weight rows
+// of a layout block are the A operand (the layout's two n8 B fragments are exactly the four A
+// registers) and 8 tokens are the B operand. At M <= 8 no tensor-core row is padding and no zero
+// registers travel through the loop; M 9..16 (MT = 16) issues one mma per 8 tokens.
 template <int BITS, int MT_, int WARPS_, int NB_ = 2>
 struct DecodeConfig {
   static constexpr int MT = MT_;
+  static constexpr int TG = MT_ / 8;  // groups of 8 tokens: the mma's N
   static constexpr int NB = NB_;
   static constexpr int WARPS = WARPS_;
   static constexpr int NT = kBlockN * NB_;
@@ -579,11 +590,16 @@ struct DecodeConfig {
   // layout blocks per warp and chunk (two chunks in registers: one decoded while the next loads):
   // one, two for 1-bit weights, so that the registers hold without spilling
   static constexpr int D = BITS == 1 ? 2 : 1;
-  static constexpr int kSmemBytes = WARPS_ * MT_ * NT * 4;  // the partial tiles of the final sum
-  // 24 warps per SM (<= 80 registers a thread): the loads in flight are what keeps HBM busy; the
-  // 16-row tile needs more registers (its x fragments are twice as many): 16 warps
-  static constexpr int kMinBlocks = (MT_ == 16 ? 512 : 768) / kThreads > 0 ? (MT_ == 16 ? 512 : 768) / kThreads : 1;
-  static_assert(MT_ == 8 || MT_ == 16, "decode tiles are 8 or 16 rows");
+  // partial tiles of the final sum, [WARPS][MT][NT + 4]: the + 4 spreads the 4 lanes that share an
+  // output row (t = 0..3, tokens 2 t, 2 t + 1) over different banks
+  static constexpr int kRedStride = NT + 4;
+  static constexpr int kSmemBytes = WARPS_ * MT_ * kRedStride * 4;
+  // 24 warps per SM (<= 80 registers a thread): the loads in flight are what keeps HBM busy. 16
+  // tokens (twice the B fragments and accumulators) and 5-8 bit weights (their two chunks alone are
+  // 4 BITS registers) need more registers: 16 warps, which still hold >= 32 KB of weights in flight.
+  static constexpr int kThreadsPerSm = (MT_ == 16 || BITS >= 5) ? 512 : 768;
+  static constexpr int kMinBlocks = kThreadsPerSm / kThreads > 0 ? kThreadsPerSm / kThreads : 1;
+  static_assert(MT_ == 8 || MT_ == 16, "decode tiles are 8 or 16 tokens");
   static_assert(kSmemBytes <= 48 * 1024, "no opt-in needed");
 };
 
@@ -603,58 +619,66 @@ __device__ __forceinline__ void ldg_stream(const uint32_t* src, uint32_t* dst) {
   }
 }
 
-// X_SMEM: the CTA first copies its x rows (M x Kp, zero-filled past K) into shared memory, rows
-// Kp + 8 elements apart so that the 8 rows a fragment load touches start 4 banks apart (conflict-free);
-// otherwise (x too large: many rows of a long K) the fragments come from global memory (L1 / L2).
+// x in shared memory (X_SMEM), per token row, in mma order: the B fragment of k-step s of a 64-channel
+// block is x words kw + t and kw + 4 + t (kw = 32 kb + 8 s, t = lane % 4), i.e. word 4 j + t of the
+// block for j = 0..7; they are stored at 8 t + j, so a lane's eight words of a block are two 16-byte
+// loads. Rows are Kp / 2 + 4 words apart: the two token rows of a quarter warp's 16-byte loads start
+// 4 banks apart (conflict-free); at M = 1 every lane reads row 0 (a broadcast).
+__device__ __forceinline__ int x_smem_word(int w) { return (w & ~31) | ((w & 3) << 3) | ((w >> 2) & 7); }
+
+// X_SMEM: the CTA first copies its x rows (M x Kp, zero-filled past K) into shared memory in the order
+// above; otherwise (x too large: many rows of a long K) the fragments come from global memory (L1 / L2).
 template <typename T, int BITS, class C, bool X_SMEM>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Problem p) {
   using E = Elem<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: A row / B column g, k pair 2t
+  const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: A row / B column g, k pair t
   const int nb0 = blockIdx.x * C::NB;    // first 16-row layout block of the CTA
   const int kblocks = p.Kp / kBlockK;
   constexpr int kBlockWords = 32 * BITS;
   constexpr int D = C::D;
   constexpr int NB = C::NB;
-  const size_t row_words = size_t(kblocks) * kBlockWords;  // one 16-row block row across all of K
+  constexpr int TG = C::TG;
+  const int row_words = kblocks * kBlockWords;  // one 16-row block row across all of K (< 2^31 words)
   const uint32_t* wbase = p.qweight + size_t(nb0) * row_words;
-  const uint32_t* scales = static_cast<const uint32_t*>(p.scales);  // (s, z) pairs as words
+  const uint32_t* scales = static_cast<const uint32_t*>(p.scales) + nb0 * kBlockN + g;  // (s, z) words
   const T* x = static_cast<const T*>(p.x);
   const bool two_groups = p.group_shift < 6;  // group size 32: a 64-channel block has two scale rows
-  // A rows of this lane: g (a0, a2) and g + 8 (a1, a3; MT = 16 only); rows past M give zeros.
-  const bool has0 = g < p.M, has1 = C::MT == 16 && g + 8 < p.M;
-  const int xrow_words = X_SMEM ? p.Kp / 2 + 4 : 0;  // shared row stride in words (Kp + 8 elements)
-  const uint32_t* x0;
-  const uint32_t* x1;
+  // B columns of this lane: tokens g (and g + 8 when TG = 2). A token past M reads row M - 1 instead:
+  // its output column is never stored, so no lane needs a zero row or a predicate.
+  int xrow[TG];
+#pragma unroll
+  for (int q = 0; q < TG; ++q) xrow[q] = min(g + 8 * q, p.M - 1);
+  const int xrow_words = p.Kp / 2 + 4;  // shared row stride in words
   if constexpr (X_SMEM) {
-    x0 = reinterpret_cast<const uint32_t*>(smem) + (has0 ? g : 0) * xrow_words + t;
-    x1 = reinterpret_cast<const uint32_t*>(smem) + (has1 ? g + 8 : 0) * xrow_words + t;
-    const int chunks = p.Kp / 8;  // 16-byte pieces of a row
-    T* xs = reinterpret_cast<T*>(smem);
+    uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
+    const int kpairs = p.K / 2;
+    const int chunks = p.Kp / 8;  // 16-byte pieces of a row (K is a multiple of 8: all in or all out)
     for (int i = threadIdx.x; i < p.M * chunks; i += C::kThreads) {
-      const int m = i / chunks, c = i % chunks;
-      const bool in = 8 * c < p.K;  // K is a multiple of 8: a piece is all in or all out
-      cp_async16(xs + m * (p.Kp + 8) + 8 * c, in ? x + m * p.ldx + 8 * c : x, in ? 16 : 0);
+      const int m = i / chunks, w0 = 4 * (i % chunks);
+      const uint4 v = w0 < kpairs ? *reinterpret_cast<const uint4*>(x + int64_t(m) * p.ldx + 2 * w0)
+                                  : make_uint4(0, 0, 0, 0);
+      uint32_t* row = xs + m * xrow_words;
+      row[x_smem_word(w0 + 0)] = v.x;
+      row[x_smem_word(w0 + 1)] = v.y;
+      row[x_smem_word(w0 + 2)] = v.z;
+      row[x_smem_word(w0 + 3)] = v.w;
     }
-    cp_async_commit();
-  } else {
-    x0 = reinterpret_cast<const uint32_t*>(x + int64_t(has0 ? g : 0) * p.ldx) + t;
-    x1 = reinterpret_cast<const uint32_t*>(x + int64_t(has1 ? g + 8 : 0) * p.ldx) + t;
   }
   const int kpairs = p.K / 2;  // x words of a row (global memory path)
 
-  float acc[NB][2][4];
+  float acc[NB][TG][4];
 #pragma unroll
   for (int b = 0; b < NB; ++b)
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+    for (int q = 0; q < TG; ++q)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[b][h][e] = 0.f;
+      for (int e = 0; e < 4; ++e) acc[b][q][e] = 0.f;
 
   // A chunk: D layout blocks of the warp (kb0, kb0 + WARPS, ...) x NB block rows of weight words, and
-  // their (s, z) words (the scale row of channels 0-31 of each block).
+  // their (s, z) words per row half h (the scale row of channels 0-31 of each block).
   using Words = uint32_t[D][NB][BITS];
   using Sz = uint32_t[D][NB][2];
   auto load_chunk = [&](Words& words, Sz& sz, int kb0) {
@@ -662,9 +686,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
     for (int j = 0; j < D; ++j) {
       const int kb = kb0 + j * C::WARPS;
       if (kb < kblocks) {
+        const uint32_t* srow = scales + ((kb * kBlockK) >> p.group_shift) * p.Np;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-          const uint32_t* blk = wbase + b * row_words + size_t(kb) * kBlockWords;
+          const uint32_t* blk = wbase + b * row_words + kb * kBlockWords;
 #pragma unroll
           for (int i = 0; i < num_parts(BITS); ++i) {
             const int w = part_width(BITS, i), sh = part_shift(BITS, i);
@@ -674,8 +699,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
             else ldg_stream<1>(blk + sh * 32 + lane, &words[j][b][sh]);
           }
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
-            sz[j][b][h] = __ldg(scales + size_t((kb * kBlockK) >> p.group_shift) * p.Np + (nb0 + b) * kBlockN + 8 * h + g);
+          for (int h = 0; h < 2; ++h) sz[j][b][h] = __ldg(srow + b * kBlockN + 8 * h);
         }
       }
     }
@@ -685,42 +709,46 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
     for (int j = 0; j < D; ++j) {
       const int kb = kb0 + j * C::WARPS;
       if (kb >= kblocks) break;  // warp-uniform
-      // (s, s) / (z, z) per block row and h, for channels 0-31 and 32-63 of the block (the same scale
-      // row unless groups are 32 channels)
-      uint32_t ss[2][NB][2], zz[2][NB][2];
+      // B fragments of the block's 4 k-steps per token group: xb[q][2 s + r] = x words 32 kb + 8 s + 4 r + t
+      uint32_t xb[TG][8];
+#pragma unroll
+      for (int q = 0; q < TG; ++q) {
+        if constexpr (X_SMEM) {
+          // rows are zero-filled up to Kp: no bounds to check
+          const uint4* src = reinterpret_cast<const uint4*>(
+              reinterpret_cast<const uint32_t*>(smem) + xrow[q] * xrow_words + kb * 32 + 8 * t);
+          const uint4 lo = src[0], hi = src[1];
+          xb[q][0] = lo.x; xb[q][1] = lo.y; xb[q][2] = lo.z; xb[q][3] = lo.w;
+          xb[q][4] = hi.x; xb[q][5] = hi.y; xb[q][6] = hi.z; xb[q][7] = hi.w;
+        } else {
+          const uint32_t* src = reinterpret_cast<const uint32_t*>(x + int64_t(xrow[q]) * p.ldx) + kb * 32 + t;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) xb[q][i] = kb * 32 + 4 * i + t < kpairs ? __ldg(src + 4 * i) : 0u;
+        }
+      }
+      // (s, s) / (z, z) per block row: [2 half + h] for channels 0-31 / 32-63 of the block and row half h
+      // (the same scale row unless groups are 32 channels: then the second is read here, from L2)
+      uint32_t ss[NB][4], zz[NB][4];
+      const uint32_t* srow2 = scales + ((kb * kBlockK + 32) >> p.group_shift) * p.Np;
 #pragma unroll
       for (int b = 0; b < NB; ++b)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          split_sz(sz[j][b][h], ss[0][b][h], zz[0][b][h]);
-          if (two_groups) {
-            split_sz(__ldg(scales + size_t((kb * kBlockK + 32) >> p.group_shift) * p.Np + (nb0 + b) * kBlockN + 8 * h + g),
-                     ss[1][b][h], zz[1][b][h]);
-          } else {
-            ss[1][b][h] = ss[0][b][h];
-            zz[1][b][h] = zz[0][b][h];
-          }
+          split_sz(sz[j][b][h], ss[b][h], zz[b][h]);
+          if (two_groups) split_sz(__ldg(srow2 + b * kBlockN + 8 * h), ss[b][2 + h], zz[b][2 + h]);
+          else ss[b][2 + h] = ss[b][h], zz[b][2 + h] = zz[b][h];
         }
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
-        // A fragment of k-step s: a0 / a2 = row g, channels 16 s + 2 t (+ 8); a1 / a3 = row g + 8.
-        // In shared memory the rows are zero-filled up to Kp: no bounds to check.
-        const int kw = (kb * kBlockK + 16 * s) / 2;  // x word of channel pair 0 of the step
-        const bool in0 = X_SMEM || kw + t < kpairs, in2 = X_SMEM || kw + 4 + t < kpairs;
-        uint32_t a[4];
-        a[0] = has0 && in0 ? x0[kw] : 0u;
-        a[2] = has0 && in2 ? x0[kw + 4] : 0u;
-        a[1] = has1 && in0 ? x1[kw] : 0u;
-        a[3] = has1 && in2 ? x1[kw + 4] : 0u;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
+          // A of rows 0-7 (h = 0) and 8-15 (h = 1): a0 / a2 = pairs 4 s + 0 / 1, a1 / a3 = pairs 4 s + 2 / 3
+          const int hs = 2 * (s / 2);
+          uint32_t a[4];
+          decode_b<T, BITS>(s, 0, words[j][b], ss[b][hs], zz[b][hs], a[0], a[2]);
+          decode_b<T, BITS>(s, 1, words[j][b], ss[b][hs + 1], zz[b][hs + 1], a[1], a[3]);
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint32_t sv = ss[s / 2][b][h], zv = zz[s / 2][b][h];
-            uint32_t b0 = 0, b1 = 0;
-            decode_b<T, BITS>(s, h, words[j][b], sv, zv, b0, b1);
-            E::mma(acc[b][h], a, b0, b1);
-          }
+          for (int q = 0; q < TG; ++q) E::mma(acc[b][q], a, xb[q][2 * s], xb[q][2 * s + 1]);
         }
       }
     }
@@ -732,10 +760,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   Sz sa, sb;
   int kb0 = warp;
   load_chunk(wa, sa, kb0);
-  if constexpr (X_SMEM) {
-    cp_async_wait<0>();
-    __syncthreads();  // x rows visible to every warp
-  }
+  if constexpr (X_SMEM) __syncthreads();  // x rows visible to every warp
   while (kb0 < kblocks) {
     load_chunk(wb, sb, kb0 + kStep);
     compute_chunk(wa, sa, kb0);
@@ -747,18 +772,19 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   }
 
   // The warps' partial tiles -> shared memory (after every warp is done with x there) -> summed -> y.
-  // C fragment of mma m16n8: d0, d1 = row g, columns 2 t + {0, 1}; d2, d3 = row g + 8.
+  // C fragment of mma m16n8 (rows = output columns n, columns = tokens m): d0, d1 = row g, tokens
+  // 2 t + {0, 1}; d2, d3 = row g + 8.
   __syncthreads();
-  float* red = reinterpret_cast<float*>(smem);  // [WARPS][MT][NT]
+  float* red = reinterpret_cast<float*>(smem);  // [WARPS][MT][kRedStride]
 #pragma unroll
   for (int b = 0; b < NB; ++b)
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+    for (int q = 0; q < TG; ++q)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int m = g + 8 * (e / 2);
-        const int n = b * kBlockN + 8 * h + 2 * t + (e % 2);
-        if (m < C::MT) red[(warp * C::MT + m) * C::NT + n] = acc[b][h][e];
+        const int m = 8 * q + 2 * t + (e % 2);
+        const int n = b * kBlockN + g + 8 * (e / 2);
+        red[(warp * C::MT + m) * C::kRedStride + n] = acc[b][q][e];
       }
   __syncthreads();
   T* y = static_cast<T*>(p.y);
@@ -769,8 +795,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
     float v0 = 0.f, v1 = 0.f;
 #pragma unroll
     for (int w = 0; w < C::WARPS; ++w) {
-      v0 += red[(w * C::MT + m) * C::NT + n];
-      v1 += red[(w * C::MT + m) * C::NT + n + 1];
+      v0 += red[(w * C::MT + m) * C::kRedStride + n];
+      v1 += red[(w * C::MT + m) * C::kRedStride + n + 1];
     }
     store_pair<T>(y + size_t(m) * p.N + n0 + n, E::floats2(v0, v1), n0 + n, p.N);
   }

@@ -159,7 +159,7 @@ def parse_log(text: str) -> dict:
 CATEGORIES = [
     ("dequantize", re.compile(r"dequant", re.IGNORECASE)),
     ("act quantize", re.compile(r"quant", re.IGNORECASE)),
-    ("bipolar gemm", re.compile(r"gemm_a16|gemv_a16|gemm_binary|bipolar", re.IGNORECASE)),
+    ("bipolar gemm", re.compile(r"gemm_a16|gemm_mid_a16|gemv_a16|gemm_binary|bipolar", re.IGNORECASE)),
     ("attention", re.compile(r"flash|fmha|attn|attention|paged|reshape_and_cache|kv_cache|merge_attn", re.IGNORECASE)),
     ("norm/rope/activation", re.compile(r"norm|rsqrt|rotary|rope|cos_sin|silu|gelu|act_and_mul|swiglu", re.IGNORECASE)),
     ("sampling", re.compile(r"argmax|arg_max|topk|top_k|top_p|sampl|gumbel|multinomial|softmax|sort", re.IGNORECASE)),

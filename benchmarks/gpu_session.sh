@@ -50,7 +50,7 @@ if [[ $SASS -eq 1 ]]; then
   so=$(ls vllm_bipolar/_C*.so | head -1)
   {
     echo "# SASS census of $so (cuobjdump --dump-sass), tensor-core instructions per kernel family"
-    for fam in gemm_a16_kernel dequantize_a16_kernel gemm_binary quantize_activations; do
+    for fam in gemv_a16_kernel gemm_mid_a16_kernel dequantize_a16_kernel gemm_binary quantize_activations; do
       cuobjdump --dump-sass "$so" | awk -v f="$fam" '/Function :/ {keep = index($0, f) > 0} keep' >"$OUT/sass_$fam.txt"
       printf '%-24s' "$fam"
       for ins in HGMMA BGMMA IGMMA HMMA BMMA IMMA LDSM LOP3 PRMT; do

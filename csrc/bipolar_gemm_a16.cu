@@ -4,19 +4,23 @@
 //   bipolar_kernels::dequantize_a16  W[N, K] dense (the large-M path: dequantize, then cuBLAS)
 // Both read the repacked layout built at load (vllm_bipolar/kernels/a16_layout.py).
 //
-// No host synchronisation, no allocation beyond the output, launched on the current stream: the
-// ops can be captured in a CUDA graph.
+// No host synchronisation, launched on the current stream: the ops can be captured in a CUDA graph.
+// Allocations: the output, and for the mid-batch kernel when it splits K a zeroed fp32 workspace
+// [M, N] (from the caching allocator) that is converted into the output after the kernel.
 
 #include "ops.h"
 #include "bipolar_gemm_a16.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 // c10/cuda headers rather than ATen/cuda/CUDAContext.h: the latter pulls in cuBLAS/cuSPARSE
 // headers, which a CUDA toolkit without the math libraries (and the CI compile check) lacks.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <atomic>
 #include <cstdint>
 
 namespace bipolar {
@@ -27,6 +31,18 @@ using a16::kBlockN;
 using a16::kPadN;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// SM count of a device, asked once per device (the mid-batch kernel's K split depends on it).
+int multiprocessors(int device) {
+  static std::atomic<int> counts[64] = {};
+  if (device < 0 || device >= 64) return 132;
+  int v = counts[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+    counts[device].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
 
 template <typename T>
 void dispatch(bool dequantize, int bits, const a16::Problem& p, cudaStream_t stream) {
@@ -107,8 +123,17 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.ldx = ldx;
   p.y = y.data_ptr();
   p.M = int(m);
+  at::Tensor partial;
+  if (m > a16::kDecodeMaxM) {
+    p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, multiprocessors(x.device().index()));
+    if (p.kb_per_split < p.Kp / kBlockK) {  // K split over CTAs: fp32 partial sums, then y
+      partial = at::zeros({m, n}, x.options().dtype(at::kFloat));
+      p.partial = partial.data_ptr<float>();
+    }
+  }
   if (x.scalar_type() == at::kHalf) dispatch<__half>(false, bits, p, stream);
   else dispatch<__nv_bfloat16>(false, bits, p, stream);
+  if (partial.defined()) y.copy_(partial);
   return y;
 }
 

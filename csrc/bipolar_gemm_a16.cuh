@@ -31,13 +31,13 @@
 // * gemv_a16_kernel (M <= 16, decode): weights stream from HBM straight into registers, two chunks
 //   per warp in flight, no shared memory or barrier in the main loop; a CTA owns 32 output columns
 //   and its 8 or 16 warps split K; x rows sit in shared memory (or come from L1/L2 when too large).
-// * gemm_a16_kernel (M 17..64): a CTA of 4 warps owns a 64 x 64 output tile and loops over K in
-//   stages, a cp.async pipeline of kStages stages (x rows, weight blocks, scale rows of one stage land
-//   in shared memory together); A fragments by ldmatrix from a swizzled tile.
+// * gemm_mid_a16_kernel (M 17..256): 8 warps split 128 output columns; weights stream into registers
+//   as above, x comes through a cp.async pipeline of 256-channel stages in shared memory (ldmatrix),
+//   each decoded fragment serves up to 8 mma of 8 tokens; K is split over CTAs when there are few
+//   column tiles (fp32 partial sums in a workspace).
 // Beyond, the op dequantizes (dequantize_a16_kernel) and calls cuBLAS (vllm_bipolar/ops.py).
 //
-// No host synchronisation, no allocation beyond the output, launched on the current stream: the
-// op can be captured in a CUDA graph.
+// No host synchronisation, launched on the current stream: the op can be captured in a CUDA graph.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -63,7 +63,27 @@ struct Problem {
   void* y;                // [M, N] (gemm) or [N, K] (dequantize)
   int M, N, K, Np, Kp, Gp, group_shift;
   int64_t ldx;
+  // mid-batch kernel (M > kDecodeMaxM) only: K is split into runs of kb_per_split layout blocks; with
+  // more than one run, every run adds its fp32 partial sums into `partial` [M, N] (zeroed), not y.
+  float* partial;
+  int kb_per_split;
 };
+
+// Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
+// (gemm_a16_split) since a split needs a workspace.
+constexpr int kDecodeMaxM = 16;
+// Layout blocks per K run of the mid-batch kernel for this problem on a GPU of `sms` SMs: enough
+// (column tile, run, M-tile) CTAs for two per SM, runs of whole x stages (4 blocks).
+inline int gemm_a16_kb_per_split(int M, int Np, int Kp, int sms) {
+  const int kblocks = Kp / kBlockK;
+  const int mt = M <= 32 ? 32 : 64;  // tokens per M-tile (launch_gemm)
+  const int tiles = ((Np + 127) / 128) * ((M + mt - 1) / mt);
+  int splits = (2 * sms + tiles - 1) / tiles;
+  splits = splits < 1 ? 1 : splits;
+  int per = (kblocks + splits - 1) / splits;
+  per = (per + 3) / 4 * 4;
+  return per < kblocks ? per : kblocks;
+}
 
 // y = x @ W^T for weight width BITS and element type T (__half or __nv_bfloat16) on `stream`.
 template <typename T, int BITS>
@@ -147,6 +167,7 @@ struct Elem<__half> {
   static __device__ __forceinline__ T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
   static __device__ __forceinline__ T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
   static __device__ __forceinline__ T2 floats2(float a, float b) { return __floats2half2_rn(a, b); }
+  static __device__ __forceinline__ __half from_float(float a) { return __float2half_rn(a); }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -173,6 +194,7 @@ struct Elem<__nv_bfloat16> {
   static __device__ __forceinline__ T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
   static __device__ __forceinline__ T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
   static __device__ __forceinline__ T2 floats2(float a, float b) { return __floats2bfloat162_rn(a, b); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float a) { return __float2bfloat16_rn(a); }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -302,269 +324,214 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Streaming loads of a part's w words (read once: not kept in L1).
+template <int W>
+__device__ __forceinline__ void ldg_stream(const uint32_t* src, uint32_t* dst) {
+  if constexpr (W == 1) {
+    asm volatile("ld.global.nc.L1::no_allocate.b32 %0, [%1];\n" : "=r"(dst[0]) : "l"(src));
+  } else if constexpr (W == 2) {
+    asm volatile("ld.global.nc.L1::no_allocate.v2.b32 {%0, %1}, [%2];\n" : "=r"(dst[0]), "=r"(dst[1]) : "l"(src));
+  } else {
+#pragma unroll
+    for (int i = 0; i < W / 4; ++i)
+      asm volatile("ld.global.nc.L1::no_allocate.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(dst[4 * i]), "=r"(dst[4 * i + 1]), "=r"(dst[4 * i + 2]), "=r"(dst[4 * i + 3])
+                   : "l"(src + 4 * i));
+  }
+}
+
 // x tile in shared memory: row m holds SK channels as SK / 8 chunks of 16 bytes; chunk c is stored at
 // c ^ (m % 8) so that ldmatrix's 8 row addresses (same c, 8 consecutive m) hit 8 different bank
 // groups (rows are a multiple of 128 bytes apart, which would otherwise be an 8-way conflict).
 __device__ __forceinline__ int swizzle(int m, int c) { return c ^ (m & 7); }
 
-// ---- tile configuration --------------------------------------------------------------------------
-// MT: activation rows per CTA (8 uses ldmatrix.x2 and the low half of the mma's A rows; rows 8-15 of
-// A are zero registers). NB: 16-row layout blocks per warp. WK / WN: warps along K / N (WK * WN = 4).
-// KW: layout blocks (64 channels) per warp per stage, sized so that a stage moves ~8 KB of weights
-// while its activation slice stays within 8 KB (16 KB for the 64-row tile): shared memory decides how
-// many CTAs an SM holds, hence how many bytes it has in flight.
-template <int BITS, int MT_, int NB_, int WK_, int WN_ = (WK_ >= 4 ? 1 : 4 / WK_)>
-struct Config {
-  static constexpr int MT = MT_;
-  static constexpr int MB = MT_ <= 16 ? 1 : MT_ / 16;  // m16 tiles per warp
-  static constexpr bool kHalfA = MT_ == 8;
-  static constexpr int NB = NB_;
-  static constexpr int WK = WK_;
-  static constexpr int WN = WN_;
-  static constexpr int kThreads = kWarpSize * WK_ * WN_;
-  static constexpr int NT = kBlockN * NB * WN;  // output columns per CTA
-  static constexpr int kWeightBytesPerBlockK = NT * kBlockK * BITS / 8;  // one 64-channel slice of the tile
-  static constexpr int kXMax = MT_ == 64 ? 16384 : 8192;
-  static constexpr int KWw = 8192 / (kWeightBytesPerBlockK * WK);
-  static constexpr int KWx = kXMax / (MT_ * 2 * kBlockK * WK_);
-  static constexpr int KW0 = KWw < KWx ? KWw : KWx;
-  static constexpr int KW = KW0 < 1 ? 1 : (KW0 > 4 ? 4 : KW0);
-  static constexpr int SK = kBlockK * KW * WK;  // channels per stage
-  static constexpr int kWBytes = NT * SK * BITS / 8;
-  static constexpr int kSGroupsMax = SK / 32;  // scale rows per stage at most (group_size 32)
-  static constexpr int kSBytes = kSGroupsMax * NT * 4;
-  static constexpr int kRedBytes = WK * MT * NT * 4;
-  // Rows of x held in shared memory: all MT, except for the 8-row tile, which keeps only the rows
-  // the batch has (min(M, 8)); ldmatrix rows past them read a 16-byte zero block instead. At M = 1
-  // that is 1/8 of the x buffers, so more CTAs fit on an SM (more weight bytes in flight).
-  __host__ __device__ static int x_rows(int M) { return kHalfA ? (M < 8 ? M : 8) : MT; }
-  static int stage_bytes(int M) { return x_rows(M) * SK * 2 + kWBytes + kSBytes; }
-  static int smem_bytes(int M) {
-    const int pipe = kStages * stage_bytes(M) + 16;  // + the zero block
-    return pipe > kRedBytes ? pipe : kRedBytes;
-  }
-  static_assert(MT == 8 || MT % 16 == 0, "activation tile");
-  static_assert(SK % 64 == 0 && (SK / 8) >= 8, "swizzle needs >= 8 chunks per row");
+// ---- the mid-batch kernel (M 17..256) ----------------------------------------------------------------
+// Roles as in the decode kernel below (mma computes y^T = W x^T: decoded weights are A, tokens B), but
+// with many tokens the x rows no longer fit in shared memory whole and every byte of x a CTA reads is
+// paid once per CTA: so here the 8 warps of a CTA split N, not K. Each warp owns one 16-row layout
+// block row (the CTA 128 output columns) and streams its weights from HBM into registers (two chunks
+// in flight, as in the decode kernel); all warps walk the same K range in lockstep over x stages of
+// 256 channels that a cp.async pipeline brings into shared memory (row-major, 16-byte chunks XOR-
+// swizzled by row so that ldmatrix's 8 row addresses hit 8 different bank groups). One decoded A
+// fragment feeds TG mma (8 tokens each): the decode is paid once per weight and M-tile. M > 8 TG runs
+// more M-tiles (grid.z; the weights come again, from L2). Few column tiles (N = 4096: 32) would leave
+// most SMs idle, so K is split over grid.y: the splits add fp32 partial sums into a zeroed workspace
+// (red.global.add), which the op converts to the output dtype.
+template <int BITS, int TG_>
+struct MidConfig {
+  static constexpr int TG = TG_;         // token groups of 8 per M-tile
+  static constexpr int MT = 8 * TG_;     // tokens per M-tile
+  static constexpr int WARPS = 8;
+  static constexpr int NT = kBlockN * WARPS;  // output columns per CTA
+  static constexpr int kThreads = kWarpSize * WARPS;
+  static constexpr int kStageBlocks = 4;  // layout blocks (64 channels) per x stage
+  static constexpr int SK = kBlockK * kStageBlocks;
+  static constexpr int kStages = 3;
+  static constexpr int kStageBytes = MT * SK * 2;
+  static constexpr int kSmemBytes = kStages * kStageBytes;  // 96 KB at MT = 64: two CTAs per SM
+  // layout blocks per register chunk (two chunks in flight per warp): one, which keeps the 64-token
+  // tile within 128 registers (two CTAs per SM) without spilling
+  static constexpr int D = 1;
+  static_assert(kStageBlocks % (2 * D) == 0, "a stage holds whole pairs of chunks (the two register buffers)");
 };
 
-// ---- the GEMM kernel ------------------------------------------------------------------------------
 template <typename T, int BITS, class C>
-__global__ void __launch_bounds__(C::kThreads) gemm_a16_kernel(Problem p) {
+__global__ void __launch_bounds__(C::kThreads, 2) gemm_mid_a16_kernel(Problem p) {
   using E = Elem<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x;
   const int lane = tid % kWarpSize;
   const int warp = tid / kWarpSize;
-  const int wk = warp % C::WK;
-  const int wn = warp / C::WK;
-  const int n0 = blockIdx.x * C::NT;  // first output column of the CTA (Np is a multiple of NT)
-  const int m0 = blockIdx.y * C::MT;
-  const int mv = min(C::MT, p.M - m0);
+  const int g = lane / 4;
+  const int nb = blockIdx.x * C::WARPS + warp;  // this warp's 16-row layout block row
+  const bool active = nb < p.Np / kBlockN;       // the last CTA may reach past Np (warp-uniform)
   const int kblocks = p.Kp / kBlockK;
-  const int nstages = (p.Kp + C::SK - 1) / C::SK;
+  const int kb_lo = blockIdx.y * p.kb_per_split;
+  const int kb_hi = min(kblocks, kb_lo + p.kb_per_split);
+  const int nstages = (kb_hi - kb_lo + C::kStageBlocks - 1) / C::kStageBlocks;
+  const int m0 = blockIdx.z * C::MT;
+  const int mv = min(C::MT, p.M - m0);  // tokens of this M-tile
+  constexpr int kBlockWords = 32 * BITS;
+  constexpr int D = C::D;
   const T* x = static_cast<const T*>(p.x);
-  const uint32_t* scales = static_cast<const uint32_t*>(p.scales);  // (s, z) pairs as words
+  const uint32_t* wrow = p.qweight + size_t(active ? nb : 0) * kblocks * kBlockWords;
+  const uint32_t* scales = static_cast<const uint32_t*>(p.scales) + (active ? nb : 0) * kBlockN + g;
+  const bool two_groups = p.group_shift < 6;
 
-  const int xrows = C::x_rows(p.M);
-  const int x_bytes = xrows * C::SK * 2;
-  const int stage_bytes = x_bytes + C::kWBytes + C::kSBytes;
-  unsigned char* zero_block = smem + kStages * stage_bytes;
-  auto stage_x = [&](int s) { return reinterpret_cast<T*>(smem + s * stage_bytes); };
-  auto stage_w = [&](int s) { return reinterpret_cast<uint32_t*>(smem + s * stage_bytes + x_bytes); };
-  auto stage_s = [&](int s) {
-    return reinterpret_cast<uint32_t*>(smem + s * stage_bytes + x_bytes + C::kWBytes);
-  };
-
-  // Issue the copies of stage `st` (channels st * SK ...) into buffer `buf`.
-  auto load_stage = [&](int st, int buf) {
-    const int k0 = st * C::SK;
-    // activations: the mv valid rows x SK / 8 chunks (channels past K zero-filled); rows past M were
-    // zeroed once for every buffer at the start
-    T* xs = stage_x(buf);
+  // x stage `st` (channels of blocks kb_lo + 4 st ...) into buffer `buf`: mv rows x the stage's chunks
+  // (the last stage of a split may be shorter; channels past K are zero-filled).
+  auto load_x = [&](int st, int buf) {
+    T* xs = reinterpret_cast<T*>(smem + buf * C::kStageBytes);
+    const int kb0 = kb_lo + st * C::kStageBlocks;
+    const int chunks = min(C::kStageBlocks, kb_hi - kb0) * (kBlockK / 8);
     constexpr int kRowChunks = C::SK / 8;
     for (int i = tid; i < mv * kRowChunks; i += C::kThreads) {
       const int m = i / kRowChunks, c = i % kRowChunks;
-      const int k = k0 + 8 * c;
+      if (c >= chunks) continue;
+      const int k = kb0 * kBlockK + 8 * c;
       const bool ok = k < p.K;
-      cp_async16(xs + (m * kRowChunks + swizzle(m, c)) * 8, ok ? x + (m0 + m) * p.ldx + k : x, ok ? 16 : 0);
-    }
-    // weights: for each 16-row block of the tile, the stage's run of 64-channel blocks (contiguous)
-    uint32_t* ws = stage_w(buf);
-    const int kb0 = k0 / kBlockK;
-    constexpr int kBlockWords = 32 * BITS;
-    constexpr int kRunChunks = (C::SK / kBlockK) * kBlockWords / 4;  // 16-byte chunks of a full run
-    constexpr int kTileBlocks = C::NT / kBlockN;
-    const int run_chunks = min(C::SK / kBlockK, kblocks - kb0) * kBlockWords / 4;  // last stage: shorter
-    const uint32_t* wsrc = p.qweight + (size_t(n0 / kBlockN) * kblocks + kb0) * kBlockWords;
-    const size_t block_row_words = size_t(kblocks) * kBlockWords;  // one 16-row block across all of K
-    for (int i = tid; i < kTileBlocks * kRunChunks; i += C::kThreads) {
-      const int b = i / kRunChunks, r = i % kRunChunks;  // constant divisors
-      if (r < run_chunks) cp_async16(ws + b * (kRunChunks * 4) + 4 * r, wsrc + b * block_row_words + 4 * r, 16);
-    }
-    // scale rows: the groups the stage touches (one when groups are at least SK channels)
-    uint32_t* ss = stage_s(buf);
-    const int g0 = k0 >> p.group_shift;
-    const int gn = min(max(1, C::SK >> min(p.group_shift, 30)), p.Gp - g0);
-    const int stotal = gn * (C::NT / 4);
-    for (int i = tid; i < stotal; i += C::kThreads) {
-      const int g = i / (C::NT / 4), c = i % (C::NT / 4);
-      cp_async16(ss + g * C::NT + 4 * c, scales + (size_t(g0 + g) * p.Np + n0) + 4 * c, 16);
+      cp_async16(xs + (m * kRowChunks + swizzle(m, c)) * 8, ok ? x + int64_t(m0 + m) * p.ldx + k : x, ok ? 16 : 0);
     }
   };
 
-  float acc[C::MB][C::NB][2][4];
+  using Words = uint32_t[D][BITS];
+  using Sz = uint32_t[D][2];
+  auto load_chunk = [&](Words& words, Sz& sz, int kb0) {
 #pragma unroll
-  for (int a = 0; a < C::MB; ++a)
-#pragma unroll
-    for (int b = 0; b < C::NB; ++b)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[a][b][h][e] = 0.f;
-
-  // rows past M (up to xrows): zero in every buffer, once (the copies below never touch them)
-  if (tid == 0) *reinterpret_cast<uint4*>(zero_block) = make_uint4(0, 0, 0, 0);
-  if (mv < xrows) {
-    constexpr int kRowChunks = C::SK / 8;
-    for (int i = tid; i < kStages * (xrows - mv) * kRowChunks; i += C::kThreads) {
-      const int st = i / ((xrows - mv) * kRowChunks), r = i % ((xrows - mv) * kRowChunks);
-      *reinterpret_cast<uint4*>(stage_x(st) + (mv * kRowChunks + r) * 8) = make_uint4(0, 0, 0, 0);
-    }
-  }
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < nstages) load_stage(s, s);
-    cp_async_commit();
-  }
-
-  // ldmatrix row addresses: thread i gives row r of matrix i / 8 (x4: rows 0-7 / 8-15 of k 0-7, then
-  // of k 8-15; x2: rows 0-7 of k 0-7, then k 8-15). Chunk c of row r is stored at c ^ (r % 8), and a
-  // 64-channel block adds 8 to c, which the XOR leaves alone: byte offset per k-step s (chunk 2s + q).
-  uint32_t a_off[4];
-  {
-    const int r = C::kHalfA ? lane % 8 : lane % 8 + 8 * ((lane / 8) % 2);
-    const int q = C::kHalfA ? (lane / 8) % 2 : lane / 16;
-#pragma unroll
-    for (int s = 0; s < 4; ++s) a_off[s] = (r * (C::SK / 8) + ((2 * s + q) ^ (r & 7))) * 16;
-  }
-  const bool a_row_held = !C::kHalfA || lane % 8 < xrows;  // else this lane's ldmatrix row is the zero block
-  const uint32_t zero_addr = smem_addr(zero_block);
-
-  for (int st = 0; st < nstages; ++st) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // stage st visible to all; buffer (st - 1) % kStages free for reuse
-    if (st + kStages - 1 < nstages) load_stage(st + kStages - 1, (st + kStages - 1) % kStages);
-    cp_async_commit();
-
-    const int buf = st % kStages;
-    const T* xs = stage_x(buf);
-    const uint32_t* ws = stage_w(buf);
-    const uint32_t* ss = stage_s(buf);
-    const int k0 = st * C::SK;
-#pragma unroll
-    for (int j = 0; j < C::KW; ++j) {
-      const int kbl = wk * C::KW + j;  // local 64-channel block
-      if (k0 + kbl * kBlockK >= p.Kp) break;  // warp-uniform
-      // weight words of this warp's NB blocks
-      uint32_t words[C::NB][BITS];
-#pragma unroll
-      for (int b = 0; b < C::NB; ++b) {
-        const uint32_t* blk = ws + ((wn * C::NB + b) * (C::SK / kBlockK) + kbl) * (32 * BITS);
+    for (int j = 0; j < D; ++j) {
+      const int kb = kb0 + j;
+      if (active && kb < kb_hi) {
+        const uint32_t* blk = wrow + kb * kBlockWords;
 #pragma unroll
         for (int i = 0; i < num_parts(BITS); ++i) {
           const int w = part_width(BITS, i), sh = part_shift(BITS, i);
-          const uint32_t* src = blk + sh * 32 + lane * w;
-          if (w == 8) {
-            const uint4 v0 = *reinterpret_cast<const uint4*>(src);
-            const uint4 v1 = *reinterpret_cast<const uint4*>(src + 4);
-            words[b][sh + 0] = v0.x; words[b][sh + 1] = v0.y; words[b][sh + 2] = v0.z; words[b][sh + 3] = v0.w;
-            words[b][sh + 4] = v1.x; words[b][sh + 5] = v1.y; words[b][sh + 6] = v1.z; words[b][sh + 7] = v1.w;
-          } else if (w == 4) {
-            const uint4 v = *reinterpret_cast<const uint4*>(src);
-            words[b][sh + 0] = v.x; words[b][sh + 1] = v.y; words[b][sh + 2] = v.z; words[b][sh + 3] = v.w;
-          } else if (w == 2) {
-            const uint2 v = *reinterpret_cast<const uint2*>(src);
-            words[b][sh + 0] = v.x; words[b][sh + 1] = v.y;
-          } else {
-            words[b][sh] = *src;
-          }
+          if (w == 8) ldg_stream<8>(blk + sh * 32 + lane * 8, &words[j][sh]);
+          else if (w == 4) ldg_stream<4>(blk + sh * 32 + lane * 4, &words[j][sh]);
+          else if (w == 2) ldg_stream<2>(blk + sh * 32 + lane * 2, &words[j][sh]);
+          else ldg_stream<1>(blk + sh * 32 + lane, &words[j][sh]);
+        }
+        const uint32_t* srow = scales + ((kb * kBlockK) >> p.group_shift) * p.Np;
+        sz[j][0] = __ldg(srow);
+        sz[j][1] = __ldg(srow + 8);
+      }
+    }
+  };
+
+  float acc[C::TG][4];
+#pragma unroll
+  for (int q = 0; q < C::TG; ++q)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[q][e] = 0.f;
+
+  // ldmatrix.x4 row address of this lane for token group q: row 8 q + lane % 8, chunk 4 sp + lane / 8 of
+  // a block (matrices 0-3 = channels 0-7, 8-15 of k-step 2 sp, then of k-step 2 sp + 1). Rows past the
+  // tile's tokens hold stale data: they only reach output columns (tokens) that are never stored.
+  // The swizzle depends on the row only through lane % 8, so token group q is a constant offset.
+  const uint32_t lane_row = (lane % 8) * (C::SK / 8);
+  constexpr uint32_t kGroupBytes = 8 * (C::SK / 8) * 16;
+
+  auto compute_chunk = [&](const Words& words, const Sz& sz, int kb0, const T* xs) {
+    if (!active) return;  // warp-uniform; the warp still takes part in the barriers
+#pragma unroll
+    for (int j = 0; j < D; ++j) {
+      const int kb = kb0 + j;
+      if (kb >= kb_hi) break;  // warp-uniform (CTA-uniform)
+      const int cb = ((kb - kb_lo) % C::kStageBlocks) * (kBlockK / 8);  // first chunk of the block in the stage
+      uint32_t ss[4], zz[4];  // [2 half + h]
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        split_sz(sz[j][h], ss[h], zz[h]);
+        if (two_groups) {
+          split_sz(__ldg(scales + ((kb * kBlockK + 32) >> p.group_shift) * p.Np + 8 * h), ss[2 + h], zz[2 + h]);
+        } else {
+          ss[2 + h] = ss[h];
+          zz[2 + h] = zz[h];
         }
       }
-      // (s, s) / (z, z) per row, for k-steps 0-1 and 2-3 (groups are >= 32 channels: one each)
-      uint32_t s2[2][C::NB][2], z2[2][C::NB][2];
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int gslot = (kbl * kBlockK + 32 * half) >> p.group_shift;  // scale row inside the stage
+      for (int sp = 0; sp < 2; ++sp) {
+        // A fragments of k-steps 2 sp and 2 sp + 1 (rows 0-7: h = 0 -> a0 / a2, rows 8-15: h = 1 -> a1 / a3)
+        uint32_t a[2][4];
 #pragma unroll
-        for (int b = 0; b < C::NB; ++b)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            split_sz(ss[gslot * C::NT + (wn * C::NB + b) * kBlockN + 8 * h + lane / 4], s2[half][b][h], z2[half][b][h]);
-      }
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {  // mma k-steps of 16 channels
-        // A fragments (x rows) by ldmatrix from the swizzled tile (offsets precomputed per k-step)
-        uint32_t afr[C::MB][4];
-        const uint32_t xaddr = a_row_held ? smem_addr(xs) + kbl * (kBlockK * 2) + a_off[s] : zero_addr;
-#pragma unroll
-        for (int a = 0; a < C::MB; ++a) {
-          if constexpr (C::kHalfA) {
-            asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-                         : "=r"(afr[a][0]), "=r"(afr[a][2]) : "r"(xaddr));
-            afr[a][1] = 0u;
-            afr[a][3] = 0u;
-          } else {
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                         : "=r"(afr[a][0]), "=r"(afr[a][1]), "=r"(afr[a][2]), "=r"(afr[a][3])
-                         : "r"(xaddr + a * 16 * C::SK * 2));
-          }
+        for (int u = 0; u < 2; ++u) {
+          const int s = 2 * sp + u;
+          decode_b<T, BITS>(s, 0, words[j], ss[2 * sp], zz[2 * sp], a[u][0], a[u][2]);
+          decode_b<T, BITS>(s, 1, words[j], ss[2 * sp + 1], zz[2 * sp + 1], a[u][1], a[u][3]);
         }
+        const uint32_t base = smem_addr(xs) + (lane_row + swizzle(lane, cb + 4 * sp + lane / 8)) * 16;
 #pragma unroll
-        for (int b = 0; b < C::NB; ++b) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint32_t sv = s2[s / 2][b][h], zv = z2[s / 2][b][h];
-            uint32_t b0 = 0, b1 = 0;
-            // pair index p = 4 s + 2 h + r, as a constant for the decode
-            decode_b<T, BITS>(s, h, words[b], sv, zv, b0, b1);
-#pragma unroll
-            for (int a = 0; a < C::MB; ++a) E::mma(acc[a][b][h], afr[a], b0, b1);
-          }
+        for (int q = 0; q < C::TG; ++q) {
+          const uint32_t addr = base + q * kGroupBytes;
+          uint32_t b[4];
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                       : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(addr));
+          E::mma(acc[q], a[0], b[0], b[1]);
+          E::mma(acc[q], a[1], b[2], b[3]);
         }
       }
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < C::kStages - 1; ++s) {
+    if (s < nstages) load_x(s, s);
+    cp_async_commit();
+  }
+  Words wa, wb;
+  Sz sa, sb;
+  load_chunk(wa, sa, kb_lo);
+  for (int st = 0; st < nstages; ++st) {
+    cp_async_wait<C::kStages - 2>();
+    __syncthreads();  // stage st visible to all; buffer (st - 1) % kStages free again
+    if (st + C::kStages - 1 < nstages) load_x(st + C::kStages - 1, (st + C::kStages - 1) % C::kStages);
+    cp_async_commit();
+    const T* xs = reinterpret_cast<const T*>(smem + (st % C::kStages) * C::kStageBytes);
+    const int kb0 = kb_lo + st * C::kStageBlocks;
+#pragma unroll
+    for (int c = 0; c < C::kStageBlocks / D; c += 2) {  // chunk pairs: buffer a, then b
+      load_chunk(wb, sb, kb0 + (c + 1) * D);
+      compute_chunk(wa, sa, kb0 + c * D, xs);
+      load_chunk(wa, sa, kb0 + (c + 2) * D);
+      compute_chunk(wb, sb, kb0 + (c + 1) * D, xs);
     }
   }
   cp_async_wait<0>();
-  __syncthreads();  // pipeline buffers are reused for the reduction
 
-  // C fragment of mma m16n8: d0, d1 = row lane / 4, columns 2 (lane % 4) + {0, 1}; d2, d3 = row + 8.
-  float* red = reinterpret_cast<float*>(smem);  // [WK][MT][NT]
-#pragma unroll
-  for (int a = 0; a < C::MB; ++a)
-#pragma unroll
-    for (int b = 0; b < C::NB; ++b)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int m = 16 * a + lane / 4 + 8 * (e / 2);
-          const int n = (wn * C::NB + b) * kBlockN + 8 * h + 2 * (lane % 4) + (e % 2);
-          if (m < C::MT) red[(wk * C::MT + m) * C::NT + n] = acc[a][b][h][e];
-        }
-  __syncthreads();
+  // C fragment (rows = output columns, columns = tokens): d0, d1 = column nb 16 + g, tokens 2 t + {0, 1};
+  // d2, d3 = column + 8.
+  if (!active) return;
   T* y = static_cast<T*>(p.y);
-  for (int i = tid; i < C::MT * C::NT / 2; i += C::kThreads) {
-    const int m = i / (C::NT / 2), n = 2 * (i % (C::NT / 2));
-    float v0 = 0.f, v1 = 0.f;
 #pragma unroll
-    for (int w = 0; w < C::WK; ++w) {
-      v0 += red[(w * C::MT + m) * C::NT + n];
-      v1 += red[(w * C::MT + m) * C::NT + n + 1];
+  for (int q = 0; q < C::TG; ++q)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int m = 8 * q + 2 * (lane % 4) + (e % 2);
+      const int n = nb * kBlockN + g + 8 * (e / 2);
+      if (m >= mv || n >= p.N) continue;
+      const size_t i = size_t(m0 + m) * p.N + n;
+      if (p.partial != nullptr) atomicAdd(p.partial + i, acc[q][e]);  // compiles to RED.ADD.F32
+      else y[i] = E::from_float(acc[q][e]);
     }
-    const int gn = n0 + n;
-    if (m >= mv || gn >= p.N) continue;
-    store_pair<T>(y + size_t(m0 + m) * p.N + gn, E::floats2(v0, v1), gn, p.N);
-  }
 }
 
 // ---- the decode kernel (M <= 16) ------------------------------------------------------------------
@@ -602,22 +569,6 @@ struct DecodeConfig {
   static_assert(MT_ == 8 || MT_ == 16, "decode tiles are 8 or 16 tokens");
   static_assert(kSmemBytes <= 48 * 1024, "no opt-in needed");
 };
-
-// Streaming loads of a part's w words (read once: not kept in L1).
-template <int W>
-__device__ __forceinline__ void ldg_stream(const uint32_t* src, uint32_t* dst) {
-  if constexpr (W == 1) {
-    asm volatile("ld.global.nc.L1::no_allocate.b32 %0, [%1];\n" : "=r"(dst[0]) : "l"(src));
-  } else if constexpr (W == 2) {
-    asm volatile("ld.global.nc.L1::no_allocate.v2.b32 {%0, %1}, [%2];\n" : "=r"(dst[0]), "=r"(dst[1]) : "l"(src));
-  } else {
-#pragma unroll
-    for (int i = 0; i < W / 4; ++i)
-      asm volatile("ld.global.nc.L1::no_allocate.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                   : "=r"(dst[4 * i]), "=r"(dst[4 * i + 1]), "=r"(dst[4 * i + 2]), "=r"(dst[4 * i + 3])
-                   : "l"(src + 4 * i));
-  }
-}
 
 // x in shared memory (X_SMEM), per token row, in mma order: the B fragment of k-step s of a 64-channel
 // block is x words kw + t and kw + 4 + t (kw = 32 kb + 8 s, t = lane % 4), i.e. word 4 j + t of the
@@ -874,11 +825,13 @@ void opt_in_shared_memory(int bytes) {
   }
 }
 
-template <typename T, int BITS, class C>
-void launch_config(const Problem& p, cudaStream_t stream) {
-  opt_in_shared_memory<gemm_a16_kernel<T, BITS, C>>(C::smem_bytes(C::MT));  // x_rows grows with M up to MT
-  const dim3 grid(p.Np / C::NT, (p.M + C::MT - 1) / C::MT);
-  gemm_a16_kernel<T, BITS, C><<<grid, C::kThreads, C::smem_bytes(p.M), stream>>>(p);
+template <typename T, int BITS, int TG>
+void launch_mid(const Problem& p, cudaStream_t stream) {
+  using C = MidConfig<BITS, TG>;
+  opt_in_shared_memory<gemm_mid_a16_kernel<T, BITS, C>>(C::kSmemBytes);
+  const int splits = (p.Kp / kBlockK + p.kb_per_split - 1) / p.kb_per_split;
+  const dim3 grid((p.Np + C::NT - 1) / C::NT, splits, (p.M + C::MT - 1) / C::MT);
+  gemm_mid_a16_kernel<T, BITS, C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -923,15 +876,15 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
 
 }  // namespace
 
-// Kernel choice by M: M <= 16 the decode kernel (gemv_a16_kernel, 8- or 16-row mma tiles); above,
-// 64 x 64 tiles with a shared-memory pipeline, warps split N: each x row is read from L2 once per
-// 64 columns (the op uses it up to M = 64 on wide layers and dequantizes + cuBLAS beyond,
-// vllm_bipolar/ops.py).
+// Kernel choice by M: M <= 16 the decode kernel (gemv_a16_kernel, 8 or 16 tokens per mma tile);
+// above, the mid-batch kernel with M-tiles of 32 (M <= 32) or 64 tokens (the op dequantizes and calls
+// cuBLAS beyond A16_FUSED_MAX_M tokens, vllm_bipolar/ops.py).
 template <typename T, int BITS>
 void launch_gemm(const Problem& p, cudaStream_t stream) {
   if (p.M <= 8) launch_decode_tile<T, BITS, 8>(p, stream);
   else if (p.M <= 16) launch_decode_tile<T, BITS, 16>(p, stream);
-  else launch_config<T, BITS, Config<BITS, 64, 1, 1>>(p, stream);
+  else if (p.M <= 32) launch_mid<T, BITS, 4>(p, stream);
+  else launch_mid<T, BITS, 8>(p, stream);
 }
 
 template <typename T, int BITS>

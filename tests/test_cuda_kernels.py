@@ -155,7 +155,7 @@ def test_op_dispatch_and_odd_inputs():
 
     n, k = 1553, 1000
     qw, sc, shift, w = make_layer(n, k, 4, 128, False, torch.float16)
-    for m in (1, ops.A16_FUSED_MAX_M, ops.A16_FUSED_MAX_M + 1, ops.A16_FUSED_MAX_M_WIDE + 1, 1000):
+    for m in (1, 16, 17, ops.A16_FUSED_MAX_M, ops.A16_FUSED_MAX_M + 1, 1000):
         x = torch.randn(m, k, device=DEV, dtype=torch.float16)
         check_gemm(ops.linear_a16_cuda(x, qw, sc, n, k, shift), x, w, f"op M={m}")
     # K not a multiple of 8: the op zero-pads the activations
@@ -207,8 +207,8 @@ def test_cuda_graph_capture_and_replay():
 @pytest.mark.parametrize("a_bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("w_bits", [1, 2, 3, 4, 8])
 def test_wpaq_through_a16_kernels(w_bits, a_bits):
-    """ops.linear_wpaq_a16_cuda = per-token activation quantization (the reference's own function),
-    then the weight-only kernels: equal to x_q @ W within the kernels' rounding, for every M path."""
+    """The cuda_gemm_a16 backend's WpAq layer = per-token activation quantization (the reference's own
+    function), then the weight-only op: equal to x_q @ W within the kernels' rounding, for every M path."""
     from vllm_bipolar import ops
     from vllm_bipolar.format import fake_quantize_activations
 
@@ -217,8 +217,8 @@ def test_wpaq_through_a16_kernels(w_bits, a_bits):
     qw, sc, shift, w = make_layer(n, k, w_bits, 128, False, torch.float16)
     for m in (1, 9, 17, 100):
         x = torch.randn(m, k, device=DEV, dtype=torch.float16) * 3
-        y = ops.linear_wpaq_a16_cuda(x, qw, sc, n, k, shift, a_bits)
         xq = fake_quantize_activations(x, a_bits)
+        y = ops.linear_a16_cuda(xq, qw, sc, n, k, shift)
         what = f"W{w_bits}A{a_bits} M={m} seed={seed}"
         if ops.a16_uses_fused_kernel(m, n):
             check_gemm(y, xq, w, what)

@@ -11,9 +11,10 @@ without touching data.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .format.quantize import fake_quantize_activations
 from .format.reference import bipolar_linear
 
 try:  # the CUDA extension is optional: absent on CPU-only installs
@@ -41,17 +42,15 @@ def _(x, qweight, scales, zeros, bias, k, group_size, a_bits):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
-# Which batches (tokens) the fused weight-only kernel takes; larger ones dequantize the weight once
-# per call and use cuBLAS. From benchmarks/kernels.py on an H100 (W1-W8, g128; README has the table):
-# the fused kernel wins up to 16 tokens everywhere, up to 64 on layers with N >= 8192 (11008 x 4096,
-# M = 64: 53 us against 73 us), and loses beyond (4096 x 4096, M = 64: 43 us against 23 us).
-A16_FUSED_MAX_M = 16
-A16_FUSED_MAX_M_WIDE = 64
-A16_WIDE_N = 8192
+# Which batches (tokens) the fused weight-only kernels take (the decode kernel up to 16 tokens, the
+# mid-batch kernel above); larger ones dequantize the weight once per call and use cuBLAS. Tuned
+# from benchmarks/kernels.py on an H100 (README has the table). BIPOLAR_A16_FUSED_MAX_M overrides it
+# (for tuning: the benchmark then times the fused kernels at every M).
+A16_FUSED_MAX_M = int(os.environ.get("BIPOLAR_A16_FUSED_MAX_M", "64"))
 
 
 def a16_uses_fused_kernel(m: int, n: int) -> bool:
-    return m <= A16_FUSED_MAX_M or (m <= A16_FUSED_MAX_M_WIDE and n >= A16_WIDE_N)
+    return m <= A16_FUSED_MAX_M
 
 
 def _a16_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int,
@@ -77,19 +76,6 @@ def linear_a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     branch in the layer would be frozen by torch.compile to whatever M the warm-up used.
     """
     return _a16_forward(x, qweight, scales, n, k, group_shift)
-
-
-@torch.library.custom_op("bipolar::linear_wpaq_a16_cuda", mutates_args=())
-def linear_wpaq_a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int,
-                         group_shift: int, a_bits: int) -> torch.Tensor:
-    """WpAq layer through the weight-only kernels: activations quantized per token (a_bits) and
-    dequantized, then x_q @ W^T -- the pure-torch reference's own order of operations."""
-    return _a16_forward(fake_quantize_activations(x, a_bits), qweight, scales, n, k, group_shift)
-
-
-@linear_wpaq_a16_cuda.register_fake
-def _(x, qweight, scales, n, k, group_shift, a_bits):
-    return x.new_empty((x.shape[0], n))
 
 
 @linear_a16_cuda.register_fake

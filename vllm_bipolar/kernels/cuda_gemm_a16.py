@@ -9,7 +9,9 @@ cuBLAS (compute-bound there, where cuBLAS is the fastest tensor-core GEMM). The 
 call inside the op.
 
 Layers with a_bits < 16 run the same kernels on activations quantized per token and dequantized
-(``ops.linear_wpaq_a16_cuda``): the reference's own order of operations, and on an H100 4-30x
+(``format.fake_quantize_activations``, plain torch outside the op so that torch.compile fuses it
+into one kernel with its neighbours; inside the opaque op it was six kernel launches per layer,
+which at decode cost more than the GEMM): the reference's own order of operations, and on an H100 4-30x
 faster than the binary tensor-core kernels of ``cuda_binary_gemm`` as they stand
 (benchmarks/results/kernels_h100.json: W2A2, 14336 x 4096, M = 4096: 3.4 ms there against the
 0.78 ms of the weight-only path), which stay selectable with VLLM_BIPOLAR_KERNEL=cuda_binary_gemm.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..format.quantize import fake_quantize_activations
 from . import a16_layout
 from .base import BipolarLinearKernel, apply_2d, cuda_half_reason, replace_parameter
 from .layer_config import BipolarLayerConfig
@@ -52,5 +55,5 @@ class CudaGemmA16Kernel(BipolarLinearKernel):
         if c.weight_only:
             return apply_2d(x, bias, c.n, lambda x2: ops.linear_a16_cuda(
                 x2, layer.qweight, layer.scales, c.n, c.k, self.group_shift))
-        return apply_2d(x, bias, c.n, lambda x2: ops.linear_wpaq_a16_cuda(
-            x2, layer.qweight, layer.scales, c.n, c.k, self.group_shift, c.a_bits))
+        return apply_2d(x, bias, c.n, lambda x2: ops.linear_a16_cuda(
+            fake_quantize_activations(x2, c.a_bits), layer.qweight, layer.scales, c.n, c.k, self.group_shift))

@@ -58,6 +58,11 @@ ROWS = [
     _row("w2-gptq-rot", 2, method="gptq", rotate=True),
     _row("w3-gptq-rot", 3, method="gptq", rotate=True),
     _row("w4-gptq-rot", 4, method="gptq", rotate=True),
+    # Issue 4 targets W4A4 <= 2x and --avg-bits 2.5 <= 2x bf16: activation clipping (auto: 0.8), the
+    # randomized Hadamard residual rotation, the measured-loss sensitivity of --avg-bits.
+    _row("w4a4-gptq-had-clip", 4, 4, "gptq", rotate=True, extra=("--rotation", "hadamard", "--a-clip-ratio", "0.8")),
+    _row("w4a4-gptq-rot-clip", 4, 4, "gptq", rotate=True, extra=("--a-clip-ratio", "auto")),
+    _row("w2.5-avg-gptq-rot", 2, method="gptq", avg_bits=2.5, rotate=True),
 ]
 
 
@@ -70,7 +75,8 @@ def convert_cmd(row: dict, calib: list[str]) -> list[str] | None:
     if row["method"].startswith("gptq"):
         cmd += calib
     if row["avg_bits"] is not None:
-        cmd += ["--avg-bits", str(row["avg_bits"]), "--sensitivity", ".models/acc/sensitivity.json"]
+        sens = "sensitivity-rot.json" if row["rotate"] else "sensitivity.json"
+        cmd += ["--avg-bits", str(row["avg_bits"]), "--sensitivity", f".models/acc/{sens}"]
     if row["rotate"]:
         cmd += ["--rotate"]
     return cmd + row["extra"]
@@ -192,7 +198,7 @@ def main() -> int:
                 stamp = OUT_DIR / f"{row['name']}.cmd"
                 _wait_for_other_writer(f".models/acc/{row['name']}\0")
                 if row["avg_bits"] is not None:  # reuse the sensitivity profile another run is measuring
-                    _wait_for_other_writer("sensitivity.json")
+                    _wait_for_other_writer("sensitivity")
                 if not _stamped(row, calib):
                     rc, sec = _run(cmd + ["--overwrite", "--no-progress"], logs / f"{row['name']}.convert.log")
                     info = {"rc": rc, "seconds": round(sec, 1)}

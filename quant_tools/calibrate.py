@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from vllm_bipolar.format import BipolarQuantSpec
-from vllm_bipolar.format.quantize import QuantizedWeight, fake_quantize_activations
+from vllm_bipolar.format.quantize import QuantizedWeight, clip_activations, fake_quantize_activations
 from vllm_bipolar.format.spec import A16
 from vllm_bipolar.format.transforms import block_hadamard, hadamard_block
 
@@ -63,6 +63,8 @@ class CalibOptions:
     damp: float = 0.01
     act_order: bool | None = None  # None: the method's default
     batch: int = 8  # windows per forward call
+    refit: bool = False  # least-squares refit of each row's scales/offsets after GPTQ (gptq_quantize)
+    fp_targets: bool = False  # fit the full-precision model's outputs (see fp_target_weights)
 
     def check(self) -> None:
         if not Path(self.text).is_file():
@@ -162,7 +164,9 @@ def _submodule(layer: torch.nn.Module, path: str) -> torch.nn.Module:
 def _install_runtime_hooks(layer, prefix: str, spec: BipolarQuantSpec, quantized: set[str],
                            act_quant: bool = True) -> list:
     """Pre-hooks reproducing the run-time input transforms of the quantized linears (online
-    Hadamard, then per-token activation quantization), so calibration sees what the kernels see."""
+    Hadamard, activation clipping, then per-token activation quantization), so calibration sees
+    what the kernels see."""
+    clip = spec.a_clip_ratio if spec.clips_activations() else None
     handles = []
     for _, members in UNITS:
         for rel in members:
@@ -179,17 +183,34 @@ def _install_runtime_hooks(layer, prefix: str, spec: BipolarQuantSpec, quantized
                 if block:
                     x = block_hadamard(x, block)
                 if a_bits != A16:
-                    x = fake_quantize_activations(x.reshape(-1, x.shape[-1]), a_bits).reshape(x.shape)
+                    x2 = x.reshape(-1, x.shape[-1])
+                    if clip is not None:
+                        x2 = clip_activations(x2, clip)
+                    x = fake_quantize_activations(x2, a_bits).reshape(x.shape)
                 return (x,) + tuple(args[1:])
 
             handles.append(_submodule(layer, rel).register_forward_pre_hook(hook))
     return handles
 
 
-def _collect_hessians(layer, units: list[tuple[str, tuple[str, ...]]]) -> tuple[dict, list]:
+def _capture_inputs(layer, units: list[tuple[str, tuple[str, ...]]]) -> tuple[dict, list]:
+    """Forward pre-hooks keeping each unit's (transformed) inputs, one [tokens, K] tensor per call."""
+    kept = {u: [] for u, _ in units}
+    handles = []
+    for unit, members in units:
+        def hook(mod, args, unit=unit):
+            kept[unit].append(args[0].reshape(-1, args[0].shape[-1]).to(torch.float32))
+        handles.append(_submodule(layer, members[0]).register_forward_pre_hook(hook))
+    return kept, handles
+
+
+def _collect_hessians(layer, units: list[tuple[str, tuple[str, ...]]],
+                      fp_inputs: dict | None = None) -> tuple[dict, list]:
     """Forward pre-hooks accumulating sum x x^T (float64) and the token count at the first member
-    of each unit (registered after the run-time hooks, so they see transformed inputs)."""
-    stats = {u: {"h": None, "n": 0} for u, _ in units}
+    of each unit (registered after the run-time hooks, so they see transformed inputs). With
+    ``fp_inputs`` (the full-precision model's inputs of the same batches, in call order) also the
+    cross moment sum x_fp^T x ("c")."""
+    stats = {u: {"h": None, "n": 0, "c": None, "calls": 0} for u, _ in units}
     handles = []
     for unit, members in units:
         def hook(mod, args, unit=unit):
@@ -197,23 +218,57 @@ def _collect_hessians(layer, units: list[tuple[str, tuple[str, ...]]]) -> tuple[
             st = stats[unit]
             xtx = (x.T @ x).to(torch.float64)
             st["h"] = xtx if st["h"] is None else st["h"] + xtx
+            if fp_inputs is not None:
+                ctx = (fp_inputs[unit][st["calls"]].T @ x).to(torch.float64)
+                st["c"] = ctx if st["c"] is None else st["c"] + ctx
+            st["calls"] += 1
             st["n"] += x.shape[0]
         handles.append(_submodule(layer, members[0]).register_forward_pre_hook(hook))
     return stats, handles
 
 
+# Ridge of --fp-targets' fit, a fraction of the mean diagonal of H_q. Measured on SmolLM2-135M
+# (W4A4, Hadamard rotation, clip 0.8; fitted on 16 x 512 calibration tokens, error against the
+# full-precision outputs on 8 x 512 others, layers 0-2): 0.01 overfits down_proj (error x1.02-1.37),
+# 0.1 gives x0.44-0.54 on q/k/v, x0.80-0.87 on gate/up, x0.56-0.89 on o_proj, x0.91-1.02 on down_proj.
+FP_TARGET_DAMP = 0.1
+
+
+def fp_target_weights(w: torch.Tensor, h_q: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weights W* that best map the quantized model's inputs X_q to the full-precision model's
+    outputs X W^T of this linear (X its inputs in the full-precision model, rows = tokens), kept
+    near W: argmin_V ||X W^T - X_q V^T||^2 + lambda ||V - W||^2 = W (C + lambda I)(H_q + lambda I)^-1
+    with C = X^T X_q and H_q = X_q^T X_q (both per token), lambda = ``damp`` x mean diag H_q. The
+    ridge pulls towards W, not 0: input directions the calibration data hardly visits keep W's
+    weights. Since ||X W^T - X_q Q^T||^2 = ||X_q (W* - Q)^T||^2 + const (up to the ridge), GPTQ on
+    W* with the Hessian H_q then minimises the error against the full-precision outputs: the
+    weights also compensate the error of the activation quantizer and of the quantized layers before."""
+    k = h_q.shape[0]
+    lam = damp * torch.diagonal(h_q).mean().clamp_min(1e-12)
+    eye = torch.eye(k, dtype=torch.float64)
+    hd = h_q.to(torch.float64) + lam * eye
+    # W* = W (C + lam I) Hd^-1  <=>  Hd W*^T = (C + lam I)^T W^T (Hd symmetric)
+    sol = torch.linalg.solve(hd, (cross.to(torch.float64) + lam * eye).T @ w.to(torch.float64).T)
+    return sol.T.to(torch.float32)
+
+
 def _quantize_unit(layer, prefix: str, members: tuple[str, ...], h: torch.Tensor, bits: int,
-                   spec: BipolarQuantSpec, method: str, opts: CalibOptions, dtype: torch.dtype):
-    """GPTQ on the stacked weights of a unit; returns ({module: QuantizedWeight}, row errors, dequant)."""
+                   spec: BipolarQuantSpec, method: str, opts: CalibOptions, dtype: torch.dtype,
+                   cross: torch.Tensor | None = None):
+    """GPTQ on the stacked weights of a unit; returns ({module: QuantizedWeight}, row errors, dequant).
+    ``cross``: X^T X_q (per token) of the unit's full-precision and quantized-model inputs: fit the
+    full-precision outputs (:func:`fp_target_weights`)."""
     grid, ao_default = CALIBRATED_METHODS[method]
     act_order = ao_default if opts.act_order is None else opts.act_order
     mods = [_submodule(layer, rel) for rel in members]
     w = torch.cat([m.weight.detach() for m in mods])
+    if cross is not None:
+        w = fp_target_weights(w, h, cross, FP_TARGET_DAMP)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # GPTQ's column loop is many small ops: threads only add overhead
     try:
         res = gptq_quantize(w, h, bits, spec.group_size, grid=grid, symmetric=spec.symmetric,
-                            act_order=act_order, damp=opts.damp, dtype=dtype)
+                            act_order=act_order, damp=opts.damp, dtype=dtype, refit=opts.refit)
     finally:
         torch.set_num_threads(threads)
     out, row = {}, 0
@@ -233,20 +288,30 @@ def calibrated_layers(stream: LayerStream, spec: BipolarQuantSpec, method: str, 
     """Yield (module, QuantizedWeight) for every quantized linear, layer by layer (see module doc)."""
     with torch.no_grad():
         xs = stream.embed(ids)
+        xs_fp = xs if opts.fp_targets else None
         for i in range(len(stream.layers)):
             t0 = time.time()
             prefix = stream.layer_prefix(i)
             layer = stream.load(i)
-            runtime = _install_runtime_hooks(layer, prefix, spec, quantized)
             units = [(u, m) for u, m in UNITS if f"{prefix}.{m[0]}" in quantized]
-            stats, handles = _collect_hessians(layer, units)
+            fp_inputs = None
+            if opts.fp_targets:  # the full-precision model's inputs of each unit, batch by batch
+                fp_runtime = _install_runtime_hooks(layer, prefix, spec, quantized, act_quant=False)
+                fp_inputs, fp_handles = _capture_inputs(layer, units)
+                xs_fp_next = stream.run(layer, xs_fp, opts.batch)
+                for hnd in fp_handles + fp_runtime:
+                    hnd.remove()
+            runtime = _install_runtime_hooks(layer, prefix, spec, quantized)
+            stats, handles = _collect_hessians(layer, units, fp_inputs)
             stream.run(layer, xs, opts.batch)
             for hnd in handles:
                 hnd.remove()
             for unit, members in units:
                 st = stats[unit]
                 bits = spec.bits_for(f"{prefix}.{members[0]}")
-                qws, res = _quantize_unit(layer, prefix, members, st["h"] / st["n"], bits, spec, method, opts, dtype)
+                cross = st["c"] / st["n"] if opts.fp_targets else None
+                qws, res = _quantize_unit(layer, prefix, members, st["h"] / st["n"], bits, spec, method, opts, dtype,
+                                          cross)
                 row = 0
                 for rel in members:
                     mod = _submodule(layer, rel)
@@ -255,10 +320,56 @@ def calibrated_layers(stream: LayerStream, spec: BipolarQuantSpec, method: str, 
                     row += n
                 yield from qws.items()
             xs = stream.run(layer, xs, opts.batch)
+            if opts.fp_targets:
+                xs_fp = xs_fp_next
             for hnd in runtime:
                 hnd.remove()
             stream.unload(i)
             log(f"layer {i}: {time.time() - t0:.1f} s")
+
+
+CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def _next_token_loss(stream: LayerStream, h: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean next-token cross entropy of final hidden states ``h`` [B, T, d] (final norm + lm_head)."""
+    base = stream.base
+    head_name = "lm_head.weight" if "lm_head.weight" in stream.ckpt.weight_map else f"{base}embed_tokens.weight"
+    w_head = stream.tensor(head_name)
+    g_norm = stream.tensor(f"{base}norm.weight")
+    eps = getattr(stream.config, "rms_norm_eps", 1e-6)
+    total = 0.0
+    for b in range(h.shape[0]):
+        x = h[b]
+        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g_norm
+        logits = xn[:-1] @ w_head.T
+        total += float(torch.nn.functional.cross_entropy(logits, ids[b, 1:], reduction="sum"))
+    return total / ids[:, 1:].numel()
+
+
+def search_clip_ratio(stream: LayerStream, spec: BipolarQuantSpec, ids: torch.Tensor, quantized: set[str],
+                      batch: int, log: Callable[[str], None] = lambda s: None,
+                      candidates: tuple[float, ...] = CLIP_CANDIDATES, samples: int = 8) -> tuple[float, dict]:
+    """``--a-clip-ratio auto``: the activation clip ratio with the least next-token loss on (the first
+    ``samples``) calibration windows, the model run with full-precision (rotated) weights and its
+    run-time input transforms (online Hadamard, clipping at each candidate ratio, per-token
+    activation quantization). One streamed pass: each layer is loaded once and run once per candidate."""
+    ids = ids[:samples]
+    specs = {r: dataclasses.replace(spec, a_clip_ratio=r) for r in candidates}
+    with torch.no_grad():
+        x0 = stream.embed(ids)
+        hs = {r: x0 for r in candidates}
+        for i in range(len(stream.layers)):
+            layer = stream.load(i)
+            for r in candidates:
+                handles = _install_runtime_hooks(layer, stream.layer_prefix(i), specs[r], quantized)
+                hs[r] = stream.run(layer, hs[r], batch)
+                for hnd in handles:
+                    hnd.remove()
+            stream.unload(i)
+        losses = {r: _next_token_loss(stream, hs[r], ids) for r in candidates}
+    best = min(candidates, key=lambda r: (losses[r], -r))
+    return best, {str(r): round(v, 5) for r, v in losses.items()}
 
 
 # ---- mixed precision (--avg-bits) ---------------------------------------------------------------
@@ -365,6 +476,87 @@ def sensitivity_profile(stream: LayerStream, spec: BipolarQuantSpec, method: str
             xs = xs_next
             stream.unload(i)
             log(f"profile layer {i}")
+    return units_out
+
+
+def measured_sensitivity(stream: LayerStream, spec: BipolarQuantSpec, method: str, opts: CalibOptions,
+                         ids: torch.Tensor, loss_ids: torch.Tensor, quantized: set[str], bit_set: tuple[int, ...],
+                         dtype: torch.dtype, log: Callable[[str], None] = lambda s: None) -> dict:
+    """``--sensitivity-measure loss``: per unit and width, the measured increase of the next-token loss
+    on the windows ``loss_ids`` when that unit alone is quantized (GPTQ at that width, Hessian from
+    the full-precision model's inputs over ``ids``) and every other layer stays in full precision.
+
+    Same output as :func:`sensitivity_profile`. Holds every decoder layer in memory (the Fisher
+    profile streams them), fine for small models. Widths above ``EXTRAPOLATE_ABOVE`` are
+    extrapolated by 4^-bits from the widest measured one; each unit's losses are made
+    non-increasing in the width and at least 1e-9 of the base loss (a measured gain is noise)."""
+    n_layers = len(stream.layers)
+    with torch.no_grad():
+        layers, runtime = [], []
+        xs, hs = stream.embed(ids), [stream.embed(loss_ids)]
+        quant: dict[str, dict[int, torch.Tensor]] = {}
+        units_out = {}
+        for i in range(n_layers):
+            prefix = stream.layer_prefix(i)
+            layer = stream.load(i)
+            layers.append(layer)
+            units = [(u, m) for u, m in UNITS if f"{prefix}.{m[0]}" in quantized]
+            rt = _install_runtime_hooks(layer, prefix, spec, quantized)
+            runtime += rt
+            stats, handles = _collect_hessians(layer, units)
+            xs = stream.run(layer, xs, opts.batch)
+            for hnd in handles:
+                hnd.remove()
+            hs.append(stream.run(layer, hs[-1], opts.batch))
+            for unit, members in units:
+                h = stats[unit]["h"] / stats[unit]["n"]
+                name = f"{prefix}.{members[0]}"
+                quant[name] = {}
+                for bits in sorted(bit_set):
+                    if bits > EXTRAPOLATE_ABOVE and any(b <= EXTRAPOLATE_ABOVE for b in bit_set):
+                        continue
+                    _, res = _quantize_unit(layer, prefix, members, h, bits, spec, method, opts, dtype)
+                    quant[name][bits] = res.dequant
+                units_out[name] = {
+                    "modules": [f"{prefix}.{rel}" for rel in members],
+                    "params": sum(_submodule(layer, rel).weight.numel() for rel in members),
+                    "module_params": [_submodule(layer, rel).weight.numel() for rel in members], "loss": {}}
+            log(f"measure: quantized layer {i}")
+        base = _next_token_loss(stream, hs[-1], loss_ids)
+        for i in range(n_layers):
+            prefix = stream.layer_prefix(i)
+            for unit, members in UNITS:
+                name = f"{prefix}.{members[0]}"
+                if name not in quant:
+                    continue
+                mods = [_submodule(layers[i], rel) for rel in members]
+                saved = [m.weight.detach().clone() for m in mods]
+                measured = {}
+                for bits, deq in quant[name].items():
+                    row = 0
+                    for m in mods:
+                        m.weight.copy_(deq[row:row + m.weight.shape[0]])
+                        row += m.weight.shape[0]
+                    h = hs[i]
+                    for j in range(i, n_layers):
+                        h = stream.run(layers[j], h, opts.batch)
+                    measured[bits] = _next_token_loss(stream, h, loss_ids) - base
+                for m, w in zip(mods, saved):
+                    m.weight.copy_(w)
+                floor, loss = 1e-9 * base, {}
+                for bits in sorted(measured, reverse=True):  # wide to narrow: non-increasing in width
+                    floor = max(floor, measured[bits])
+                    loss[bits] = floor
+                widest = max(loss)
+                for bits in bit_set:
+                    if bits not in loss:
+                        loss[bits] = loss[widest] * 4.0 ** (widest - bits)
+                units_out[name]["loss"] = {str(b): loss[b] for b in sorted(loss)}
+            log(f"measure: layer {i} losses {[(k, v['loss']) for k, v in units_out.items() if k.startswith(prefix + '.')]}")
+        for hnd in runtime:
+            hnd.remove()
+        for i in range(n_layers):
+            stream.unload(i)
     return units_out
 
 

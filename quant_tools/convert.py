@@ -113,6 +113,12 @@ class Calibration:
     bit_set: tuple[int, ...] = (2, 3, 4, 8)
     sensitivity: str | None = None
     rotate: bool = False
+    rotation: str = "orthogonal"  # residual rotation of --rotate: "orthogonal" or "hadamard"
+    a_clip_ratio: float | str | None = None  # a float in (0, 1], "auto" (searched), or None
+    refit: bool = False  # --refit-scales
+    fp_targets: bool = False  # --fp-targets
+    sensitivity_measure: str = "fisher"  # --sensitivity-measure fisher|loss
+    sensitivity_samples: int = 4  # windows of the measured loss (--sensitivity-measure loss)
 
 
 def _check_calibration(spec: BipolarQuantSpec, method: str, cal: Calibration) -> None:
@@ -141,8 +147,15 @@ def _check_calibration(spec: BipolarQuantSpec, method: str, cal: Calibration) ->
             raise ConvertError(str(e)) from e
         if method.endswith("_int") and spec.symmetric:
             raise ConvertError(f"--method {method} uses the INT grid with a zero point (asymmetric); drop --symmetric")
-    elif cal.act_order:
-        raise ConvertError(f"--act-order applies to the calibrated methods (gptq, gptq_int), not --method {method}")
+    elif cal.act_order or cal.refit or cal.fp_targets:
+        flag = "--act-order" if cal.act_order else ("--refit-scales" if cal.refit else "--fp-targets")
+        raise ConvertError(f"{flag} applies to the calibrated methods (gptq, gptq_int), not --method {method}")
+    if cal.a_clip_ratio is not None:
+        if spec.a_bits == A16:
+            raise ConvertError("--a-clip-ratio clips quantized activations; it needs --a-bits 1..8")
+        if cal.a_clip_ratio == "auto" and not calibrated:
+            raise ConvertError(f"--a-clip-ratio auto searches on calibration data; use --method "
+                               f"{' or '.join(CALIBRATED_METHODS)}, or give a ratio such as --a-clip-ratio 0.9")
 
 
 def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", overwrite: bool = False,
@@ -178,16 +191,18 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
     if cal.rotate:
         from .rotation import ONLINE_HADAMARD, ResidualRotation
 
-        spec = dataclasses.replace(spec, online_hadamard=ONLINE_HADAMARD, rotation="orthogonal")
+        spec = dataclasses.replace(spec, online_hadamard=ONLINE_HADAMARD, rotation=cal.rotation)
         try:
             rotation = ResidualRotation(ckpt.config, ckpt.get, seed=cal.seed,
-                                        down_is_quantized=lambda m: m in to_quantize)
+                                        down_is_quantized=lambda m: m in to_quantize, kind=cal.rotation)
         except (KeyError, ValueError) as e:
             raise ConvertError(f"--rotate: {e}") from e
 
     def transformed(name, t):
         return t if rotation is None else rotation.transform(name, t)
 
+    if isinstance(cal.a_clip_ratio, float):
+        spec = dataclasses.replace(spec, a_clip_ratio=cal.a_clip_ratio)
     stream = ids = None
     avg_bits = None
     log = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
@@ -195,12 +210,19 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
         from .calibrate import CalibOptions, LayerStream, calibration_windows
 
         opts = CalibOptions(text=Path(cal.text), samples=cal.samples, seqlen=cal.seqlen, seed=cal.seed,
-                            damp=cal.damp, act_order=cal.act_order)
+                            damp=cal.damp, act_order=cal.act_order, refit=cal.refit,
+                            fp_targets=cal.fp_targets)
         try:
             ids = calibration_windows(src_path, opts)
         except ValueError as e:
             raise ConvertError(str(e)) from e
         stream = LayerStream(ckpt, transformed)
+        if cal.a_clip_ratio == "auto":
+            from .calibrate import search_clip_ratio
+
+            ratio, losses = search_clip_ratio(stream, spec, ids, to_quantize, opts.batch, log)
+            print(f"--a-clip-ratio auto: {ratio} (calibration next-token loss per ratio: {losses})", file=sys.stderr)
+            spec = dataclasses.replace(spec, a_clip_ratio=ratio)
         if cal.avg_bits is not None:
             layer_bits_auto, avg_bits = _auto_bits(stream, spec, method, opts, ids, to_quantize, cal, src_path, log)
             spec = dataclasses.replace(spec, layer_bits=layer_bits_auto)
@@ -261,7 +283,7 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
             w_bits=spec.w_bits, a_bits=spec.a_bits, group_size=spec.group_size, symmetric=spec.symmetric,
             modules_to_not_convert=spec.modules_to_not_convert, layer_bits=layer_bits, method=method,
             online_hadamard=spec.online_hadamard, rotation=spec.rotation,
-            avg_bits=None if avg_bits is None else round(avg_bits, 4)).to_dict()
+            avg_bits=None if avg_bits is None else round(avg_bits, 4), a_clip_ratio=spec.a_clip_ratio).to_dict()
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copied = copy_aux_files(src_path, tmp)
         dst_bytes = writer.total_bytes
@@ -278,7 +300,8 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
 
 def _auto_bits(stream, spec, method, opts, ids, to_quantize, cal, src_path, log):
     """--avg-bits: measure each unit's loss estimate per width, then allocate (quant_tools.calibrate)."""
-    from .calibrate import allocate_bits, average_bits, load_or_profile, sensitivity_profile
+    from .calibrate import (allocate_bits, average_bits, calibration_windows, load_or_profile, measured_sensitivity,
+                            sensitivity_profile)
 
     # The profile covers the whole --bit-set (so one profile serves every --w-bits floor); the
     # allocation uses the widths >= --w-bits.
@@ -289,9 +312,24 @@ def _auto_bits(stream, spec, method, opts, ids, to_quantize, cal, src_path, log)
            "symmetric": spec.symmetric, "bit_set": list(full_set), "calib": str(Path(cal.text).absolute()),
            "samples": cal.samples, "seqlen": cal.seqlen, "seed": cal.seed, "damp": cal.damp,
            "act_order": cal.act_order, "rotate": cal.rotate, "skip": sorted(spec.modules_to_not_convert)}
-    units = load_or_profile(cal.sensitivity, key, lambda: sensitivity_profile(
-        stream, spec, method, opts, ids, fisher_ids, to_quantize, full_set,
-        stream.ckpt.get(f"{min(to_quantize)}.weight").dtype, log))
+    if cal.rotate and cal.rotation != "orthogonal":
+        key["rotation"] = cal.rotation
+    if cal.refit:
+        key["refit"] = True
+    if spec.clips_activations():
+        key["a_clip_ratio"] = spec.a_clip_ratio
+    dtype = stream.ckpt.get(f"{min(to_quantize)}.weight").dtype
+    if cal.sensitivity_measure == "loss":
+        key["measure"] = "loss"
+        key["loss_samples"] = cal.sensitivity_samples
+        # the loss windows: drawn with another seed, so that they are not the GPTQ windows
+        loss_opts = dataclasses.replace(opts, seed=opts.seed + 1)
+        loss_ids = calibration_windows(src_path, loss_opts, samples=cal.sensitivity_samples)
+        units = load_or_profile(cal.sensitivity, key, lambda: measured_sensitivity(
+            stream, spec, method, opts, ids, loss_ids, to_quantize, full_set, dtype, log))
+    else:
+        units = load_or_profile(cal.sensitivity, key, lambda: sensitivity_profile(
+            stream, spec, method, opts, ids, fisher_ids, to_quantize, full_set, dtype, log))
     try:
         layer_bits = allocate_bits(units, cal.avg_bits, bit_set)
     except ValueError as e:
@@ -342,11 +380,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Hessian dampening, a fraction of its mean diagonal (default 0.01)")
     cal.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                      help="quantize columns by decreasing activation energy (default: on for gptq, off for gptq_int)")
+    cal.add_argument("--refit-scales", action="store_true",
+                     help="after GPTQ has chosen a layer's codes, refit each row's scales and offsets by least "
+                          "squares on its output error over the calibration inputs (kept per row where it helps)")
+    cal.add_argument("--fp-targets", action="store_true",
+                     help="fit every linear to the full-precision model's outputs of that linear from the quantized "
+                          "model's inputs (after activation quantization): GPTQ runs on W C Hq^-1 (C = X^T Xq, Hq = "
+                          "Xq^T Xq) instead of W, so the weights also absorb the activation quantization error and "
+                          "that of the layers before; one more forward pass per layer")
     cal.add_argument("--avg-bits", type=float, default=None,
                      help="mixed precision: measure each layer's sensitivity and assign widths from --bit-set "
                           "(at least --w-bits) so that the parameter-weighted mean is at most this")
     cal.add_argument("--bit-set", type=int, nargs="+", default=[2, 3, 4, 8], metavar="B",
                      help="widths --avg-bits may assign (default 2 3 4 8)")
+    cal.add_argument("--sensitivity-measure", choices=("fisher", "loss"), default="fisher",
+                     help="--avg-bits' loss estimate per layer and width: fisher (diagonal Fisher information of "
+                          "the outputs x GPTQ's output error, one backward pass) or loss (the measured increase of "
+                          "the next-token loss on --sensitivity-samples other calibration windows with that layer "
+                          "alone quantized: one forward pass of the rest of the model per layer and width; holds "
+                          "the model in memory) (default fisher)")
+    cal.add_argument("--sensitivity-samples", type=int, default=4, metavar="N",
+                     help="windows of --sensitivity-measure loss (default 4)")
     cal.add_argument("--sensitivity", default=None, metavar="FILE",
                      help="cache of the --avg-bits sensitivity measurement: reused when made with the same "
                           "settings, else measured and written")
@@ -354,6 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="outlier treatment: rotate the residual stream offline (random orthogonal), Hadamard "
                          "on v/o heads, and a block Hadamard on down_proj inputs applied at run time "
                          "(quantization_config online_hadamard); the full-precision function is unchanged")
+    ap.add_argument("--rotation", choices=("orthogonal", "hadamard"), default=None,
+                    help="the residual rotation of --rotate (implies --rotate): a seeded random orthogonal matrix "
+                         "(default) or a randomized Hadamard matrix diag(+-1) H (hidden size 2^a x a Paley order)")
+    ap.add_argument("--a-clip-ratio", type=_clip_ratio, default=None, metavar="R|auto",
+                    help="with --a-bits < 16: clip each token's activations at R (0 < R <= 1) times their absolute "
+                         "maximum before the per-token quantization (quantization_config a_clip_ratio, applied by "
+                         "the plugin at run time); auto: the ratio of 1.0, 0.95, ..., 0.7 with the least "
+                         "next-token loss on the calibration windows (full-precision weights) (default: no clipping)")
     ap.add_argument("--skip", nargs="+", default=[], metavar="NAME",
                     help="module names (dotted prefix components) to keep in full precision, in addition "
                          "to lm_head, e.g. --skip model.layers.0 down_proj")
@@ -364,6 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest safetensors shard (default 2GB)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
+
+
+def _clip_ratio(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        r = float(text)
+    except ValueError:
+        r = -1.0
+    if not 0 < r <= 1:
+        raise argparse.ArgumentTypeError(f"invalid clip ratio {text!r}: expected a number in (0, 1] or 'auto'")
+    return r
 
 
 def _raise_interrupt(signum, frame):
@@ -380,7 +454,12 @@ def main(argv: list[str] | None = None) -> int:
             layer_bits=parse_layer_bits(args.layer_bits))
         calibration = Calibration(text=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen,
                                   seed=args.seed, damp=args.damp, act_order=args.act_order, avg_bits=args.avg_bits,
-                                  bit_set=tuple(args.bit_set), sensitivity=args.sensitivity, rotate=args.rotate)
+                                  bit_set=tuple(args.bit_set), sensitivity=args.sensitivity,
+                                  rotate=args.rotate or args.rotation is not None,
+                                  rotation=args.rotation or "orthogonal", a_clip_ratio=args.a_clip_ratio,
+                                  refit=args.refit_scales, fp_targets=args.fp_targets,
+                                  sensitivity_measure=args.sensitivity_measure,
+                                  sensitivity_samples=args.sensitivity_samples)
         summary = convert(args.src, args.dst, spec, method=args.method, overwrite=args.overwrite,
                           max_shard_bytes=args.max_shard_size, progress=not args.no_progress,
                           calibration=calibration)

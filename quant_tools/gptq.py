@@ -79,8 +79,11 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = 128, grid: str = "bipolar",
                   symmetric: bool = False, act_order: bool = True, damp: float = 0.01, block: int = 128,
-                  dtype: torch.dtype | None = None) -> GPTQResult:
-    """Quantize ``w`` [N, K] given the input second moment ``h`` [K, K] (sum or mean of x x^T)."""
+                  dtype: torch.dtype | None = None, refit: bool = False) -> GPTQResult:
+    """Quantize ``w`` [N, K] given the input second moment ``h`` [K, K] (sum or mean of x x^T).
+
+    ``refit``: once the codes are chosen, replace each row's scales (and offsets) by the ones that
+    minimise that row's output error (:func:`refit_scales`), a row at a time where that helps."""
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; expected one of {GRIDS}")
     if grid == "int" and symmetric:
@@ -147,6 +150,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
             W[:, i2:] -= E1 @ U[i1:i2, i2:]
 
     codes = codes[:, inv].to(torch.uint8)
+    if refit:
+        S, Z = refit_scales(w, h, codes, S, None if symmetric else Z, bits, group_size, dtype)
     scales = S.to(dtype)
     zeros = None if symmetric else Z.to(dtype)
     if not torch.isfinite(scales).all() or (zeros is not None and not torch.isfinite(zeros).all()):
@@ -154,6 +159,60 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
     qw = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size)
     deq = dequantize(codes, scales, zeros, bits, group_size)
     return GPTQResult(qweight=qw, dequant=deq, row_error=output_row_error(w, deq, h))
+
+
+def refit_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor | None, bits: int, group_size: int, dtype: torch.dtype,
+                 ridge: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales (and offsets) that minimise each row's output error for fixed codes.
+
+    With the codes fixed, a row's dequantized weights q = A theta are linear in theta = (s_g, z_g)
+    (A[k, g] = v_k and A[k, G + g] = 1 for k in group g), so the row's error (w - q) H (w - q)^T is
+    least squares: theta = (A^T H A)^-1 A^T H w, computed for all rows at once from the G x G
+    blocks of H (a tiny ``ridge`` keeps groups whose codes are all equal solvable). The result is
+    rounded to ``dtype``; a row keeps its old values unless its error (with the rounded values)
+    drops. GPTQ fits each group's grid before the updates to later columns are known and never
+    revisits it; this is that revisit. Returns float32 [N, G] scales and offsets (zeros when
+    ``zeros`` is None, i.e. symmetric).
+    """
+    n, k = w.shape
+    g = effective_group(k, group_size)
+    ng = num_groups(k, group_size)
+    lv = max_level(bits)
+    H = h.to(torch.float64)
+    W = w.to(torch.float64)
+    V = codes.to(torch.float64) * 2 - lv
+    sl = [slice(i * g, min((i + 1) * g, k)) for i in range(ng)]
+    sym = zeros is None
+    m = ng if sym else 2 * ng
+    M = torch.zeros(n, m, m, dtype=torch.float64)
+    WH = W @ H
+    rhs = torch.zeros(n, m, dtype=torch.float64)
+    for a in range(ng):
+        VaH = V[:, sl[a]] @ H[sl[a]]  # [n, K]: sum_{i in a} v_i H[i, :]
+        rhs[:, a] = (V[:, sl[a]] * WH[:, sl[a]]).sum(1)
+        if not sym:
+            rhs[:, ng + a] = WH[:, sl[a]].sum(1)
+        for b in range(ng):
+            M[:, a, b] = (VaH[:, sl[b]] * V[:, sl[b]]).sum(1)  # v_a^T H_ab v_b
+            if not sym:
+                M[:, a, ng + b] = VaH[:, sl[b]].sum(1)  # v_a^T H_ab 1
+                M[:, ng + b, a] = M[:, a, ng + b]
+                M[:, ng + a, ng + b] = H[sl[a], sl[b]].sum()  # 1^T H_ab 1
+    diag = torch.diagonal(M, dim1=1, dim2=2)
+    M = M + torch.diag_embed(ridge * diag.mean(1, keepdim=True).clamp_min(1e-30).expand_as(diag))
+    theta = torch.linalg.solve(M, rhs.unsqueeze(-1)).squeeze(-1)
+    new_s = theta[:, :ng].to(dtype).to(torch.float32)
+    new_z = torch.zeros_like(new_s) if sym else theta[:, ng:].to(dtype).to(torch.float32)
+    old_s = scales.to(dtype).to(torch.float32)
+    old_z = torch.zeros_like(old_s) if sym else zeros.to(dtype).to(torch.float32)
+    ok = torch.isfinite(new_s).all(1) & torch.isfinite(new_z).all(1)
+    new_s = torch.where(ok[:, None], new_s, old_s)
+    new_z = torch.where(ok[:, None], new_z, old_z)
+    err_old = output_row_error(w, dequantize(codes, old_s, None if sym else old_z, bits, group_size), h)
+    err_new = output_row_error(w, dequantize(codes, new_s, None if sym else new_z, bits, group_size), h)
+    better = (err_new < err_old)[:, None]
+    return torch.where(better, new_s, old_s), torch.where(better, new_z, old_z)
 
 
 def output_row_error(w: torch.Tensor, w_q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ With row-vector activations, every map below is orthogonal, so the model compute
 function before quantization (tests/test_calibrate.py checks it), while the quantizers see
 flattened, outlier-free weights and activations:
 
-* Residual stream r -> r Q, Q a seeded random orthogonal d x d matrix. RMSNorm commutes with Q
+* Residual stream r -> r Q, Q a seeded random orthogonal d x d matrix (``kind="orthogonal"``) or a
+  randomized Hadamard matrix diag(+-1) H_d (``kind="hadamard"``, d = 2^a times a Paley order). RMSNorm commutes with Q
   once its weight g is folded into the next linear map (rms(rQ) = rms(r)), so:
   embed E -> E Q; q/k/v/gate/up W -> (W diag(g)) Q with the norm weight set to 1;
   o/down W -> Q^T W (their outputs are added to the residual), bias b -> Q^T b;
@@ -29,9 +30,68 @@ import torch
 
 from vllm_bipolar.format.transforms import hadamard_block, hadamard_matrix
 
-ROTATIONS = ("orthogonal",)
+ROTATIONS = ("orthogonal", "hadamard")
 ONLINE_HADAMARD = ("down_proj",)
 _LAYER = re.compile(r"^(?P<head>(?:model\.)?layers\.\d+)\.(?P<rest>.+)$")
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % f for f in range(2, int(n ** 0.5) + 1))
+
+
+def paley_hadamard(n: int) -> torch.Tensor:
+    """Unnormalized Hadamard matrix of order n = q + 1, q a prime = 3 (mod 4) (Paley construction I):
+    H = I + [[0, 1^T], [-1, Q]] with Q the Jacobsthal matrix Q[i, j] = chi(j - i), chi the quadratic
+    character mod q. Entries +-1, H H^T = n I."""
+    q = n - 1
+    if not (_is_prime(q) and q % 4 == 3):
+        raise ValueError(f"Paley construction I needs n - 1 a prime = 3 mod 4, got n = {n}")
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if a in squares else -1.0 for a in range(1, q)], dtype=torch.float64)
+    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
+    s = torch.zeros(n, n, dtype=torch.float64)
+    s[0, 1:] = 1.0
+    s[1:, 0] = -1.0
+    s[1:, 1:] = chi[idx]
+    return s + torch.eye(n, dtype=torch.float64)
+
+
+def _hadamard_factor(m: int) -> torch.Tensor | None:
+    """An unnormalized Hadamard matrix of order m from Paley factors (m = 1, q + 1, or a product of
+    two such orders), or None."""
+    if m == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    if _is_prime(m - 1) and (m - 1) % 4 == 3:
+        return paley_hadamard(m)
+    for a in range(4, int(m ** 0.5) + 1, 4):
+        if m % a == 0 and _is_prime(a - 1) and (a - 1) % 4 == 3 and _is_prime(m // a - 1) and (m // a - 1) % 4 == 3:
+            return torch.kron(paley_hadamard(a), paley_hadamard(m // a))
+    return None
+
+
+def hadamard_any(d: int) -> torch.Tensor:
+    """A normalized Hadamard matrix of order d (float64, H H^T = I): Sylvester order 2^a times a
+    Paley order, e.g. 576 = 8 x 72. Raises ValueError when no such factorization exists."""
+    a = 0
+    while d % (2 ** (a + 1)) == 0:
+        a += 1
+    for k in range(a, -1, -1):  # the largest power of two first: the Paley part stays small
+        h = _hadamard_factor(d // 2 ** k)
+        if h is not None:
+            syl = torch.ones(1, 1, dtype=torch.float64)
+            for _ in range(k):
+                syl = torch.cat((torch.cat((syl, syl), 1), torch.cat((syl, -syl), 1)), 0)
+            return torch.kron(syl, h) / d ** 0.5
+    raise ValueError(f"no Hadamard matrix of order {d} is known to this tool (Sylvester x Paley); "
+                     "use --rotation orthogonal")
+
+
+def random_hadamard(d: int, seed: int) -> torch.Tensor:
+    """diag(random signs) @ H_d: a randomized Hadamard rotation (float64), reproducible from ``seed``.
+    Every entry has magnitude 1/sqrt(d), so it spreads any single channel evenly over all of them."""
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (d,), generator=g).to(torch.float64) * 2 - 1
+    return signs[:, None] * hadamard_any(d)
 
 
 def random_orthogonal(d: int, seed: int) -> torch.Tensor:
@@ -46,13 +106,15 @@ class ResidualRotation:
     """Rewrites checkpoint tensors of a rotated model one at a time (streaming)."""
 
     def __init__(self, config: dict, get: Callable[[str], torch.Tensor], seed: int = 0,
-                 down_is_quantized: Callable[[str], bool] = lambda module: True):
+                 down_is_quantized: Callable[[str], bool] = lambda module: True, kind: str = "orthogonal"):
         self.d = config["hidden_size"]
         heads = config["num_attention_heads"]
         self.head_dim = config.get("head_dim") or self.d // heads
         if self.head_dim & (self.head_dim - 1):
             raise ValueError(f"--rotate needs a power-of-two head size, this model's is {self.head_dim}")
-        self.q = random_orthogonal(self.d, seed)
+        if kind not in ROTATIONS:
+            raise ValueError(f"unknown rotation {kind!r}; expected one of {ROTATIONS}")
+        self.q = random_orthogonal(self.d, seed) if kind == "orthogonal" else random_hadamard(self.d, seed)
         self.h_head = hadamard_matrix(self.head_dim)
         self.get = get
         self.tied = bool(config.get("tie_word_embeddings", False))

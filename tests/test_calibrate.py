@@ -161,12 +161,15 @@ def test_block_hadamard_matches_matrix():
     assert hadamard_block(1536) == 512 and hadamard_block(576) == 64 and hadamard_block(96) == 32
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_rotation_leaves_the_function_unchanged(tmp_path, tied):
+@pytest.mark.parametrize("tied, kind, hidden", [(False, "orthogonal", 64), (True, "orthogonal", 64),
+                                                (False, "hadamard", 64), (True, "hadamard", 96)])
+def test_rotation_leaves_the_function_unchanged(tmp_path, tied, kind, hidden):
     from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    src = make_tiny_llama(tmp_path / "m", dtype=torch.float32)
+    # hidden 96 = 8 x 12: a Sylvester x Paley Hadamard matrix (3 heads of 32, like SmolLM2's 576 = 8 x 72)
+    heads = {64: (4, 2), 96: (3, 1)}[hidden]
+    src = make_tiny_llama(tmp_path / "m", hidden=hidden, heads=heads[0], kv_heads=heads[1], dtype=torch.float32)
     state = load_file(src / "model.safetensors")
     cfg = json.loads((src / "config.json").read_text())
     if tied:
@@ -176,7 +179,7 @@ def test_rotation_leaves_the_function_unchanged(tmp_path, tied):
     for name in state:
         if name.endswith("norm.weight"):
             state[name] = 1 + 0.3 * torch.randn_like(state[name])
-    rot = ResidualRotation(cfg, lambda n: state[n], seed=1)
+    rot = ResidualRotation(cfg, lambda n: state[n], seed=1, kind=kind)
     new = {n: rot.transform(n, t).float() for n, t in state.items()}
     if tied:
         new["lm_head.weight"] = rot.untied_lm_head().float()
@@ -213,7 +216,7 @@ def test_online_hadamard_config_key():
     with pytest.raises(BipolarConfigError, match="online_hadamard"):
         BipolarQuantSpec.from_dict({"w_bits": 4, "format_version": 1, "online_hadamard": "down_proj"})
     with pytest.raises(BipolarConfigError, match="rotation"):
-        BipolarQuantSpec.from_dict({"w_bits": 4, "format_version": 1, "rotation": "hadamard"})
+        BipolarQuantSpec.from_dict({"w_bits": 4, "format_version": 1, "rotation": "givens"})
 
 
 def test_calibration_and_evaluation_parts_are_disjoint(tmp_path):

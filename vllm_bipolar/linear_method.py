@@ -23,7 +23,7 @@ from vllm.model_executor.parameter import (
 )
 
 from .format.packing import WORD_BITS, num_words
-from .format.quantize import num_groups
+from .format.quantize import clip_activations, num_groups
 from .format.spec import shard_names
 from .format.transforms import block_hadamard, hadamard_block
 from .kernels import BipolarLayerConfig, choose_kernel
@@ -100,6 +100,9 @@ class BipolarLinearMethod(LinearMethodBase):
                     f"but this tensor-parallel shard has K={k} of {input_size}; use a tensor-parallel size "
                     f"that divides {input_size // block}.")
             layer.bipolar_hadamard_block = block
+        # Run-time activation clipping (a_clip_ratio): each token clamped at a fraction of its absmax
+        # before the backend's per-token quantizer, which then takes its scale from the clipped range.
+        layer.bipolar_a_clip_ratio = spec.a_clip_ratio if spec.clips_activations() else None
         cfg = BipolarLayerConfig(n=n, k=k, w_bits=bits, a_bits=spec.a_bits, group_size=spec.group_size,
                                  symmetric=spec.symmetric, act_dtype=params_dtype)
         layer.bipolar_config = cfg
@@ -118,6 +121,8 @@ class BipolarLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if layer.bipolar_hadamard_block:
             x = block_hadamard(x, layer.bipolar_hadamard_block)
+        if layer.bipolar_a_clip_ratio is not None:
+            x = clip_activations(x, layer.bipolar_a_clip_ratio)
         return layer.bipolar_kernel.apply_weights(layer, x, bias)
 
 

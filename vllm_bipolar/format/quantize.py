@@ -5,7 +5,8 @@ Weights: w ~= z + s * v per group of ``group_size`` consecutive input channels o
 and z the offset (z = 0 when symmetric). Scales and offsets are rounded to the checkpoint dtype
 *before* the codes are chosen, so the stored (s, z) are the ones the codes were fitted to.
 
-Activations: per token (row of x) x ~= s_x * v, symmetric, s_x = max|x| / (2^q - 1).
+Activations: per token (row of x) x ~= s_x * v, symmetric, s_x = max|x| / (2^q - 1), optionally
+after clipping each token at a fraction of its absolute maximum (:func:`clip_activations`).
 """
 
 from __future__ import annotations
@@ -228,6 +229,21 @@ def quantize_activations(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     s_safe = torch.where(s == 0, torch.ones_like(s), s)
     codes = torch.clamp(torch.round((xf / s_safe + lv) * 0.5), 0, lv)
     return codes.to(torch.uint8), s.squeeze(-1)
+
+
+def clip_activations(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Clip each token (row of x) at ``ratio`` times its absolute maximum, in x's dtype.
+
+    The threshold t = ratio * max|x| is computed in float32 and rounded to x's dtype, then
+    x -> clamp(x, -t, t). Quantizing the result per token (:func:`quantize_activations`) then uses
+    the scale t / L, since max|clamp(x)| = t exactly (t <= max|x| for ratio <= 1): the clipped
+    activation quantizer of ``quantization_config['a_clip_ratio']``, obtained with any backend's
+    own unclipped quantizer. ``ratio`` >= 1 returns x unchanged.
+    """
+    if ratio >= 1:
+        return x
+    t = (x.to(torch.float32).abs().amax(-1, keepdim=True) * ratio).to(x.dtype)
+    return torch.minimum(torch.maximum(x, -t), t)
 
 
 def fake_quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -25,7 +25,9 @@ QUANTIZERS = ("rtn", "mse")  # data-free quantizers of quantize_weight
 # ones of quant_tools.calibrate ("gptq": bipolar grid, searched scales, act-order; "gptq_int":
 # GPTQ as published, on the signed-INT grid with an integer zero point).
 METHODS = QUANTIZERS + ("gptq", "gptq_int")
-ROTATIONS = ("orthogonal",)  # informational key "rotation": how the residual stream was rotated offline
+# informational key "rotation": how the residual stream was rotated offline (random orthogonal, or
+# randomized Hadamard)
+ROTATIONS = ("orthogonal", "hadamard")
 DEFAULT_SKIP = ("lm_head",)
 
 # Fused vLLM modules and the checkpoint modules they are made of.
@@ -106,6 +108,9 @@ class BipolarQuantSpec:
                               stored weights carry the matching rotation
       rotation                informational: offline rotation of the residual stream ("orthogonal")
       avg_bits                informational: parameter-weighted mean weight bits (mixed precision)
+      a_clip_ratio            with a_bits < 16: each token's activations are clipped at this fraction
+                              (0, 1] of their absolute maximum before the per-token quantization
+                              (format/quantize.py clip_activations); absent: no clipping
     """
 
     w_bits: int
@@ -119,6 +124,7 @@ class BipolarQuantSpec:
     online_hadamard: tuple[str, ...] = ()
     rotation: str | None = None
     avg_bits: float | None = None
+    a_clip_ratio: float | None = None
 
     def __post_init__(self):
         # Validate eagerly so a spec built in code is held to the same rules as one read from JSON.
@@ -154,6 +160,16 @@ class BipolarQuantSpec:
                                           or not MIN_BITS <= self.avg_bits <= MAX_BITS):
             raise BipolarConfigError(
                 f"quantization_config['avg_bits'] = {self.avg_bits!r}: expected a number {MIN_BITS}..{MAX_BITS}.")
+        if self.a_clip_ratio is not None:
+            r = self.a_clip_ratio
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+                raise BipolarConfigError(
+                    f"quantization_config['a_clip_ratio'] = {r!r}: expected a number in (0, 1] (the fraction of "
+                    "each token's absolute maximum where activations are clipped), or no key.")
+            if self.a_bits == A16:
+                raise BipolarConfigError(
+                    f"quantization_config['a_clip_ratio'] = {r!r} with a_bits = {A16}: activation clipping applies "
+                    "only to quantized activations; remove the key or set a_bits 1..8.")
 
     # ---- JSON ---------------------------------------------------------------------------------
     @classmethod
@@ -201,6 +217,8 @@ class BipolarQuantSpec:
             d["rotation"] = self.rotation
         if self.avg_bits is not None:
             d["avg_bits"] = self.avg_bits
+        if self.a_clip_ratio is not None:
+            d["a_clip_ratio"] = self.a_clip_ratio
         return d
 
     def to_json(self) -> str:
@@ -218,6 +236,10 @@ class BipolarQuantSpec:
     def has_online_hadamard(self, prefix: str) -> bool:
         """True when the quantized layer ``prefix`` gets the run-time Hadamard input transform."""
         return _matches(prefix, self.online_hadamard)
+
+    def clips_activations(self) -> bool:
+        """True when the run-time activation quantizer clips (a_clip_ratio < 1)."""
+        return self.a_bits != A16 and self.a_clip_ratio is not None and self.a_clip_ratio < 1
 
     def bits_for(self, prefix: str) -> int:
         """Weight bits of the layer ``prefix`` (``layer_bits`` overrides ``w_bits``)."""

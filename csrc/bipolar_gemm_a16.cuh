@@ -340,6 +340,19 @@ __device__ __forceinline__ void ldg_stream(const uint32_t* src, uint32_t* dst) {
   }
 }
 
+// A lane's BITS words of one layout block (part by part: [part][lane][w words]), streamed.
+template <int BITS>
+__device__ __forceinline__ void ldg_block(const uint32_t* blk, int lane, uint32_t (&words)[BITS]) {
+#pragma unroll
+  for (int i = 0; i < num_parts(BITS); ++i) {
+    const int w = part_width(BITS, i), sh = part_shift(BITS, i);
+    if (w == 8) ldg_stream<8>(blk + sh * 32 + lane * 8, &words[sh]);
+    else if (w == 4) ldg_stream<4>(blk + sh * 32 + lane * 4, &words[sh]);
+    else if (w == 2) ldg_stream<2>(blk + sh * 32 + lane * 2, &words[sh]);
+    else ldg_stream<1>(blk + sh * 32 + lane, &words[sh]);
+  }
+}
+
 // x tile in shared memory: row m holds SK channels as SK / 8 chunks of 16 bytes; chunk c is stored at
 // c ^ (m % 8) so that ldmatrix's 8 row addresses (same c, 8 consecutive m) hit 8 different bank
 // groups (rows are a multiple of 128 bytes apart, which would otherwise be an 8-way conflict).
@@ -421,15 +434,7 @@ __global__ void __launch_bounds__(C::kThreads, 2) gemm_mid_a16_kernel(Problem p)
     for (int j = 0; j < D; ++j) {
       const int kb = kb0 + j;
       if (active && kb < kb_hi) {
-        const uint32_t* blk = wrow + kb * kBlockWords;
-#pragma unroll
-        for (int i = 0; i < num_parts(BITS); ++i) {
-          const int w = part_width(BITS, i), sh = part_shift(BITS, i);
-          if (w == 8) ldg_stream<8>(blk + sh * 32 + lane * 8, &words[j][sh]);
-          else if (w == 4) ldg_stream<4>(blk + sh * 32 + lane * 4, &words[j][sh]);
-          else if (w == 2) ldg_stream<2>(blk + sh * 32 + lane * 2, &words[j][sh]);
-          else ldg_stream<1>(blk + sh * 32 + lane, &words[j][sh]);
-        }
+        ldg_block<BITS>(wrow + kb * kBlockWords, lane, words[j]);
         const uint32_t* srow = scales + ((kb * kBlockK) >> p.group_shift) * p.Np;
         sz[j][0] = __ldg(srow);
         sz[j][1] = __ldg(srow + 8);
@@ -640,15 +645,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
         const uint32_t* srow = scales + ((kb * kBlockK) >> p.group_shift) * p.Np;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-          const uint32_t* blk = wbase + b * row_words + kb * kBlockWords;
-#pragma unroll
-          for (int i = 0; i < num_parts(BITS); ++i) {
-            const int w = part_width(BITS, i), sh = part_shift(BITS, i);
-            if (w == 8) ldg_stream<8>(blk + sh * 32 + lane * 8, &words[j][b][sh]);
-            else if (w == 4) ldg_stream<4>(blk + sh * 32 + lane * 4, &words[j][b][sh]);
-            else if (w == 2) ldg_stream<2>(blk + sh * 32 + lane * 2, &words[j][b][sh]);
-            else ldg_stream<1>(blk + sh * 32 + lane, &words[j][b][sh]);
-          }
+          ldg_block<BITS>(wbase + b * row_words + kb * kBlockWords, lane, words[j][b]);
 #pragma unroll
           for (int h = 0; h < 2; ++h) sz[j][b][h] = __ldg(srow + b * kBlockN + 8 * h);
         }

@@ -141,3 +141,34 @@ def test_e2e_tiny_run(tmp_path):
     assert summary["method"] == "W4A16" and summary["steps"] == 2 and summary["source"] == "cpu"
     assert profile["kernels"] and {"kernel", "category", "calls", "us", "share", "per_step_us"} <= set(profile["kernels"][0])
     assert sum(k["share"] for k in profile["kernels"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_make_shapes_gptq_checkpoint(tmp_path):
+    """make_shapes.py --method gptq: GPTQ-layout tensors of the right shapes and dtypes for every linear of
+    every layer (random codes, the same per shape but stored separately), and the matching config."""
+    import torch
+    from safetensors.torch import load_file
+
+    from benchmarks import make_shapes
+
+    assert make_shapes.main([str(tmp_path), "--shape", "tiny", "--method", "gptq"]) == 0
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["quantization_config"] == {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                                          "sym": True, "checkpoint_format": "gptq"}
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for shard in set(index.values()):
+        tensors.update(load_file(str(tmp_path / shard)))
+    assert set(tensors) == set(index)
+    shapes = make_shapes.linear_shapes(cfg)
+    for layer in range(cfg["num_hidden_layers"]):
+        for suffix, (n, k) in shapes.items():
+            p = f"model.layers.{layer}.{suffix}"
+            qw, qz, sc, gi = (tensors[f"{p}.{t}"] for t in ("qweight", "qzeros", "scales", "g_idx"))
+            assert qw.dtype == torch.int32 and qw.shape == (k // 8, n)
+            assert qz.dtype == torch.int32 and qz.shape == (k // 128, n // 8)
+            assert sc.dtype == torch.float16 and sc.shape == (k // 128, n) and bool((sc > 0).all())
+            assert torch.equal(gi, (torch.arange(k) // 128).to(torch.int32))
+            assert qw.unique().numel() > 1, "codes must not be constant"
+            assert torch.equal(qw, tensors[f"model.layers.0.{suffix}.qweight"])
+    assert tensors["model.embed_tokens.weight"].shape == (cfg["vocab_size"], cfg["hidden_size"])

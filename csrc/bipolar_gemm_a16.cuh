@@ -92,7 +92,8 @@ void launch_gemm(const Problem& p, cudaStream_t stream);
 template <typename T, int BITS>
 void launch_dequantize(const Problem& p, cudaStream_t stream);
 
-// Largest M one gemm call takes (grid.y = ceil(M / 16) <= 65535).
+// Largest M one gemm call takes: the mid-batch kernel runs ceil(M / 64) M-tiles on grid.z (<= 65535);
+// kept at 16 rows per tile, with room to spare; the workspace is M x N fp32.
 constexpr int64_t kMaxM = int64_t(65535) * 16;
 
 }  // namespace a16

@@ -63,6 +63,8 @@ ROWS = [
     _row("w4a4-gptq-had-clip", 4, 4, "gptq", rotate=True, extra=("--rotation", "hadamard", "--a-clip-ratio", "0.8")),
     _row("w4a4-gptq-rot-clip", 4, 4, "gptq", rotate=True, extra=("--a-clip-ratio", "auto")),
     _row("w2.5-avg-gptq-rot", 2, method="gptq", avg_bits=2.5, rotate=True),
+    _row("w2.5-avg-gptq-rot-loss", 2, method="gptq", avg_bits=2.5, rotate=True,
+         extra=("--sensitivity-measure", "loss")),
 ]
 
 
@@ -75,7 +77,8 @@ def convert_cmd(row: dict, calib: list[str]) -> list[str] | None:
     if row["method"].startswith("gptq"):
         cmd += calib
     if row["avg_bits"] is not None:
-        sens = "sensitivity-rot.json" if row["rotate"] else "sensitivity.json"
+        sens = ("sensitivity-rot" if row["rotate"] else "sensitivity") + \
+            ("-loss.json" if "--sensitivity-measure" in row["extra"] else ".json")
         cmd += ["--avg-bits", str(row["avg_bits"]), "--sensitivity", f".models/acc/{sens}"]
     if row["rotate"]:
         cmd += ["--rotate"]
@@ -256,15 +259,17 @@ def _record(row, ccmd, ecmd, json_out: Path, task: str, info: dict, eval_seconds
 def markdown_table(data: dict) -> str:
     rows = {r["name"]: r for r in data["rows"]}
     bf16 = rows.get("bf16", {}).get("word_perplexity")
-    lines = ["| row | w_bits | a_bits | group | method | rotate | avg_bits | word ppl | x bf16 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    extra = {r["name"]: " ".join(r["extra"]) for r in ROWS}
+    lines = ["| row | w_bits | a_bits | group | method | rotate | other options | avg_bits | word ppl | x bf16 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in data["rows"]:
         ppl = r["word_perplexity"]
         ratio = f"{ppl / bf16:.2f}" if bf16 else ""
         ppl_s = f"{ppl:.2f}" if ppl < 1e4 else f"{ppl:.3g}"
         avg = r.get("avg_bits")
         lines.append(f"| {r['name']} | {r['w_bits']} | {r['a_bits']} | {r.get('group_size') or '-'} | {r['method']} | "
-                     f"{'yes' if r.get('rotate') else 'no'} | {avg if avg is not None else '-'} | {ppl_s} | {ratio} |")
+                     f"{'yes' if r.get('rotate') else 'no'} | {('`' + extra[r['name']] + '`') if extra.get(r['name']) else ''} | "
+                     f"{avg if avg is not None else '-'} | {ppl_s} | {ratio} |")
     return "\n".join(lines)
 
 

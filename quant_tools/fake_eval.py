@@ -50,7 +50,7 @@ def load_model(path: str | Path):
     tensors = {}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), "pt") as sf:
-            for name in sf.keys():
+            for name in sf.keys():  # noqa: SIM118 - safe_open has no __iter__
                 tensors[name] = sf.get_tensor(name)
     state = {}
     for name, t in tensors.items():

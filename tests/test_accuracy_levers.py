@@ -228,7 +228,7 @@ def test_convert_clip_auto_records_the_searched_ratio(tiny_tok, tmp_path, capsys
     err = capsys.readouterr().err
     m = re.search(r"--a-clip-ratio auto: ([0-9.]+) \(calibration next-token loss per ratio: (\{.*\})\)", err)
     assert m, err
-    losses = {float(k): v for k, v in eval(m.group(2)).items()}  # noqa: S307 - our own dict repr
+    losses = {float(k): v for k, v in eval(m.group(2)).items()}  # our own dict repr
     qc = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert qc["a_clip_ratio"] == float(m.group(1)) == min(losses, key=lambda r: (losses[r], -r))
 
@@ -269,7 +269,7 @@ def test_fake_eval_model_matches_dequantized_reference(tiny_tok, tmp_path):
     from vllm_bipolar.format import dequantize_packed
     from vllm_bipolar.format.transforms import hadamard_matrix
 
-    src, calib = tiny_tok
+    src, _ = tiny_tok
     dst = tmp_path / "q"
     assert convert_main([str(src), str(dst), "--w-bits", "4", "--a-bits", "6", "--rotate", "--a-clip-ratio", "0.9",
                          "--group-size", "-1", "--no-progress"]) == 0
@@ -305,7 +305,8 @@ def test_fake_eval_model_matches_dequantized_reference(tiny_tok, tmp_path):
 
     for name, mod in ref_model.named_modules():
         if isinstance(mod, torch.nn.Linear) and "layers." in name:
-            mod.register_forward_pre_hook(lambda m, a, down=name.endswith("down_proj"): pre(m, a, down))
+            down = name.endswith("down_proj")
+            mod.register_forward_pre_hook(lambda m, a, down=down: pre(m, a, down))
     with torch.no_grad():
         ref = ref_model(ids).logits
     assert torch.allclose(got, ref, atol=1e-3 * ref.abs().max().item()), (got - ref).abs().max()
@@ -395,7 +396,7 @@ def test_gptq_on_fp_targets_fits_the_full_precision_outputs_better():
     hq, c = (xq.T @ xq / t).double(), (x.T @ xq / t).double()
     plain = gptq_quantize(w, hq, 4, 64, dtype=torch.float32).dequant
     fitted = gptq_quantize(fp_target_weights(w, hq, c, 0.01), hq, 4, 64, dtype=torch.float32).dequant
-    err = lambda q: ((x @ w.T - xq @ q.T) ** 2).sum().item()  # noqa: E731
+    err = lambda q: ((x @ w.T - xq @ q.T) ** 2).sum().item()
     assert err(fitted) < 0.9 * err(plain)
 
 

@@ -50,6 +50,21 @@ def make_tiny_llama(path: Path, hidden=64, intermediate=160, layers=2, heads=4, 
     return path
 
 
+def make_tiny_llama_with_calibration(path: Path, smollm2_dir: Path, **kwargs) -> tuple[Path, Path]:
+    """make_tiny_llama at ``path`` with SmolLM2's tokenizer files (vocab 49152) copied in, and a small
+    WikiText-style calibration text beside it: (model dir, text file)."""
+    import shutil
+
+    path = make_tiny_llama(path, vocab=49152, **kwargs)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (smollm2_dir / f).is_file():
+            shutil.copy(smollm2_dir / f, path / f)
+    calib = path.parent / "calib.txt"
+    calib.write_text("".join(f" = Heading {i} = \n \n" + "the quick brown fox jumps over the lazy dog . " * 40 + "\n"
+                             for i in range(6)))
+    return path, calib
+
+
 @pytest.fixture
 def tiny_llama(tmp_path) -> Path:
     return make_tiny_llama(tmp_path / "tiny-llama")

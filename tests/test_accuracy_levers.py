@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama_with_calibration
 
 from quant_tools.convert import main as convert_main
 from quant_tools.rotation import hadamard_any, paley_hadamard, random_hadamard
@@ -170,15 +169,8 @@ def test_random_hadamard_is_a_seeded_orthogonal_matrix():
 
 @pytest.fixture(scope="module")
 def tiny_tok(tmp_path_factory, smollm2_dir):
-    path = make_tiny_llama(tmp_path_factory.mktemp("lev") / "tiny", hidden=96, heads=3, kv_heads=1, vocab=49152,
-                           intermediate=192, dtype=torch.float32)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (smollm2_dir / f).is_file():
-            shutil.copy(smollm2_dir / f, path / f)
-    calib = path.parent / "calib.txt"
-    calib.write_text("".join(f" = Heading {i} = \n \n" + "the quick brown fox jumps over the lazy dog . " * 40 + "\n"
-                             for i in range(6)))
-    return path, calib
+    return make_tiny_llama_with_calibration(tmp_path_factory.mktemp("lev") / "tiny", smollm2_dir, hidden=96, heads=3,
+                                            kv_heads=1, intermediate=192, dtype=torch.float32)
 
 
 def test_convert_records_clip_ratio_and_hadamard_rotation(tiny_tok, tmp_path):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, make_tiny_llama_with_calibration
 
 from quant_tools.calibrate import allocate_bits, average_bits
 from quant_tools.convert import main as convert_main
@@ -230,14 +229,7 @@ def test_calibration_and_evaluation_parts_are_disjoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_with_tokenizer(tmp_path_factory, smollm2_dir):
-    path = make_tiny_llama(tmp_path_factory.mktemp("tok") / "tiny", vocab=49152)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (smollm2_dir / f).is_file():
-            shutil.copy(smollm2_dir / f, path / f)
-    calib = path.parent / "calib.txt"
-    calib.write_text("".join(f" = Heading {i} = \n \n" + "the quick brown fox jumps over the lazy dog . " * 40 + "\n"
-                             for i in range(6)))
-    return path, calib
+    return make_tiny_llama_with_calibration(tmp_path_factory.mktemp("tok") / "tiny", smollm2_dir)
 
 
 def _load_dir(path: Path) -> dict[str, torch.Tensor]:

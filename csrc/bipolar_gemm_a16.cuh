@@ -72,16 +72,20 @@ struct Problem {
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
 // (gemm_a16_split) since a split needs a workspace.
 constexpr int kDecodeMaxM = 16;
+// Mid-batch kernel tiles: output columns per CTA, layout blocks per x stage, tokens per M-tile.
+constexpr int kMidTileN = 128;
+constexpr int kMidStageBlocks = 4;
+inline int mid_tile_tokens(int M) { return M <= 32 ? 32 : 64; }
 // Layout blocks per K run of the mid-batch kernel for this problem on a GPU of `sms` SMs: enough
-// (column tile, run, M-tile) CTAs for two per SM, runs of whole x stages (4 blocks).
+// (column tile, run, M-tile) CTAs for two per SM, runs of whole x stages.
 inline int gemm_a16_kb_per_split(int M, int Np, int Kp, int sms) {
   const int kblocks = Kp / kBlockK;
-  const int mt = M <= 32 ? 32 : 64;  // tokens per M-tile (launch_gemm)
-  const int tiles = ((Np + 127) / 128) * ((M + mt - 1) / mt);
+  const int mt = mid_tile_tokens(M);
+  const int tiles = ((Np + kMidTileN - 1) / kMidTileN) * ((M + mt - 1) / mt);
   int splits = (2 * sms + tiles - 1) / tiles;
   splits = splits < 1 ? 1 : splits;
   int per = (kblocks + splits - 1) / splits;
-  per = (per + 3) / 4 * 4;
+  per = (per + kMidStageBlocks - 1) / kMidStageBlocks * kMidStageBlocks;
   return per < kblocks ? per : kblocks;
 }
 
@@ -378,7 +382,7 @@ struct MidConfig {
   static constexpr int WARPS = 8;
   static constexpr int NT = kBlockN * WARPS;  // output columns per CTA
   static constexpr int kThreads = kWarpSize * WARPS;
-  static constexpr int kStageBlocks = 4;  // layout blocks (64 channels) per x stage
+  static constexpr int kStageBlocks = kMidStageBlocks;  // layout blocks (64 channels) per x stage
   static constexpr int SK = kBlockK * kStageBlocks;
   static constexpr int kStages = 3;
   static constexpr int kStageBytes = MT * SK * 2;
@@ -387,6 +391,7 @@ struct MidConfig {
   // tile within 128 registers (two CTAs per SM) without spilling
   static constexpr int D = 1;
   static_assert(kStageBlocks % (2 * D) == 0, "a stage holds whole pairs of chunks (the two register buffers)");
+  static_assert(NT == kMidTileN && (MT == 32 || MT == 64), "the op's K split (gemm_a16_kb_per_split) assumes these tiles");
 };
 
 template <typename T, int BITS, class C>
@@ -609,9 +614,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
 #pragma unroll
   for (int q = 0; q < TG; ++q) xrow[q] = min(g + 8 * q, p.M - 1);
   const int xrow_words = p.Kp / 2 + 4;  // shared row stride in words
+  const int kpairs = p.K / 2;            // x words of a row
   if constexpr (X_SMEM) {
     uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
-    const int kpairs = p.K / 2;
     const int chunks = p.Kp / 8;  // 16-byte pieces of a row (K is a multiple of 8: all in or all out)
     for (int i = threadIdx.x; i < p.M * chunks; i += C::kThreads) {
       const int m = i / chunks, w0 = 4 * (i % chunks);
@@ -624,7 +629,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
       row[x_smem_word(w0 + 3)] = v.w;
     }
   }
-  const int kpairs = p.K / 2;  // x words of a row (global memory path)
 
   float acc[NB][TG][4];
 #pragma unroll
@@ -880,8 +884,8 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
 template <typename T, int BITS>
 void launch_gemm(const Problem& p, cudaStream_t stream) {
   if (p.M <= 8) launch_decode_tile<T, BITS, 8>(p, stream);
-  else if (p.M <= 16) launch_decode_tile<T, BITS, 16>(p, stream);
-  else if (p.M <= 32) launch_mid<T, BITS, 4>(p, stream);
+  else if (p.M <= kDecodeMaxM) launch_decode_tile<T, BITS, kDecodeMaxM>(p, stream);
+  else if (mid_tile_tokens(p.M) == 32) launch_mid<T, BITS, 4>(p, stream);
   else launch_mid<T, BITS, 8>(p, stream);
 }
 

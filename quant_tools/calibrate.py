@@ -161,6 +161,20 @@ def _submodule(layer: torch.nn.Module, path: str) -> torch.nn.Module:
     return layer
 
 
+def runtime_input(x: torch.Tensor, block: int, a_bits: int, clip: float | None) -> torch.Tensor:
+    """A quantized linear's input as its kernels see it: the online block Hadamard (``block`` > 0),
+    then, with quantized activations, clipping at ``clip`` x each token's absmax (None: none) and
+    per-token quantize-dequantize (the plugin: BipolarLinearMethod.apply, then the backend)."""
+    if block:
+        x = block_hadamard(x, block)
+    if a_bits != A16:
+        x2 = x.reshape(-1, x.shape[-1])
+        if clip is not None:
+            x2 = clip_activations(x2, clip)
+        x = fake_quantize_activations(x2, a_bits).reshape(x.shape)
+    return x
+
+
 def _install_runtime_hooks(layer, prefix: str, spec: BipolarQuantSpec, quantized: set[str],
                            act_quant: bool = True) -> list:
     """Pre-hooks reproducing the run-time input transforms of the quantized linears (online
@@ -179,15 +193,7 @@ def _install_runtime_hooks(layer, prefix: str, spec: BipolarQuantSpec, quantized
                 continue
 
             def hook(mod, args, block=block, a_bits=a_bits):
-                x = args[0]
-                if block:
-                    x = block_hadamard(x, block)
-                if a_bits != A16:
-                    x2 = x.reshape(-1, x.shape[-1])
-                    if clip is not None:
-                        x2 = clip_activations(x2, clip)
-                    x = fake_quantize_activations(x2, a_bits).reshape(x.shape)
-                return (x,) + tuple(args[1:])
+                return (runtime_input(args[0], block, a_bits, clip),) + tuple(args[1:])
 
             handles.append(_submodule(layer, rel).register_forward_pre_hook(hook))
     return handles
@@ -436,6 +442,27 @@ def output_fisher(stream: LayerStream, spec: BipolarQuantSpec, quantized: set[st
     return {k: v / n_all for k, v in fisher.items()}
 
 
+def _measured_widths(bit_set: tuple[int, ...]) -> list[int]:
+    """The widths that get a GPTQ run: all, except those above EXTRAPOLATE_ABOVE when a narrower one
+    is in the set (see :func:`_extrapolated`)."""
+    narrow = [b for b in bit_set if b <= EXTRAPOLATE_ABOVE]
+    return sorted(narrow if narrow else bit_set)
+
+
+def _extrapolated(loss: dict[int, float], bit_set: tuple[int, ...]) -> dict[str, float]:
+    """``loss`` (per measured width) for every width of ``bit_set``, keyed by str(width). Rounding noise
+    scales as step^2 = 4^-bits: a width not measured gets the widest measured loss x 4^(widest - bits)
+    (the wide widths' losses are negligible next to the narrow ones, so no GPTQ is run for them)."""
+    widest = max(loss)
+    return {str(b): loss[b] if b in loss else loss[widest] * 4.0 ** (widest - b) for b in sorted(bit_set)}
+
+
+def _unit_entry(layer, prefix: str, members: tuple[str, ...]) -> dict:
+    """A sensitivity profile's record of a unit, without its losses: modules and parameter counts."""
+    sizes = [_submodule(layer, rel).weight.numel() for rel in members]
+    return {"modules": [f"{prefix}.{rel}" for rel in members], "params": sum(sizes), "module_params": sizes}
+
+
 def sensitivity_profile(stream: LayerStream, spec: BipolarQuantSpec, method: str, opts: CalibOptions,
                         ids: torch.Tensor, fisher_ids: torch.Tensor, quantized: set[str], bit_set: tuple[int, ...],
                         dtype: torch.dtype, log: Callable[[str], None] = lambda s: None) -> dict:
@@ -459,20 +486,12 @@ def sensitivity_profile(stream: LayerStream, spec: BipolarQuantSpec, method: str
             for unit, members in units:
                 h = stats[unit]["h"] / stats[unit]["n"]
                 f = torch.cat([fisher[f"{prefix}.{rel}"] for rel in members])
-                params = sum(_submodule(layer, rel).weight.numel() for rel in members)
                 err = {}
-                for bits in sorted(bit_set):
-                    if bits > EXTRAPOLATE_ABOVE and any(b <= EXTRAPOLATE_ABOVE for b in bit_set):
-                        # Rounding noise scales as step^2 = 4^-bits: extrapolate the wide widths
-                        # (their losses are negligible next to the narrow ones) instead of running GPTQ.
-                        b0 = max(b for b in bit_set if b <= EXTRAPOLATE_ABOVE)
-                        err[str(bits)] = err[str(b0)] * 4.0 ** (b0 - bits)
-                        continue
+                for bits in _measured_widths(bit_set):
                     _, res = _quantize_unit(layer, prefix, members, h, bits, spec, method, opts, dtype)
-                    err[str(bits)] = float((f * res.row_error).sum())
-                units_out[f"{prefix}.{members[0]}"] = {
-                    "modules": [f"{prefix}.{rel}" for rel in members], "params": params,
-                    "module_params": [_submodule(layer, rel).weight.numel() for rel in members], "loss": err}
+                    err[bits] = float((f * res.row_error).sum())
+                units_out[f"{prefix}.{members[0]}"] = {**_unit_entry(layer, prefix, members),
+                                                       "loss": _extrapolated(err, bit_set)}
             xs = xs_next
             stream.unload(i)
             log(f"profile layer {i}")
@@ -512,15 +531,10 @@ def measured_sensitivity(stream: LayerStream, spec: BipolarQuantSpec, method: st
                 h = stats[unit]["h"] / stats[unit]["n"]
                 name = f"{prefix}.{members[0]}"
                 quant[name] = {}
-                for bits in sorted(bit_set):
-                    if bits > EXTRAPOLATE_ABOVE and any(b <= EXTRAPOLATE_ABOVE for b in bit_set):
-                        continue
+                for bits in _measured_widths(bit_set):
                     _, res = _quantize_unit(layer, prefix, members, h, bits, spec, method, opts, dtype)
                     quant[name][bits] = res.dequant
-                units_out[name] = {
-                    "modules": [f"{prefix}.{rel}" for rel in members],
-                    "params": sum(_submodule(layer, rel).weight.numel() for rel in members),
-                    "module_params": [_submodule(layer, rel).weight.numel() for rel in members], "loss": {}}
+                units_out[name] = {**_unit_entry(layer, prefix, members), "loss": {}}
             log(f"measure: quantized layer {i}")
         base = _next_token_loss(stream, hs[-1], loss_ids)
         for i in range(n_layers):
@@ -547,11 +561,7 @@ def measured_sensitivity(stream: LayerStream, spec: BipolarQuantSpec, method: st
                 for bits in sorted(measured, reverse=True):  # wide to narrow: non-increasing in width
                     floor = max(floor, measured[bits])
                     loss[bits] = floor
-                widest = max(loss)
-                for bits in bit_set:
-                    if bits not in loss:
-                        loss[bits] = loss[widest] * 4.0 ** (widest - bits)
-                units_out[name]["loss"] = {str(b): loss[b] for b in sorted(loss)}
+                units_out[name]["loss"] = _extrapolated(loss, bit_set)
             log(f"measure: layer {i} losses {[(k, v['loss']) for k, v in units_out.items() if k.startswith(prefix + '.')]}")
         for hnd in runtime:
             hnd.remove()

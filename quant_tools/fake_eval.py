@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from vllm_bipolar.format import BipolarQuantSpec, dequantize_packed
-from vllm_bipolar.format.quantize import clip_activations, fake_quantize_activations
 from vllm_bipolar.format.spec import A16
-from vllm_bipolar.format.transforms import block_hadamard, hadamard_block
+from vllm_bipolar.format.transforms import hadamard_block
 
+from .calibrate import runtime_input
 from .lm_eval_tasks.wikitext_local import calibration_text, detokenize, evaluation_articles
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -86,16 +86,11 @@ def install_runtime_hooks(model, spec: BipolarQuantSpec | None, a_clip_ratio: fl
         block = hadamard_block(mod.in_features) if spec.has_online_hadamard(name) else 0
         aq = act_only is None or any(a in name for a in act_only)
 
-        def hook(m, args, block=block, aq=aq):
-            x = args[0]
-            if block:
-                x = block_hadamard(x, block)
-            if spec.a_bits != A16 and aq:
-                x2 = x.reshape(-1, x.shape[-1])
-                if ratio is not None and ratio < 1:
-                    x2 = clip_activations(x2, ratio)
-                x = fake_quantize_activations(x2, spec.a_bits).reshape(x.shape)
-            return (x,) + tuple(args[1:])
+        a_bits = spec.a_bits if aq else A16
+        clip = ratio if ratio is not None and ratio < 1 else None
+
+        def hook(m, args, block=block, a_bits=a_bits):
+            return (runtime_input(args[0], block, a_bits, clip),) + tuple(args[1:])
 
         handles.append(mod.register_forward_pre_hook(hook))
     return handles

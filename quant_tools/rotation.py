@@ -35,17 +35,19 @@ ONLINE_HADAMARD = ("down_proj",)
 _LAYER = re.compile(r"^(?P<head>(?:model\.)?layers\.\d+)\.(?P<rest>.+)$")
 
 
-def _is_prime(n: int) -> bool:
-    return n >= 2 and all(n % f for f in range(2, int(n ** 0.5) + 1))
+def _is_paley_order(n: int) -> bool:
+    """n = q + 1 with q a prime = 3 (mod 4): the orders of Paley construction I."""
+    q = n - 1
+    return q >= 3 and q % 4 == 3 and all(q % f for f in range(2, int(q ** 0.5) + 1))
 
 
 def paley_hadamard(n: int) -> torch.Tensor:
     """Unnormalized Hadamard matrix of order n = q + 1, q a prime = 3 (mod 4) (Paley construction I):
     H = I + [[0, 1^T], [-1, Q]] with Q the Jacobsthal matrix Q[i, j] = chi(j - i), chi the quadratic
     character mod q. Entries +-1, H H^T = n I."""
-    q = n - 1
-    if not (_is_prime(q) and q % 4 == 3):
+    if not _is_paley_order(n):
         raise ValueError(f"Paley construction I needs n - 1 a prime = 3 mod 4, got n = {n}")
+    q = n - 1
     squares = {(i * i) % q for i in range(1, q)}
     chi = torch.tensor([0.0] + [1.0 if a in squares else -1.0 for a in range(1, q)], dtype=torch.float64)
     idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
@@ -61,10 +63,10 @@ def _hadamard_factor(m: int) -> torch.Tensor | None:
     two such orders), or None."""
     if m == 1:
         return torch.ones(1, 1, dtype=torch.float64)
-    if _is_prime(m - 1) and (m - 1) % 4 == 3:
+    if _is_paley_order(m):
         return paley_hadamard(m)
     for a in range(4, int(m ** 0.5) + 1, 4):
-        if m % a == 0 and _is_prime(a - 1) and (a - 1) % 4 == 3 and _is_prime(m // a - 1) and (m // a - 1) % 4 == 3:
+        if m % a == 0 and _is_paley_order(a) and _is_paley_order(m // a):
             return torch.kron(paley_hadamard(a), paley_hadamard(m // a))
     return None
 
@@ -76,12 +78,10 @@ def hadamard_any(d: int) -> torch.Tensor:
     while d % (2 ** (a + 1)) == 0:
         a += 1
     for k in range(a, -1, -1):  # the largest power of two first: the Paley part stays small
-        h = _hadamard_factor(d // 2 ** k)
+        m = d // 2 ** k
+        h = _hadamard_factor(m)
         if h is not None:
-            syl = torch.ones(1, 1, dtype=torch.float64)
-            for _ in range(k):
-                syl = torch.cat((torch.cat((syl, syl), 1), torch.cat((syl, -syl), 1)), 0)
-            return torch.kron(syl, h) / d ** 0.5
+            return torch.kron(hadamard_matrix(2 ** k), h / m ** 0.5)
     raise ValueError(f"no Hadamard matrix of order {d} is known to this tool (Sylvester x Paley); "
                      "use --rotation orthogonal")
 

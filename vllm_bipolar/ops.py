@@ -49,13 +49,13 @@ def _(x, qweight, scales, zeros, bias, k, group_size, a_bits):
 A16_FUSED_MAX_M = int(os.environ.get("BIPOLAR_A16_FUSED_MAX_M", "64"))
 
 
-def a16_uses_fused_kernel(m: int, n: int) -> bool:
+def a16_uses_fused_kernel(m: int) -> bool:
     return m <= A16_FUSED_MAX_M
 
 
 def _a16_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int,
                  group_shift: int) -> torch.Tensor:
-    if not a16_uses_fused_kernel(x.shape[0], n):
+    if not a16_uses_fused_kernel(x.shape[0]):
         w = torch.ops.bipolar_kernels.dequantize_a16(qweight, scales, n, k, group_shift)
         return torch.nn.functional.linear(x, w)
     if k % 8:  # the kernel copies 16-byte row chunks: zero channels up to a multiple of 8 contribute 0

@@ -533,7 +533,10 @@ def run_method(args, method: str, timeout: float | None, log_path: Path) -> tupl
     child += (["--eager"] if args.eager else []) + (["--no-compile"] if args.no_compile else [])
     # apply_model(param_bytes) into the engine's process: pickled by reference to this module
     path = os.pathsep.join([str(ROOT / "benchmarks")] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1", PYTHONPATH=path)
+    # PYTHONFAULTHANDLER: on a timeout the group gets SIGABRT first, and every Python process of the
+    # method (this script's child and vLLM's engine core) writes all its threads' stacks into the log:
+    # where an engine start hangs.
+    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1", PYTHONPATH=path, PYTHONFAULTHANDLER="1")
     if method in args.profile:
         child.append("--do-profile")
         if args.profile_in_process:
@@ -545,7 +548,7 @@ def run_method(args, method: str, timeout: float | None, log_path: Path) -> tupl
             status: int | str = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             status = "timeout"
-            _stop_group(proc.pid, signal.SIGTERM, 15)
+            _stop_group(proc.pid, signal.SIGABRT, 10)  # stacks into the log (faulthandler), then SIGKILL
     # whatever of the engine outlived the child (its engine-core process) would hold GPU memory that the
     # next method's engine start counts on
     _stop_group(proc.pid, signal.SIGKILL, 30)

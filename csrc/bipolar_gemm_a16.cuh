@@ -29,7 +29,8 @@
 // ---- Work split ---------------------------------------------------------------------------------
 // Two GEMM kernels read the layout:
 // * gemv_a16_kernel (M <= 16, decode): weights stream from HBM straight into registers, two chunks
-//   per warp in flight, no shared memory or barrier in the main loop; a CTA owns 32 output columns
+//   per warp in flight, no shared memory or barrier in the main loop; one LOP3 per code pair (the
+//   scales are applied after the mma, in fp32, once per scale group); a CTA owns 32 output columns
 //   and its 8 or 16 warps split K; x rows sit in shared memory (or come from L1/L2 when too large).
 // * gemm_mid_a16_kernel (M 17..256): 8 warps split 128 output columns; weights stream into registers
 //   as above, x comes through a cp.async pipeline of 256-channel stages in shared memory (ldmatrix),
@@ -280,6 +281,85 @@ __device__ __forceinline__ uint32_t decode_pair(const uint32_t (&words)[BITS], u
     const T2 c = E::sub2(from_u32<T2>(t), E::magic());
     const T2 v = E::fma2(c, from_u32<T2>(E::integer(2)), from_u32<T2>(E::integer(-kL)));
     return as_u32(E::fma2(v, from_u32<T2>(ss), from_u32<T2>(zz)));
+  }
+}
+
+// ---- decode kernel: one element pair -> beta + c, exact (scales applied after the mma) -------------------
+// The decode kernel multiplies by s and adds z in fp32 after the mma, once per scale group, so a weight
+// only has to reach the tensor core as its code c. One LOP3 puts a pair's code bits (both halves) into
+// the mantissa of a constant 2^e, at bit position u with e = mantissa bits - u: the fp16 / bf16 value is
+// then beta + c with beta = 2^e, exact. The kernel removes sum(beta x) with one more mma per k-step
+// whose A registers are the constant betas (bias_a). Two rules fix u per pair P = 4 s + 2 h + r:
+//  * the pairs of the two row halves (h = 0, 1) with the same channels get the same u, hence the same
+//    beta: one bias row pattern serves all 16 rows, and the bias mma's rows 8-15 are free for the sum of
+//    x (ones), which the offsets need;
+//  * u in [kULo, kUMax], kULo chosen so that beta is at most 2^6 (fp16) / 2^7 (bf16) times the code's
+//    unit: taking sum(beta x) back out of the fp32 accumulator costs at most 6-7 of its 24 bits;
+//    within that window, the h = 0 pairs of a word are assigned in order of their bit position to
+//    windows [S + kULo, S + kUMax] of a shift S, so the word needs few distinct shifts (pairs sharing
+//    one shift cost one LOP3 each): 1-bit fp16 four shifts per 16 pairs, 2-bit three per 8, 4-bit three
+//    per 4.
+// Codes of several parts (3, 5, 6, 7 bits) are assembled at the top of the mantissa (u = kUMax, beta =
+// 2^bits). bf16 with 8-bit codes has no room (7 mantissa bits): c goes through fp32 (exact), beta = 0.
+template <typename T, int BITS>
+struct RawCode {
+  using E = Elem<T>;
+  static constexpr bool kViaFloat = BITS == 8 && std::is_same<T, __nv_bfloat16>::value;
+  static constexpr bool kOnePart = num_parts(BITS) == 1;
+  static constexpr int kUMax = E::kMantissa - BITS;
+  static constexpr int kUWant = E::kMantissa - (E::kMantissa == 10 ? 6 : 7);
+  static constexpr int kULo = kUWant < 0 ? 0 : (kUWant > kUMax ? kUMax : kUWant);
+  static constexpr int kPerWord = 16 / BITS;  // one-part codes: pairs per word
+  static constexpr int from(int P) { return BITS * (P % kPerWord); }  // bit of element 0 in its word
+  // shift S of the window that holds the h = 0 pair at bit `from0`, walking the h = 0 pairs' positions
+  // upwards (with 2 pairs per word, every position is one)
+  static constexpr int window_shift(int from0) {
+    int S = 0;
+    bool open = false;
+    for (int f = 0; f < kPerWord; ++f) {
+      if (kPerWord > 2 && (f & 2)) continue;  // an h = 1 pair
+      const int fr = BITS * f;
+      if (!open || fr - S > kUMax) S = fr - kULo, open = true;
+      if (fr == from0) return S;
+    }
+    return 0;
+  }
+  static constexpr int u(int P) { return kOnePart ? from(P & ~2) - window_shift(from(P & ~2)) : kUMax; }
+  // bits of beta (both halves): 0 when the code goes through fp32
+  static constexpr uint32_t beta(int P) { return kViaFloat ? 0u : E::pow2(E::kMantissa - u(P), false); }
+};
+
+template <typename T, int BITS, int P>
+__device__ __forceinline__ uint32_t decode_raw_pair(const uint32_t (&words)[BITS]) {
+  using R = RawCode<T, BITS>;
+  if constexpr (R::kViaFloat) {
+    const uint32_t w = words[P / 2];
+    const uint32_t t = (P % 2) ? (w >> 8) : w;
+    const float c0 = __uint_as_float(0x4B000000u | (t & 0xffu)) - 8388608.f;
+    const float c1 = __uint_as_float(0x4B000000u | ((t >> 16) & 0xffu)) - 8388608.f;
+    return as_u32(Elem<T>::floats2(c0, c1));
+  } else if constexpr (R::kOnePart) {
+    constexpr int kU = R::u(P);
+    static_assert(kU >= 0 && kU <= R::kUMax, "code must fit in the mantissa");
+    constexpr int kShift = R::from(P) - kU;
+    constexpr uint32_t kMask = ((1u << BITS) - 1u) << kU;
+    const uint32_t word = words[P / R::kPerWord];
+    const uint32_t moved = kShift >= 0 ? word >> kShift : word << (-kShift);
+    return and_or(moved, kMask | (kMask << 16), R::beta(P));
+  } else {
+    uint32_t t = R::beta(P);
+#pragma unroll
+    for (int i = 0; i < num_parts(BITS); ++i) {
+      const int w = part_width(BITS, i);
+      const int at = R::kUMax + part_shift(BITS, i);  // the part's bit in the mantissa
+      const int per_word = 16 / w;
+      const uint32_t word = words[part_shift(BITS, i) + P / per_word];
+      const int from = w * (P % per_word);
+      const uint32_t moved = from >= at ? word >> (from - at) : word << (at - from);
+      const uint32_t mask = ((1u << w) - 1u) << at;
+      t = and_or(moved, mask | (mask << 16), t);
+    }
+    return t;
   }
 }
 
@@ -547,16 +627,23 @@ __global__ void __launch_bounds__(C::kThreads, 2) gemm_mid_a16_kernel(Problem p)
 
 // ---- the decode kernel (M <= 16) ------------------------------------------------------------------
 // At decode the weights are everything: 1 to 16 activation rows meet every weight exactly once, so
-// this kernel keeps weights out of shared memory and away from barriers. Each warp streams its
-// layout blocks from HBM straight into registers, D blocks at a time (D * bits words per lane and
-// block row in flight, ~2 KB per warp whatever the width), decodes and issues mma. A CTA owns
-// NT = 16 NB output columns across all of K; its WARPS warps split K (warp w takes layout blocks w,
-// w + WARPS, w + 2 WARPS, ...: together they read each block row as one contiguous run) and sum their
+// this kernel keeps weights out of shared memory and away from barriers, and spends as few
+// instructions per weight as it can. Each warp streams its layout blocks from HBM straight into
+// registers, D blocks at a time (two chunks in flight), turns each pair of codes into beta + c with
+// one LOP3 (decode_raw_pair: no scale, no offset) and issues mma. A CTA owns NT = 16 NB output columns
+// across all of K; its WARPS warps split K into contiguous runs of layout blocks and sum their
 // partial tiles through shared memory once, at the end.
 // Roles swapped against the larger-M kernel: the mma computes y^T = W x^T, the 16 decoded weight rows
 // of a layout block are the A operand (the layout's two n8 B fragments are exactly the four A
 // registers) and 8 tokens are the B operand. At M <= 8 no tensor-core row is padding and no zero
 // registers travel through the loop; M 9..16 (MT = 16) issues one mma per 8 tokens.
+// Scales after the mma: with t = beta + c, W = z + s (2 c - L) and, over one scale group of a row,
+//   sum_k W x = 2 s (sum t x - sum beta x) + (z - L s) sum x.
+// sum t x accumulates in fp32 (tsum) over the warp's blocks of the group; one more mma per k-step,
+// shared by the NB block rows, gets sum beta x (rows 0-7, A = the constant betas) and sum x (rows
+// 8-15, A = ones) into bsum; at the group's end (or the run's) three FFMA per output fold them into
+// acc. So W is used exactly (not rounded to fp16 / bf16 first), and the fold runs once per group and
+// warp, not once per weight pair.
 template <int BITS, int MT_, int WARPS_, int NB_ = 2>
 struct DecodeConfig {
   static constexpr int MT = MT_;
@@ -593,6 +680,8 @@ __device__ __forceinline__ int x_smem_word(int w) { return (w & ~31) | ((w & 3) 
 template <typename T, int BITS, class C, bool X_SMEM>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Problem p) {
   using E = Elem<T>;
+  using T2 = typename E::T2;
+  using R = RawCode<T, BITS>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
@@ -603,11 +692,17 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   constexpr int D = C::D;
   constexpr int NB = C::NB;
   constexpr int TG = C::TG;
+  constexpr float kL = float((1 << BITS) - 1);
   const int row_words = kblocks * kBlockWords;  // one 16-row block row across all of K (< 2^31 words)
-  const uint32_t* wbase = p.qweight + size_t(nb0) * row_words;
   const uint32_t* scales = static_cast<const uint32_t*>(p.scales) + nb0 * kBlockN + g;  // (s, z) words
   const T* x = static_cast<const T*>(p.x);
   const bool two_groups = p.group_shift < 6;  // group size 32: a 64-channel block has two scale rows
+  // This warp's run of layout blocks [kb_begin, kb_end): contiguous, so that a scale group's blocks
+  // are folded once.
+  const int per_warp = (kblocks + C::WARPS - 1) / C::WARPS;
+  const int kb_begin = min(warp * per_warp, kblocks);
+  const int kb_end = min(kb_begin + per_warp, kblocks);
+  const uint32_t* wbase = p.qweight + size_t(nb0) * row_words + size_t(kb_begin) * kBlockWords;
   // B columns of this lane: tokens g (and g + 8 when TG = 2). A token past M reads row M - 1 instead:
   // its output column is never stored, so no lane needs a zero row or a predicate.
   int xrow[TG];
@@ -630,38 +725,71 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
     }
   }
 
-  float acc[NB][TG][4];
+  // acc: the output tile; tsum: sum t x of the group being accumulated, per block row; bsum: sum beta x
+  // ([0], [1]: tokens 2 t, 2 t + 1) and sum x ([2], [3]) of that group
+  float acc[NB][TG][4], tsum[NB][TG][4], bsum[TG][4];
 #pragma unroll
-  for (int b = 0; b < NB; ++b)
+  for (int q = 0; q < TG; ++q) {
 #pragma unroll
-    for (int q = 0; q < TG; ++q)
+    for (int e = 0; e < 4; ++e) bsum[q][e] = 0.f;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[b][q][e] = 0.f;
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[b][q][e] = tsum[b][q][e] = 0.f;
+  }
 
-  // A chunk: D layout blocks of the warp (kb0, kb0 + WARPS, ...) x NB block rows of weight words, and
-  // their (s, z) words per row half h (the scale row of channels 0-31 of each block).
+  // A chunk: D consecutive layout blocks of the warp x NB block rows of weight words, and their (s, z)
+  // words per row half h (the scale row of channels 0-31 of each block).
   using Words = uint32_t[D][NB][BITS];
   using Sz = uint32_t[D][NB][2];
   auto load_chunk = [&](Words& words, Sz& sz, int kb0) {
 #pragma unroll
     for (int j = 0; j < D; ++j) {
-      const int kb = kb0 + j * C::WARPS;
-      if (kb < kblocks) {
+      const int kb = kb0 + j;
+      if (kb < kb_end) {
         const uint32_t* srow = scales + ((kb * kBlockK) >> p.group_shift) * p.Np;
+        const uint32_t* wblk = wbase + (kb - kb_begin) * kBlockWords;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-          ldg_block<BITS>(wbase + b * row_words + kb * kBlockWords, lane, words[j][b]);
+          ldg_block<BITS>(wblk + b * row_words, lane, words[j][b]);
 #pragma unroll
           for (int h = 0; h < 2; ++h) sz[j][b][h] = __ldg(srow + b * kBlockN + 8 * h);
         }
       }
     }
   };
+  // acc += 2 s (tsum - sum beta x) + (z - L s) sum x with the (s, z) words of rows g, g + 8 of each
+  // block row; then a fresh group.
+  auto fold = [&](const uint32_t (&sz)[NB][2]) {
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      float s2[2], zl[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const T2 v = from_u32<T2>(sz[b][h]);
+        const float s = __low2float(v), z = __high2float(v);
+        s2[h] = 2.f * s;
+        zl[h] = fmaf(-kL, s, z);
+      }
+#pragma unroll
+      for (int q = 0; q < TG; ++q)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e / 2;
+          acc[b][q][e] = fmaf(s2[h], tsum[b][q][e] - bsum[q][e % 2], fmaf(zl[h], bsum[q][2 + e % 2], acc[b][q][e]));
+          tsum[b][q][e] = 0.f;
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < TG; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) bsum[q][e] = 0.f;
+  };
   auto compute_chunk = [&](const Words& words, const Sz& sz, int kb0) {
 #pragma unroll
     for (int j = 0; j < D; ++j) {
-      const int kb = kb0 + j * C::WARPS;
-      if (kb >= kblocks) break;  // warp-uniform
+      const int kb = kb0 + j;
+      if (kb >= kb_end) break;  // warp-uniform
       // B fragments of the block's 4 k-steps per token group: xb[q][2 s + r] = x words 32 kb + 8 s + 4 r + t
       uint32_t xb[TG][8];
 #pragma unroll
@@ -679,49 +807,62 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
           for (int i = 0; i < 8; ++i) xb[q][i] = kb * 32 + 4 * i + t < kpairs ? __ldg(src + 4 * i) : 0u;
         }
       }
-      // (s, s) / (z, z) per block row: [2 half + h] for channels 0-31 / 32-63 of the block and row half h
-      // (the same scale row unless groups are 32 channels: then the second is read here, from L2)
-      uint32_t ss[NB][4], zz[NB][4];
-      const uint32_t* srow2 = scales + ((kb * kBlockK + 32) >> p.group_shift) * p.Np;
-#pragma unroll
-      for (int b = 0; b < NB; ++b)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          split_sz(sz[j][b][h], ss[b][h], zz[b][h]);
-          if (two_groups) split_sz(__ldg(srow2 + b * kBlockN + 8 * h), ss[b][2 + h], zz[b][2 + h]);
-          else ss[b][2 + h] = ss[b][h], zz[b][2 + h] = zz[b][h];
-        }
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
+        // bias mma: rows 0-7 (a0, a2) the betas of pairs 4 s, 4 s + 1 (those of rows 8-15 are equal),
+        // rows 8-15 (a1, a3) ones
+        const uint32_t ab[4] = {R::beta(4 * s), E::pow2(0, false), R::beta(4 * s + 1), E::pow2(0, false)};
+#pragma unroll
+        for (int q = 0; q < TG; ++q) E::mma(bsum[q], ab, xb[q][2 * s], xb[q][2 * s + 1]);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           // A of rows 0-7 (h = 0) and 8-15 (h = 1): a0 / a2 = pairs 4 s + 0 / 1, a1 / a3 = pairs 4 s + 2 / 3
-          const int hs = 2 * (s / 2);
           uint32_t a[4];
-          decode_b<T, BITS>(s, 0, words[j][b], ss[b][hs], zz[b][hs], a[0], a[2]);
-          decode_b<T, BITS>(s, 1, words[j][b], ss[b][hs + 1], zz[b][hs + 1], a[1], a[3]);
+#define BIPOLAR_RAW_CASE(S)                                       \
+  if (s == S) {                                                   \
+    a[0] = decode_raw_pair<T, BITS, 4 * S + 0>(words[j][b]);      \
+    a[1] = decode_raw_pair<T, BITS, 4 * S + 2>(words[j][b]);      \
+    a[2] = decode_raw_pair<T, BITS, 4 * S + 1>(words[j][b]);      \
+    a[3] = decode_raw_pair<T, BITS, 4 * S + 3>(words[j][b]);      \
+  }
+          BIPOLAR_RAW_CASE(0) BIPOLAR_RAW_CASE(1) BIPOLAR_RAW_CASE(2) BIPOLAR_RAW_CASE(3)
+#undef BIPOLAR_RAW_CASE
 #pragma unroll
-          for (int q = 0; q < TG; ++q) E::mma(acc[b][q], a, xb[q][2 * s], xb[q][2 * s + 1]);
+          for (int q = 0; q < TG; ++q) E::mma(tsum[b][q], a, xb[q][2 * s], xb[q][2 * s + 1]);
         }
+        // group size 32: channels 0-31 of the block are a group of their own
+        if (s == 1 && two_groups) fold(sz[j]);
+      }
+      // The group ends with this block (or the warp's run does): fold. For 32-channel groups, the
+      // second half's (s, z) row is the next one, read here (from L2).
+      if (two_groups) {
+        const uint32_t* srow2 = scales + ((kb * kBlockK + 32) >> p.group_shift) * p.Np;
+        uint32_t sz2[NB][2];
+#pragma unroll
+        for (int b = 0; b < NB; ++b)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) sz2[b][h] = __ldg(srow2 + b * kBlockN + 8 * h);
+        fold(sz2);
+      } else if (kb + 1 == kb_end || (((kb + 1) * kBlockK) >> p.group_shift) != ((kb * kBlockK) >> p.group_shift)) {
+        fold(sz[j]);
       }
     }
   };
 
   // Two chunks in registers: the next one's loads are in flight while this one is decoded.
-  constexpr int kStep = C::WARPS * D;
   Words wa, wb;
   Sz sa, sb;
-  int kb0 = warp;
+  int kb0 = kb_begin;
   load_chunk(wa, sa, kb0);
   if constexpr (X_SMEM) __syncthreads();  // x rows visible to every warp
-  while (kb0 < kblocks) {
-    load_chunk(wb, sb, kb0 + kStep);
+  while (kb0 < kb_end) {
+    load_chunk(wb, sb, kb0 + D);
     compute_chunk(wa, sa, kb0);
-    kb0 += kStep;
-    if (kb0 >= kblocks) break;
-    load_chunk(wa, sa, kb0 + kStep);
+    kb0 += D;
+    if (kb0 >= kb_end) break;
+    load_chunk(wa, sa, kb0 + D);
     compute_chunk(wb, sb, kb0);
-    kb0 += kStep;
+    kb0 += D;
   }
 
   // The warps' partial tiles -> shared memory (after every warp is done with x there) -> summed -> y.

@@ -25,19 +25,27 @@ DTYPES = [torch.float16, torch.bfloat16]
 ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 
+# Largest M of the decode kernel (csrc/bipolar_gemm_a16.cuh, kDecodeMaxM). It applies the scales in fp32
+# after the mma, so it uses W exactly; the larger-M kernels and dequantize + cuBLAS use W rounded once
+# to the activations' dtype.
+DECODE_MAX_M = 16
+
+
 def make_layer(n, k, bits, group_size, symmetric, dtype, gen=None):
-    """Random checkpoint layer -> (repacked qweight, scales, shift, float64 weight of the layout)."""
+    """Random checkpoint layer -> (repacked qweight, scales, shift, float64 weight of the layout, unrounded)."""
     w = torch.randn(n, k, device=DEV, generator=gen) * 0.02 + torch.randn(n, 1, device=DEV, generator=gen) * 0.01
     q = fmt.quantize_weight(w, bits, group_size=group_size, symmetric=symmetric, dtype=dtype)
     qw, sc, shift = a16_layout.repack(fmt.pack_codes(q.codes, bits), q.scales, q.zeros, k, group_size)
-    w_layout = a16_layout.dequantize(qw, sc, n, k, shift).to(dtype).to(torch.float64)  # W as the kernel rounds it
-    return qw, sc, shift, w_layout
+    return qw, sc, shift, a16_layout.dequantize(qw, sc, n, k, shift)
 
 
 def check_gemm(y, x, w, what):
-    """|y - x @ w^T| within one output rounding plus fp32 accumulation (2^-20 of sum |x||w|)."""
+    """|y - x @ W^T| within one output rounding plus fp32 accumulation (2^-20 of sum |x||W|), with W = w
+    exactly (decode kernel, M <= DECODE_MAX_M) or rounded to x.dtype (every larger-M path)."""
     assert y.dtype == x.dtype and y.shape == (x.shape[0], w.shape[0]), what
     assert torch.isfinite(y).all(), f"{what}: non-finite output"
+    if x.shape[0] > DECODE_MAX_M:
+        w = w.to(x.dtype).to(torch.float64)
     x64 = x.to(torch.float64)
     ref = x64 @ w.T
     bound = ULP[x.dtype] * ref.abs() + 2.0 ** -20 * (x64.abs() @ w.abs().T) + 1e-6

@@ -10,6 +10,8 @@ allocating them fresh (torch.empty) and checking every element. Skips without CU
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -31,24 +33,49 @@ ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 DECODE_MAX_M = 16
 
 
+def decode_beta_max(bits, dtype):
+    """Largest beta of the decode kernel's codes beta + c (RawCode in csrc/bipolar_gemm_a16.cuh)."""
+    if bits in (3, 5, 6, 7):
+        return 2 ** bits  # codes of several parts sit at the top of the mantissa
+    if bits == 8:
+        return 256 if dtype == torch.float16 else 0  # bf16: through fp32, beta 0
+    return 64 if dtype == torch.float16 else 128
+
+
+@dataclass
+class LayoutWeight:
+    """W of a repacked layer in float64, exactly as the layout stores it, and per (row, channel) the
+    magnitude the decode kernel accumulates in fp32 for it: 2 |s| (beta_max + L) + |z|."""
+    exact: torch.Tensor
+    decode_mag: torch.Tensor
+
+
 def make_layer(n, k, bits, group_size, symmetric, dtype, gen=None):
-    """Random checkpoint layer -> (repacked qweight, scales, shift, float64 weight of the layout, unrounded)."""
+    """Random checkpoint layer -> (repacked qweight, scales, shift, LayoutWeight)."""
     w = torch.randn(n, k, device=DEV, generator=gen) * 0.02 + torch.randn(n, 1, device=DEV, generator=gen) * 0.01
     q = fmt.quantize_weight(w, bits, group_size=group_size, symmetric=symmetric, dtype=dtype)
     qw, sc, shift = a16_layout.repack(fmt.pack_codes(q.codes, bits), q.scales, q.zeros, k, group_size)
-    return qw, sc, shift, a16_layout.dequantize(qw, sc, n, k, shift)
+    group = (torch.arange(k, device=DEV) >> shift).clamp(max=sc.shape[0] - 1)
+    s, z = (sc[group, :n, i].T.to(torch.float64).abs() for i in (0, 1))  # [n, k]
+    mag = 2 * s * (decode_beta_max(bits, dtype) + 2 ** bits - 1) + z
+    return qw, sc, shift, LayoutWeight(a16_layout.dequantize(qw, sc, n, k, shift), mag)
 
 
 def check_gemm(y, x, w, what):
-    """|y - x @ W^T| within one output rounding plus fp32 accumulation (2^-20 of sum |x||W|), with W = w
-    exactly (decode kernel, M <= DECODE_MAX_M) or rounded to x.dtype (every larger-M path)."""
-    assert y.dtype == x.dtype and y.shape == (x.shape[0], w.shape[0]), what
+    """|y - x @ W^T| within one output rounding plus fp32 accumulation: 2^-20 of sum |x||W| for W rounded
+    to x.dtype (every path of M > DECODE_MAX_M); for the decode kernel, W exactly and 2^-20 of the
+    magnitudes it accumulates (sum |x| decode_mag: beta + c, then sum beta x taken back out)."""
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], w.exact.shape[0]), what
     assert torch.isfinite(y).all(), f"{what}: non-finite output"
-    if x.shape[0] > DECODE_MAX_M:
-        w = w.to(x.dtype).to(torch.float64)
     x64 = x.to(torch.float64)
-    ref = x64 @ w.T
-    bound = ULP[x.dtype] * ref.abs() + 2.0 ** -20 * (x64.abs() @ w.abs().T) + 1e-6
+    if x.shape[0] > DECODE_MAX_M:
+        wr = w.exact.to(x.dtype).to(torch.float64)
+        accumulated = x64.abs() @ wr.abs().T
+    else:
+        wr = w.exact
+        accumulated = x64.abs() @ (wr.abs() + w.decode_mag).T
+    ref = x64 @ wr.T
+    bound = ULP[x.dtype] * ref.abs() + 2.0 ** -20 * accumulated + 1e-6
     err = (y.to(torch.float64) - ref).abs()
     if (err > bound).any():
         i = int(torch.argmax((err / bound).flatten()))
@@ -233,5 +260,5 @@ def test_wpaq_through_a16_kernels(w_bits, a_bits):
         else:
             # dequantize + cuBLAS: the fp16 GEMM of unquantized layers (torch lets cuBLAS reduce in
             # reduced precision), so the reference is that GEMM on the layout's exact weights
-            ref = torch.nn.functional.linear(xq, w.to(xq.dtype))
+            ref = torch.nn.functional.linear(xq, w.exact.to(xq.dtype))
             torch.testing.assert_close(y, ref, rtol=ULP[xq.dtype], atol=ULP[xq.dtype] * float(ref.abs().max()), msg=what)

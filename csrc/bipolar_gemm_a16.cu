@@ -32,7 +32,8 @@ using a16::kPadN;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// SM count of a device, asked once per device (the mid-batch kernel's K split depends on it).
+// SM count of a device, asked once per device (the decode kernel's CTA size and the mid-batch kernel's
+// K split depend on it).
 int multiprocessors(int device) {
   static std::atomic<int> counts[64] = {};
   if (device < 0 || device >= 64) return 132;
@@ -123,9 +124,10 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.ldx = ldx;
   p.y = y.data_ptr();
   p.M = int(m);
+  p.sms = multiprocessors(x.device().index());
   at::Tensor partial;
   if (m > a16::kDecodeMaxM) {
-    p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, multiprocessors(x.device().index()));
+    p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms);
     if (p.kb_per_split < p.Kp / kBlockK) {  // K split over CTAs: fp32 partial sums, then y
       partial = at::zeros({m, n}, x.options().dtype(at::kFloat));
       p.partial = partial.data_ptr<float>();

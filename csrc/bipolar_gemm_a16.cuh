@@ -68,6 +68,7 @@ struct Problem {
   // more than one run, every run adds its fp32 partial sums into `partial` [M, N] (zeroed), not y.
   float* partial;
   int kb_per_split;
+  int sms;  // multiprocessors of the device (decode kernel: warps per CTA)
 };
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
@@ -107,6 +108,7 @@ constexpr int64_t kMaxM = int64_t(65535) * 16;
 #if defined(BIPOLAR_GEMM_A16_KERNELS)
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 
@@ -653,16 +655,21 @@ struct DecodeConfig {
   static constexpr int NT = kBlockN * NB_;
   static constexpr int kThreads = kWarpSize * WARPS_;
   // layout blocks per warp and chunk (two chunks in registers: one decoded while the next loads):
-  // one, two for 1-bit weights, so that the registers hold without spilling
-  static constexpr int D = BITS == 1 ? 2 : 1;
+  // what limits this kernel is HBM latency, not instructions. A K = 4096 layer gives a warp only 4-8
+  // blocks, and with 2-bit weights two chunks of one block each had ~24 KB per SM in flight (H100,
+  // 11008 x 4096: 10.6 us, 1.2 TB/s). So a chunk is 8 words per lane and block row (8 / bits blocks),
+  // at most 4 blocks (each brings its (s, z) words too); 4 words and at most 2 blocks for 16 tokens,
+  // whose B fragments and accumulators take twice the registers.
+  static constexpr int kDWords = MT_ == 16 ? 4 : 8;
+  static constexpr int kDMax = MT_ == 16 ? 2 : 4;
+  static constexpr int D = BITS >= kDWords ? 1 : (kDWords / BITS > kDMax ? kDMax : kDWords / BITS);
   // partial tiles of the final sum, [WARPS][MT][NT + 4]: the + 4 spreads the 4 lanes that share an
   // output row (t = 0..3, tokens 2 t, 2 t + 1) over different banks
   static constexpr int kRedStride = NT + 4;
   static constexpr int kSmemBytes = WARPS_ * MT_ * kRedStride * 4;
-  // 24 warps per SM (<= 80 registers a thread): the loads in flight are what keeps HBM busy. 16
-  // tokens (twice the B fragments and accumulators) and 5-8 bit weights (their two chunks alone are
-  // 4 BITS registers) need more registers: 16 warps, which still hold >= 32 KB of weights in flight.
-  static constexpr int kThreadsPerSm = (MT_ == 16 || BITS >= 5) ? 512 : 768;
+  // 16 warps per SM (<= 128 registers a thread: two chunks are 32 of them): 64 KB of weights in flight
+  // per SM. launch_decode_tile sizes the CTAs by this.
+  static constexpr int kThreadsPerSm = 512;
   static constexpr int kMinBlocks = kThreadsPerSm / kThreads > 0 ? kThreadsPerSm / kThreads : 1;
   static_assert(MT_ == 8 || MT_ == 16, "decode tiles are 8 or 16 tokens");
   static_assert(kSmemBytes <= 48 * 1024, "no opt-in needed");
@@ -710,21 +717,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   for (int q = 0; q < TG; ++q) xrow[q] = min(g + 8 * q, p.M - 1);
   const int xrow_words = p.Kp / 2 + 4;  // shared row stride in words
   const int kpairs = p.K / 2;            // x words of a row
-  if constexpr (X_SMEM) {
-    uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
-    const int chunks = p.Kp / 8;  // 16-byte pieces of a row (K is a multiple of 8: all in or all out)
-    for (int i = threadIdx.x; i < p.M * chunks; i += C::kThreads) {
-      const int m = i / chunks, w0 = 4 * (i % chunks);
-      const uint4 v = w0 < kpairs ? *reinterpret_cast<const uint4*>(x + int64_t(m) * p.ldx + 2 * w0)
-                                  : make_uint4(0, 0, 0, 0);
-      uint32_t* row = xs + m * xrow_words;
-      row[x_smem_word(w0 + 0)] = v.x;
-      row[x_smem_word(w0 + 1)] = v.y;
-      row[x_smem_word(w0 + 2)] = v.z;
-      row[x_smem_word(w0 + 3)] = v.w;
-    }
-  }
-
   // acc: the output tile; tsum: sum t x of the group being accumulated, per block row; bsum: sum beta x
   // ([0], [1]: tokens 2 t, 2 t + 1) and sum x ([2], [3]) of that group
   float acc[NB][TG][4], tsum[NB][TG][4], bsum[TG][4];
@@ -853,8 +845,22 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   Words wa, wb;
   Sz sa, sb;
   int kb0 = kb_begin;
-  load_chunk(wa, sa, kb0);
-  if constexpr (X_SMEM) __syncthreads();  // x rows visible to every warp
+  load_chunk(wa, sa, kb0);  // the first weights are on their way while x comes into shared memory
+  if constexpr (X_SMEM) {
+    uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
+    const int chunks = p.Kp / 8;  // 16-byte pieces of a row (K is a multiple of 8: all in or all out)
+    for (int i = threadIdx.x; i < p.M * chunks; i += C::kThreads) {
+      const int m = i / chunks, w0 = 4 * (i % chunks);
+      const uint4 v = w0 < kpairs ? *reinterpret_cast<const uint4*>(x + int64_t(m) * p.ldx + 2 * w0)
+                                  : make_uint4(0, 0, 0, 0);
+      uint32_t* row = xs + m * xrow_words;
+      row[x_smem_word(w0 + 0)] = v.x;
+      row[x_smem_word(w0 + 1)] = v.y;
+      row[x_smem_word(w0 + 2)] = v.z;
+      row[x_smem_word(w0 + 3)] = v.w;
+    }
+    __syncthreads();  // x rows visible to every warp
+  }
   while (kb0 < kb_end) {
     load_chunk(wb, sb, kb0 + D);
     compute_chunk(wa, sa, kb0);
@@ -978,7 +984,7 @@ void launch_mid(const Problem& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// x rows in shared memory up to this size (3 CTAs of 8 warps or 2 of 16 still fit an SM).
+// x rows in shared memory up to this size (launch_decode_tile counts it in the CTAs an SM holds).
 constexpr int kDecodeXSmemMax = 64 * 1024;
 
 template <typename T, int BITS, class C>
@@ -994,27 +1000,46 @@ void launch_decode(const Problem& p, cudaStream_t stream) {
 }
 
 // Decode CTA: 32 output columns (two 16-row layout blocks: each A fragment serves 4 mma), WARPS warps
-// along K, chosen by N: wide layers (N >= 8192) have enough column tiles for CTAs of 8 warps; narrow
-// ones (N = 4096: 128 CTAs) take 16 warps, so that every SM still has enough loads in flight (H100,
-// benchmarks/kernels.py, M = 1: 4096 x 14336 W4 20.4 us against 29.6 with 8 warps; 11008 x 4096
-// 16.5 against 18.9 with 16). BIPOLAR_A16_DECODE_WARPS=8|16 overrides the choice, for tuning.
+// along K. An SM holds 16 warps of this kernel (512 threads of <= 128 registers); the CTA size is the
+// largest of 16, 8, 4, 2 warps with which all Np / 32 CTAs are resident at once (one wave: a second,
+// partial wave would run its CTAs' latency chains after the first ones', at low occupancy): N = 4096
+// 16 warps, 11008 / 14336 4, 22016 2 on an H100 (132 SMs). BIPOLAR_A16_DECODE_WARPS=2|4|8|16 overrides
+// the choice, for tuning.
 inline int decode_warps_override() {
   static const int v = [] {
     const char* e = std::getenv("BIPOLAR_A16_DECODE_WARPS");
     if (e == nullptr || *e == 0) return 0;
     const int w = std::atoi(e);
-    TORCH_CHECK(w == 8 || w == 16, "BIPOLAR_A16_DECODE_WARPS must be 8 or 16, got \"", e, "\"");
+    TORCH_CHECK(w == 2 || w == 4 || w == 8 || w == 16, "BIPOLAR_A16_DECODE_WARPS must be 2, 4, 8 or 16, got \"", e, "\"");
     return w;
   }();
   return v;
 }
 
+constexpr int kDecodeWarpsPerSm = 16;
+constexpr int kSmemPerSm = 228 * 1024;  // H100 / A100 (less on Ada: then fewer CTAs per SM, still correct)
+
 template <typename T, int BITS, int MT>
 void launch_decode_tile(const Problem& p, cudaStream_t stream) {
   int warps = decode_warps_override();
-  if (warps == 0) warps = p.N >= 8192 ? 8 : 16;
-  if (warps == 8) launch_decode<T, BITS, DecodeConfig<BITS, MT, 8>>(p, stream);
-  else launch_decode<T, BITS, DecodeConfig<BITS, MT, 16>>(p, stream);
+  if (warps == 0) {
+    using C16 = DecodeConfig<BITS, MT, 16>;
+    const int64_t ctas = p.Np / C16::NT;
+    const int x_bytes = p.M * (p.Kp + 8) * 2;
+    int best = 0, best_resident = 0;
+    for (int w = 16; w >= 2 && warps == 0; w /= 2) {
+      const int red_bytes = w * C16::MT * C16::kRedStride * 4;
+      const int smem = (x_bytes <= kDecodeXSmemMax && x_bytes > red_bytes ? x_bytes : red_bytes) + 1024;
+      const int per_sm = std::min(kDecodeWarpsPerSm / w, kSmemPerSm / smem);
+      if (ctas <= int64_t(p.sms) * per_sm) warps = w;  // the largest CTA with one wave
+      if (per_sm * w > best_resident) best = w, best_resident = per_sm * w;
+    }
+    if (warps == 0) warps = best;  // several waves: the most warps resident per SM
+  }
+  if (warps == 16) launch_decode<T, BITS, DecodeConfig<BITS, MT, 16>>(p, stream);
+  else if (warps == 8) launch_decode<T, BITS, DecodeConfig<BITS, MT, 8>>(p, stream);
+  else if (warps == 4) launch_decode<T, BITS, DecodeConfig<BITS, MT, 4>>(p, stream);
+  else launch_decode<T, BITS, DecodeConfig<BITS, MT, 2>>(p, stream);
 }
 
 }  // namespace

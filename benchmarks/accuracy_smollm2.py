@@ -30,9 +30,18 @@ RESULTS = REPO / "benchmarks" / "results" / "accuracy_smollm2.json"
 PY = sys.executable
 
 
-def _row(name, w_bits=None, a_bits=16, method=None, group=128, avg_bits=None, rotate=False, extra=()):
+def _row(name, w_bits=None, a_bits=16, method=None, group=128, avg_bits=None, rotate=False, extra=(),
+         calib_samples=None, generate=False):
+    """``calib_samples``: this row's --calib-samples (default: the script's --calib-samples);
+    ``generate``: also record greedy generations through vLLM (GENERATE_PROMPTS, 32 tokens)."""
     return {"name": name, "w_bits": w_bits, "a_bits": a_bits, "method": method, "group_size": group,
-            "avg_bits": avg_bits, "rotate": rotate, "extra": list(extra)}
+            "avg_bits": avg_bits, "rotate": rotate, "extra": list(extra), "calib_samples": calib_samples,
+            "generate": generate}
+
+
+GENERATE_PROMPTS = ("The capital of France is", "The largest planet in the solar system is", "Water boils at",
+                    "Once upon a time,")
+GENERATE_TOKENS = 32
 
 
 # In priority order: if time runs out, the first rows are the ones that exist.
@@ -65,6 +74,18 @@ ROWS = [
     _row("w2.5-avg-gptq-rot", 2, method="gptq", avg_bits=2.5, rotate=True),
     _row("w2.5-avg-gptq-rot-loss", 2, method="gptq", avg_bits=2.5, rotate=True,
          extra=("--sensitivity-measure", "loss")),
+    # --avg-bits 2.5 <= 2x bf16: the measured-loss allocation of w2.5-avg-gptq-rot-loss (its sensitivity cache,
+    # measured with 16 windows) with 128 calibration windows for the quantization itself, GPTQ fitted to
+    # the full-precision outputs (--fp-targets).
+    _row("w2.5-avg-gptq-rot-loss-c128-fpt", 2, method="gptq", avg_bits=2.5, rotate=True, calib_samples=128,
+         extra=("--sensitivity-measure", "loss", "--sensitivity-calib-samples", "16", "--fp-targets")),
+    _row("w2.5-avg-gptq-rot-loss-c128", 2, method="gptq", avg_bits=2.5, rotate=True, calib_samples=128,
+         extra=("--sensitivity-measure", "loss", "--sensitivity-calib-samples", "16")),
+    # W2A4 coherence: every layer at 2 bits (group 128: the smallest the format allows with quantized
+    # activations), the W4A4 row's Hadamard rotation and clip, 128 calibration windows; greedy
+    # generations recorded.
+    _row("w2a4-gptq-had-clip-c128", 2, 4, "gptq", rotate=True, extra=("--rotation", "hadamard", "--a-clip-ratio", "0.8"),
+         calib_samples=128, generate=True),
 ]
 
 
@@ -75,7 +96,8 @@ def convert_cmd(row: dict, calib: list[str]) -> list[str] | None:
            "--w-bits", str(row["w_bits"]), "--a-bits", str(row["a_bits"]), "--group-size", str(row["group_size"]),
            "--method", row["method"]]
     if row["method"].startswith("gptq"):
-        cmd += calib
+        cmd += calib if row.get("calib_samples") is None else \
+            ["--calib-samples", str(row["calib_samples"]), *calib[2:]]
     if row["avg_bits"] is not None:
         sens = ("sensitivity-rot" if row["rotate"] else "sensitivity") + \
             ("-loss.json" if "--sensitivity-measure" in row["extra"] else ".json")
@@ -88,6 +110,12 @@ def convert_cmd(row: dict, calib: list[str]) -> list[str] | None:
 def eval_cmd(row: dict, tasks: list[str]) -> list[str]:
     model = str(SRC.relative_to(REPO)) if row["w_bits"] is None else f".models/acc/{row['name']}"
     return ["python", "-m", "quant_tools.evaluate", model, "--tasks", *tasks]
+
+
+def generate_cmd(row: dict, json_out: Path) -> list[str]:
+    prompts = [a for p in GENERATE_PROMPTS for a in ("--prompt", p)]
+    return ["python", "-m", "quant_tools.generate", f".models/acc/{row['name']}", *prompts, "--max-tokens",
+            str(GENERATE_TOKENS), "--eager", "--json", str(json_out.relative_to(REPO))]
 
 
 def _stamped(row: dict, calib: list[str]) -> bool:
@@ -175,8 +203,13 @@ def main() -> int:
     if args.merge:
         for row in (r for r in ROWS if r["name"] in args.merge):
             ccmd, ecmd = convert_cmd(row, calib), eval_cmd(row, args.tasks)
+            gen_out = OUT_DIR / f"{row['name']}.generate.json"
+            gen = None
+            if row.get("generate") and gen_out.is_file():
+                gen = {"command": shlex.join(generate_cmd(row, gen_out)), "outputs": [
+                    {"prompt": g["prompt"], "text": g["text"]} for g in json.loads(gen_out.read_text())]}
             _record(row, ccmd, ecmd, OUT_DIR / f"{row['name']}.eval.json", args.tasks[0], {"rc": 0, "seconds": None},
-                    None)
+                    None, gen)
         return 0
     rows = [r for r in ROWS if (not args.only or r["name"] in args.only) and r["name"] not in done
             and r["name"] not in args.skip]
@@ -234,12 +267,22 @@ def main() -> int:
         if rc != 0:
             print(f"[fail] {row['name']}: evaluation rc={rc} (see {logs}/{row['name']}.eval.log)", flush=True)
             continue
-        res = _record(row, ccmd, ecmd, json_out, args.tasks[0], info, round(sec, 1))
+        gen = None
+        if row.get("generate"):
+            gen_out = OUT_DIR / f"{row['name']}.generate.json"
+            gcmd = generate_cmd(row, gen_out)
+            grc, _ = _run(gcmd, logs / f"{row['name']}.generate.log")
+            if grc == 0:
+                gen = {"command": shlex.join(gcmd), "outputs": [
+                    {"prompt": g["prompt"], "text": g["text"]} for g in json.loads(gen_out.read_text())]}
+            else:
+                print(f"[fail] {row['name']}: generation rc={grc} (see {logs}/{row['name']}.generate.log)", flush=True)
+        res = _record(row, ccmd, ecmd, json_out, args.tasks[0], info, round(sec, 1), gen)
         print(f"[done] {row['name']}: word_perplexity {res['word_perplexity']:.3f} ({sec:.0f} s)", flush=True)
     return 0
 
 
-def _record(row, ccmd, ecmd, json_out: Path, task: str, info: dict, eval_seconds) -> dict:
+def _record(row, ccmd, ecmd, json_out: Path, task: str, info: dict, eval_seconds, generations=None) -> dict:
     """Merge one finished row (its evaluation JSON and its checkpoint's config) into RESULTS."""
     entry = {k: row[k] for k in ("name", "w_bits", "a_bits", "group_size", "method", "avg_bits", "rotate")}
     if row["w_bits"] is None:
@@ -252,6 +295,8 @@ def _record(row, ccmd, ecmd, json_out: Path, task: str, info: dict, eval_seconds
     entry.update(word_perplexity=res["word_perplexity"], byte_perplexity=res.get("byte_perplexity"), task=task,
                  command=(shlex.join(ccmd) + " && " if ccmd else "") + shlex.join(ecmd),
                  convert_seconds=info["seconds"], eval_seconds=eval_seconds)
+    if generations is not None:
+        entry["generations"] = generations
     _save(entry)
     return res
 

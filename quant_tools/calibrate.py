@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -570,14 +571,62 @@ def measured_sensitivity(stream: LayerStream, spec: BipolarQuantSpec, method: st
     return units_out
 
 
-def allocate_bits(units: dict, avg_bits: float, bit_set: tuple[int, ...]) -> dict[str, int]:
+ALLOCATE_BY = ("unit", "type", "block")
+_LAYER_PREFIX = re.compile(r"^(?P<block>(?:.+\.)?layers\.\d+)\.(?P<rel>.+)$")
+
+
+def _component_match(pattern: str, name: str) -> bool:
+    """``pattern``'s dotted components appear contiguously in ``name`` (``down_proj``,
+    ``model.layers.0``, ``layers.3.mlp``), the matching rule of --skip."""
+    p, n = pattern.split("."), name.split(".")
+    return any(n[i:i + len(p)] == p for i in range(len(n) - len(p) + 1))
+
+
+def pool_units(units: dict, by: str) -> dict:
+    """The allocation's decision units: ``unit`` (each fused unit of each layer: q/k/v, o, gate/up,
+    down), ``type`` (all layers' units of one type share a width: params and losses summed over the
+    layers) or ``block`` (all units of one decoder layer share a width). Summing the per-layer loss
+    estimates of a type or a block averages out their measurement noise; a width then costs the
+    whole group's parameters."""
+    if by not in ALLOCATE_BY:
+        raise CalibrationError(f"--allocate-by {by!r}: expected one of {ALLOCATE_BY}")
+    if by == "unit":
+        return units
+    pooled: dict[str, dict] = {}
+    for name, u in units.items():
+        m = _LAYER_PREFIX.match(name)
+        key = name if m is None else (m.group("rel") if by == "type" else m.group("block"))
+        p = pooled.setdefault(key, {"modules": [], "params": 0, "module_params": [], "loss": {}})
+        p["modules"] += u["modules"]
+        p["module_params"] += u["module_params"]
+        p["params"] += u["params"]
+        for b, v in u["loss"].items():
+            p["loss"][b] = p["loss"].get(b, 0.0) + v
+    return pooled
+
+
+def allocate_bits(units: dict, avg_bits: float, bit_set: tuple[int, ...], min_bits: dict[str, int] | None = None,
+                  by: str = "unit") -> dict[str, int]:
     """Widths per module minimising the summed loss estimates with sum(params * bits) at most
     avg_bits * sum(params): a multiple-choice knapsack solved exactly by dynamic programming over
     the bit budget (in units of the gcd of the parameter counts, coarsened to at most 40,000
-    steps with sizes rounded up, which can only under-spend)."""
+    steps with sizes rounded up, which can only under-spend).
+
+    ``min_bits``: {NAME: B}, the modules matching NAME (dotted components) get at least B bits (the
+    widest floor of a unit's modules applies to the whole unit). ``by``: the decision units
+    (:func:`pool_units`)."""
+    units = pool_units(units, by)
     names = list(units)
     params = [units[n]["params"] for n in names]
     total = sum(params)
+    floors = []
+    for n in names:
+        f = max([b for pat, b in (min_bits or {}).items() for m in units[n]["modules"] if _component_match(pat, m)],
+                default=min(bit_set))
+        if f > max(bit_set):
+            raise CalibrationError(f"--min-bits: {units[n]['modules'][0]} must get {f} bits, more than the widest "
+                                   f"of --bit-set {list(bit_set)}")
+        floors.append(f)
     quantum = 0
     for p in params:
         quantum = math.gcd(quantum, p)
@@ -586,19 +635,23 @@ def allocate_bits(units: dict, avg_bits: float, bit_set: tuple[int, ...]) -> dic
         quantum = math.ceil(total * max(bit_set) / max_steps)
     sizes = [math.ceil(p / quantum) for p in params]
     budget = math.floor(avg_bits * total / quantum + 1e-9)
-    if sum(sizes) * min(bit_set) > budget:
+    least = sum(size * min(b for b in bit_set if b >= f) for size, f in zip(sizes, floors))
+    if least > budget:
+        if min_bits:
+            raise CalibrationError(f"--avg-bits {avg_bits}: the --min-bits floors alone need more bits than that "
+                                   f"(at least {least * quantum / total:.3f}); lower the floors or raise --avg-bits")
         raise CalibrationError(f"--avg-bits {avg_bits}: even {min(bit_set)} bits everywhere exceeds the budget; "
                                f"use --avg-bits >= {min(bit_set)}")
     inf = float("inf")
     best = torch.full((budget + 1,), inf, dtype=torch.float64)
     best[0] = 0.0
     choice = []
-    for n, size in zip(names, sizes):
+    for n, size, floor in zip(names, sizes, floors):
         new = torch.full_like(best, inf)
         pick = torch.full((budget + 1,), -1, dtype=torch.int8)
         for bi, bits in enumerate(bit_set):
             cost = size * bits
-            if cost > budget:
+            if cost > budget or bits < floor:
                 continue
             cand = torch.full_like(best, inf)
             cand[cost:] = best[:budget + 1 - cost] + units[n]["loss"][str(bits)]

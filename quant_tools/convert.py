@@ -60,6 +60,16 @@ def parse_layer_bits(items: list[str]) -> dict[str, int]:
     return out
 
 
+def parse_min_bits(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, sep, bits = item.rpartition("=")
+        if not sep or not name or not bits.strip().isdigit():
+            raise ConvertError(f"--min-bits {item!r}: expected NAME=BITS, e.g. down_proj=3 or model.layers.0=4")
+        out[name.strip()] = int(bits)
+    return out
+
+
 def linear_modules(ckpt: HFCheckpoint) -> list[str]:
     """Module names of the decoder linear layers, in checkpoint order; errors on unknown 2-D weights."""
     archs = ckpt.config.get("architectures") or []
@@ -119,6 +129,9 @@ class Calibration:
     fp_targets: bool = False  # --fp-targets
     sensitivity_measure: str = "fisher"  # --sensitivity-measure fisher|loss
     sensitivity_samples: int = 4  # windows of the measured loss (--sensitivity-measure loss)
+    sensitivity_calib_samples: int | None = None  # GPTQ windows of the --avg-bits measurement (None: samples)
+    allocate_by: str = "unit"  # --allocate-by unit|type|block
+    min_bits: dict[str, int] = dataclasses.field(default_factory=dict)  # --min-bits NAME=BITS
 
 
 def _check_calibration(spec: BipolarQuantSpec, method: str, cal: Calibration) -> None:
@@ -134,12 +147,20 @@ def _check_calibration(spec: BipolarQuantSpec, method: str, cal: Calibration) ->
         if any(not MIN_BITS <= b <= MAX_BITS for b in cal.bit_set) or len(set(cal.bit_set)) != len(cal.bit_set):
             raise ConvertError(f"--bit-set {list(cal.bit_set)}: expected distinct widths {MIN_BITS}..{MAX_BITS}, "
                                "e.g. --bit-set 2 3 4 8")
+        if any(not MIN_BITS <= b <= MAX_BITS for b in cal.min_bits.values()):
+            raise ConvertError(f"--min-bits {cal.min_bits}: widths must lie in {MIN_BITS}..{MAX_BITS}")
         allowed = [b for b in cal.bit_set if b >= spec.w_bits]
         if not allowed or not min(allowed) <= cal.avg_bits <= max(allowed):
             raise ConvertError(
                 f"--avg-bits {cal.avg_bits}: with --w-bits {spec.w_bits} (the lowest width) and --bit-set "
                 f"{list(cal.bit_set)} the average must lie in [{min(allowed, default=spec.w_bits)}, "
                 f"{max(allowed, default=spec.w_bits)}]; change --avg-bits, --w-bits or --bit-set")
+        if cal.sensitivity_calib_samples is not None and cal.sensitivity_calib_samples < 1:
+            raise ConvertError(f"--sensitivity-calib-samples {cal.sensitivity_calib_samples}: need at least 1 window")
+    elif cal.min_bits or cal.allocate_by != "unit" or cal.sensitivity_calib_samples is not None:
+        flag = ("--min-bits" if cal.min_bits else "--allocate-by" if cal.allocate_by != "unit"
+                else "--sensitivity-calib-samples")
+        raise ConvertError(f"{flag} shapes the --avg-bits allocation; add --avg-bits")
     if calibrated:
         try:
             CalibOptions(text=Path(cal.text), samples=cal.samples, seqlen=cal.seqlen, damp=cal.damp).check()
@@ -307,10 +328,14 @@ def _auto_bits(stream, spec, method, opts, ids, to_quantize, cal, src_path, log)
     # allocation uses the widths >= --w-bits.
     full_set = tuple(sorted(cal.bit_set))
     bit_set = tuple(b for b in full_set if b >= spec.w_bits)
+    if cal.sensitivity_calib_samples is not None and cal.sensitivity_calib_samples != cal.samples:
+        # the measurement's GPTQ runs on its own (usually fewer) windows, drawn like the GPTQ windows
+        opts = dataclasses.replace(opts, samples=cal.sensitivity_calib_samples)
+        ids = calibration_windows(src_path, opts)
     fisher_ids = ids[: max(1, min(len(ids), 16))]
     key = {"src": str(src_path), "method": method, "a_bits": spec.a_bits, "group_size": spec.group_size,
            "symmetric": spec.symmetric, "bit_set": list(full_set), "calib": str(Path(cal.text).absolute()),
-           "samples": cal.samples, "seqlen": cal.seqlen, "seed": cal.seed, "damp": cal.damp,
+           "samples": opts.samples, "seqlen": cal.seqlen, "seed": cal.seed, "damp": cal.damp,
            "act_order": cal.act_order, "rotate": cal.rotate, "skip": sorted(spec.modules_to_not_convert)}
     if cal.rotate and cal.rotation != "orthogonal":
         key["rotation"] = cal.rotation
@@ -331,7 +356,7 @@ def _auto_bits(stream, spec, method, opts, ids, to_quantize, cal, src_path, log)
         units = load_or_profile(cal.sensitivity, key, lambda: sensitivity_profile(
             stream, spec, method, opts, ids, fisher_ids, to_quantize, full_set, dtype, log))
     try:
-        layer_bits = allocate_bits(units, cal.avg_bits, bit_set)
+        layer_bits = allocate_bits(units, cal.avg_bits, bit_set, min_bits=cal.min_bits, by=cal.allocate_by)
     except ValueError as e:
         raise ConvertError(str(e)) from e
     params = {m: p for u in units.values() for m, p in zip(u["modules"], u["module_params"])}
@@ -401,6 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
                           "the model in memory) (default fisher)")
     cal.add_argument("--sensitivity-samples", type=int, default=4, metavar="N",
                      help="windows of --sensitivity-measure loss (default 4)")
+    cal.add_argument("--sensitivity-calib-samples", type=int, default=None, metavar="N",
+                     help="calibration windows of the GPTQ runs inside the --avg-bits measurement (drawn like "
+                          "--calib-samples' windows, same seed); the final quantization still uses --calib-samples. "
+                          "Lets a costly measurement made with few windows (its --sensitivity cache) serve a "
+                          "conversion calibrated on more (default: --calib-samples)")
+    cal.add_argument("--allocate-by", choices=("unit", "type", "block"), default="unit",
+                     help="--avg-bits' decision units: unit (each layer's q/k/v, o, gate/up and down choose their "
+                          "own width), type (one width per unit type for all layers, e.g. every down_proj; the "
+                          "per-layer loss estimates are summed, which averages out their noise) or block (one width "
+                          "per decoder layer) (default unit)")
+    cal.add_argument("--min-bits", nargs="+", default=[], metavar="NAME=BITS",
+                     help="--avg-bits floors: modules matching NAME (whole dotted components, e.g. down_proj, "
+                          "model.layers.0) get at least BITS (the widest floor of a fused unit applies to all of "
+                          "it); the rest of the budget is allocated as usual")
     cal.add_argument("--sensitivity", default=None, metavar="FILE",
                      help="cache of the --avg-bits sensitivity measurement: reused when made with the same "
                           "settings, else measured and written")
@@ -459,7 +498,9 @@ def main(argv: list[str] | None = None) -> int:
                                   rotation=args.rotation or "orthogonal", a_clip_ratio=args.a_clip_ratio,
                                   refit=args.refit_scales, fp_targets=args.fp_targets,
                                   sensitivity_measure=args.sensitivity_measure,
-                                  sensitivity_samples=args.sensitivity_samples)
+                                  sensitivity_samples=args.sensitivity_samples,
+                                  sensitivity_calib_samples=args.sensitivity_calib_samples,
+                                  allocate_by=args.allocate_by, min_bits=parse_min_bits(args.min_bits))
         summary = convert(args.src, args.dst, spec, method=args.method, overwrite=args.overwrite,
                           max_shard_bytes=args.max_shard_size, progress=not args.no_progress,
                           calibration=calibration)

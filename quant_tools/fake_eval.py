@@ -5,12 +5,14 @@ the plugin's pure-torch backend runs. For exploring quantization settings on a s
 the published numbers come from lm-eval through vLLM (``quant_tools.evaluate``).
 
     python -m quant_tools.fake_eval MODEL [--text FILE] [--articles 2] [--calib] [--a-clip-ratio R ...]
+        [--mix NAME=CKPT ...]
 
 Word perplexity as the ``wikitext2_local*`` tasks compute it: lm-eval's rolling windows
 (``max_length - 2`` tokens, one token of context) over each evaluation article, the
 log-likelihoods summed and divided by the article's WikiText word count. ``--calib`` scores
 windows of the calibration part instead (for searches that must not look at the evaluation text).
 ``--a-clip-ratio`` overrides the checkpoint's clip ratio (several values: one evaluation each).
+``--mix`` takes some layers from other checkpoints of the same rotation (screening an allocation).
 """
 
 from __future__ import annotations
@@ -27,15 +29,44 @@ from vllm_bipolar.format import BipolarQuantSpec, dequantize_packed
 from vllm_bipolar.format.spec import A16
 from vllm_bipolar.format.transforms import hadamard_block
 
-from .calibrate import runtime_input
+from .calibrate import _component_match, runtime_input
 from .lm_eval_tasks.wikitext_local import calibration_text, detokenize, evaluation_articles
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
 
-def load_model(path: str | Path):
-    """(HF model in float32 with dequantized weights, spec or None, tokenizer)."""
+def mix_sources(path: str | Path, mix: list[tuple[str, str]]) -> dict[str, Path]:
+    """Module name -> the checkpoint its weights come from: ``path`` unless a (NAME, CKPT) entry of
+    ``mix`` matches the module (whole dotted components; later entries win)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    n_layers = cfg["num_hidden_layers"]
+    out = {}
+    for i in range(n_layers):
+        for rel in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            name = f"model.layers.{i}.{rel}"
+            out[name] = Path(path)
+            for pat, src in mix:
+                if _component_match(pat, name):
+                    out[name] = Path(src)
+    return out
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
+
+    tensors = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for name in sf.keys():  # noqa: SIM118 - safe_open has no __iter__
+                tensors[name] = sf.get_tensor(name)
+    return tensors
+
+
+def load_model(path: str | Path, mix: list[tuple[str, str]] | None = None):
+    """(HF model in float32 with dequantized weights, spec or None, tokenizer). ``mix``: (NAME, CKPT)
+    pairs, the decoder linears matching NAME dequantized from CKPT instead (a checkpoint made with the
+    same rotation and seed), to screen a mixed-precision allocation without converting it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -47,18 +78,20 @@ def load_model(path: str | Path):
         del cfg.quantization_config
     cfg._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
-    tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
-            for name in sf.keys():  # noqa: SIM118 - safe_open has no __iter__
-                tensors[name] = sf.get_tensor(name)
+    tensors = _read_tensors(path)
+    sources = mix_sources(path, mix) if mix else {}
+    others: dict[Path, tuple[dict, BipolarQuantSpec]] = {}
+    for src in set(sources.values()) - {path}:
+        other_qc = json.loads((src / "config.json").read_text())["quantization_config"]
+        others[src] = (_read_tensors(src), BipolarQuantSpec.from_dict(other_qc))
     state = {}
     for name, t in tensors.items():
         if name.endswith(".qweight"):
             module = name[: -len(".qweight")]
             mod = model.get_submodule(module)
-            w = dequantize_packed(t, tensors[f"{module}.scales"], tensors.get(f"{module}.zeros"),
-                                  mod.in_features, spec.group_size)
+            src_t, src_spec = others.get(sources.get(module, path), (tensors, spec))
+            w = dequantize_packed(src_t[f"{module}.qweight"], src_t[f"{module}.scales"], src_t.get(f"{module}.zeros"),
+                                  mod.in_features, src_spec.group_size)
             state[f"{module}.weight"] = w
         elif not name.endswith((".scales", ".zeros")):
             state[name] = t.to(torch.float32)
@@ -129,20 +162,33 @@ def word_perplexity(model, tok, text: str, articles: int = 2, calib: bool = Fals
     return math.exp(-ll / words)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m quant_tools.fake_eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("--text", default=str(DEFAULT_TEXT))
     ap.add_argument("--articles", type=int, default=2)
     ap.add_argument("--calib", action="store_true", help="score the calibration part (token perplexity)")
     ap.add_argument("--a-clip-ratio", type=float, nargs="+", default=[None])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--mix", nargs="+", default=[], metavar="NAME=CKPT",
+                    help="take the decoder linears matching NAME (whole dotted components, e.g. down_proj, "
+                         "model.layers.0) from the bipolar checkpoint CKPT, converted with the same rotation and "
+                         "seed (later entries win): screens a mixed-precision allocation without converting it")
     ap.add_argument("--act-only", nargs="+", default=None, metavar="NAME",
                     help="quantize activations only at modules whose name contains one of these (diagnosis)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, spec, tok = load_model(args.model)
+    mix = [tuple(m.split("=", 1)) for m in args.mix]
+    if any(len(m) != 2 for m in mix):
+        ap.error("--mix: expected NAME=CKPT")
+    model, spec, tok = load_model(args.model, mix)
     text = Path(args.text).read_text(encoding="utf-8", errors="replace")
     for r in args.a_clip_ratio:
         handles = install_runtime_hooks(model, spec, r, tuple(args.act_only) if args.act_only else None)
@@ -150,7 +196,7 @@ def main(argv=None) -> int:
         for h in handles:
             h.remove()
         print(json.dumps({"model": args.model, "a_clip_ratio": r, "calib": args.calib, "act_only": args.act_only,
-                          "ppl": ppl}), flush=True)
+                          "mix": args.mix, "ppl": ppl}), flush=True)
     return 0
 
 

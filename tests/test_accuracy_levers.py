@@ -4,6 +4,7 @@ fake-quantized evaluator quant_tools.fake_eval. Each is checked against an indep
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
@@ -477,3 +478,160 @@ def test_convert_avg_bits_with_measured_loss_meets_the_average(tiny_tok, tmp_pat
     for u in saved["units"].values():
         losses = [u["loss"][str(b)] for b in (2, 3, 4, 8)]
         assert losses == sorted(losses, reverse=True) and min(losses) > 0
+
+
+# ---- --allocate-by, --min-bits (the --avg-bits allocation) -----------------------------------------------
+
+def _toy_units(n_layers=4, seed=0):
+    """A sensitivity profile of SmolLM2's unit shapes (scaled down) with random losses ~ 4^-bits."""
+    from quant_tools.calibrate import UNITS
+
+    g = torch.Generator().manual_seed(seed)
+    sizes = {"qkv": 5, "o": 3, "gate_up": 16, "down": 8}
+    units = {}
+    for i in range(n_layers):
+        for unit, members in UNITS:
+            mods = [f"model.layers.{i}.{rel}" for rel in members]
+            per = [sizes[unit] * 100 // len(members)] * len(members)
+            base = float(torch.rand(1, generator=g)) * 10 + 0.1
+            units[mods[0]] = {"modules": mods, "params": sum(per), "module_params": per,
+                              "loss": {str(b): base * 4.0 ** -b for b in (2, 3, 4, 8)}}
+    return units
+
+
+def _params(units):
+    return {m: p for u in units.values() for m, p in zip(u["modules"], u["module_params"])}
+
+
+@pytest.mark.parametrize("by", ["type", "block"])
+@pytest.mark.parametrize("avg", [2.25, 2.5, 3.0])
+def test_allocate_by_pools_units_and_is_optimal(by, avg):
+    """One width per unit type (every layer's down_proj alike, ...) or per decoder layer; the choice
+    meets the average and has the least summed loss among all such per-group choices (brute force)."""
+    import re as _re
+
+    from quant_tools.calibrate import allocate_bits, average_bits
+
+    units = _toy_units()
+    bits = allocate_bits(units, avg, (2, 3, 4, 8), by=by)
+    params = _params(units)
+    assert set(bits) == set(params) and average_bits(bits, params) <= avg + 1e-9
+
+    def group(m):
+        i, rel = _re.match(r"model\.layers\.(\d+)\.(.+)$", m).groups()
+        return {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+                "mlp.up_proj": "mlp.gate_proj"}.get(rel, rel) if by == "type" else i
+
+    groups = sorted({group(m) for m in params})
+    for m, b in bits.items():  # one width per group
+        assert {bits[n] for n in params if group(n) == group(m)} == {b}
+    total = sum(params.values())
+
+    def loss_of(choice):
+        return sum(u["loss"][str(choice[group(u["modules"][0])])] for u in units.values())
+
+    best = min(loss_of(dict(zip(groups, combo))) for combo in itertools.product((2, 3, 4, 8), repeat=len(groups))
+               if sum(p * dict(zip(groups, combo))[group(m)] for m, p in params.items()) <= avg * total)
+    assert loss_of({group(m): b for m, b in bits.items()}) == pytest.approx(best)
+
+
+@pytest.mark.parametrize("by", ["unit", "type"])
+def test_min_bits_floors_are_honoured(by):
+    from quant_tools.calibrate import allocate_bits, average_bits
+
+    units = _toy_units()
+    for u in units.values():  # without floors down_proj is the cheapest to narrow
+        if u["modules"][0].endswith("down_proj"):
+            u["loss"] = {b: v * 1e-3 for b, v in u["loss"].items()}
+    free = allocate_bits(units, 2.75, (2, 3, 4, 8), by=by)
+    assert any(b < 3 for m, b in free.items() if m.endswith("down_proj"))
+    # a block floor lifts a whole type when types share widths: only down_proj's floor there
+    floors = {"down_proj": 3, "model.layers.0": 4} if by == "unit" else {"down_proj": 3}
+    bits = allocate_bits(units, 2.75, (2, 3, 4, 8), min_bits=floors, by=by)
+    assert average_bits(bits, _params(units)) <= 2.75 + 1e-9
+    assert all(b >= 3 for m, b in bits.items() if m.endswith("down_proj"))
+    if by == "unit":
+        assert all(b >= 4 for m, b in bits.items() if m.startswith("model.layers.0."))
+    with pytest.raises(ValueError, match="--min-bits floors alone"):
+        allocate_bits(units, 2.5, (2, 3, 4, 8), min_bits={"mlp": 4}, by=by)
+
+
+def test_convert_allocate_by_and_min_bits_flags(tiny_tok, tmp_path, capsys):
+    from quant_tools.convert import build_parser
+
+    help_text = re.sub(r"-\s+", "-", " ".join(build_parser().format_help().split()))  # textwrap splits at hyphens
+    assert "--allocate-by {unit,type,block}" in help_text and "one width per unit type" in help_text
+    assert "--min-bits NAME=BITS" in help_text and "get at least BITS" in help_text
+    src, calib = tiny_tok
+    dst, sens = tmp_path / "out", tmp_path / "sens.json"
+    common = [str(src), "--w-bits", "2", "--method", "gptq", "--calib", str(calib), "--calib-samples", "4",
+              "--calib-seqlen", "32", "--sensitivity", str(sens), "--no-progress"]
+    assert convert_main([common[0], str(dst), *common[1:], "--avg-bits", "3", "--allocate-by", "type",
+                         "--min-bits", "down_proj=4"]) == 0
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["avg_bits"] <= 3.0 + 1e-9
+    layer_bits = qc["layer_bits"]
+    n_layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    for i in range(n_layers):
+        assert layer_bits[f"model.layers.{i}.mlp.down_proj"] >= 4
+    for rel in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj"):  # one width per type
+        assert len({layer_bits.get(f"model.layers.{i}.{rel}", 2) for i in range(n_layers)}) == 1
+    assert convert_main([common[0], str(tmp_path / "b"), *common[1:], "--min-bits", "down_proj=4"]) == 2
+    assert "--min-bits shapes the --avg-bits allocation" in capsys.readouterr().err
+    assert convert_main([common[0], str(tmp_path / "c"), *common[1:], "--avg-bits", "3", "--min-bits",
+                         "down_proj"]) == 2
+    assert "expected NAME=BITS" in capsys.readouterr().err
+
+
+def test_sensitivity_calib_samples_decouples_the_measurement_windows(tiny_tok, tmp_path, monkeypatch, capsys):
+    """The --avg-bits measurement's GPTQ runs on --sensitivity-calib-samples windows (recorded in the
+    cache key), so a profile measured once serves a conversion calibrated on more windows."""
+    import quant_tools.calibrate as cal
+    from quant_tools.convert import build_parser
+
+    help_text = re.sub(r"-\s+", "-", " ".join(build_parser().format_help().split()))  # textwrap splits at hyphens
+    assert "--sensitivity-calib-samples N" in help_text and "the final quantization still uses --calib-samples" in help_text
+    src, calib = tiny_tok
+    sens = tmp_path / "sens.json"
+    seen = []
+    real = cal.sensitivity_profile
+
+    def spy(stream, spec, method, opts, ids, *args, **kwargs):
+        seen.append((opts.samples, ids.shape[0]))
+        return real(stream, spec, method, opts, ids, *args, **kwargs)
+
+    monkeypatch.setattr(cal, "sensitivity_profile", spy)
+    common = ["--w-bits", "2", "--method", "gptq", "--calib", str(calib), "--calib-seqlen", "32", "--avg-bits", "3",
+              "--sensitivity", str(sens), "--sensitivity-calib-samples", "2", "--no-progress"]
+    assert convert_main([str(src), str(tmp_path / "a"), "--calib-samples", "4", *common]) == 0
+    assert seen == [(2, 2)] and json.loads(sens.read_text())["key"]["samples"] == 2
+    first = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert convert_main([str(src), str(tmp_path / "b"), "--calib-samples", "6", *common]) == 0
+    assert seen == [(2, 2)]  # the cache was reused: no second measurement
+    second = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]
+    assert second["layer_bits"] == first["layer_bits"] and second["avg_bits"] <= 3.0 + 1e-9
+    assert convert_main([str(src), str(tmp_path / "c"), "--calib-samples", "4", "--w-bits", "2", "--method", "gptq",
+                         "--calib", str(calib), "--sensitivity-calib-samples", "2", "--no-progress"]) == 2
+    assert "--sensitivity-calib-samples shapes the --avg-bits allocation" in capsys.readouterr().err
+
+
+def test_fake_eval_mix_takes_matching_layers_from_the_other_checkpoint(tiny_tok, tmp_path):
+    """fake_eval --mix NAME=CKPT: the decoder linears matching NAME (whole dotted components) are
+    dequantized from CKPT, every other weight from the model itself."""
+    from quant_tools.fake_eval import build_parser as fe_parser
+    from quant_tools.fake_eval import load_model
+
+    assert "--mix NAME=CKPT" in " ".join(fe_parser().format_help().split())
+    src, _ = tiny_tok
+    a, b = tmp_path / "w2", tmp_path / "w4"
+    for dst, bits in ((a, "2"), (b, "4")):
+        assert convert_main([str(src), str(dst), "--w-bits", bits, "--no-progress"]) == 0
+    m2, _, _ = load_model(a)
+    m4, _, _ = load_model(b)
+    mixed, _, _ = load_model(a, [("down_proj", str(b)), ("model.layers.1.self_attn", str(b))])
+    sd2, sd4, sdm = m2.state_dict(), m4.state_dict(), mixed.state_dict()
+    for name, t in sdm.items():
+        from_b = name.endswith("down_proj.weight") or name.startswith("model.layers.1.self_attn.")
+        want = sd4[name] if from_b and name.endswith("_proj.weight") else sd2[name]
+        assert torch.equal(t, want), name
+    assert not torch.equal(sd2["model.layers.0.mlp.down_proj.weight"], sd4["model.layers.0.mlp.down_proj.weight"])

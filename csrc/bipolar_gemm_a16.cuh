@@ -655,21 +655,19 @@ struct DecodeConfig {
   static constexpr int NT = kBlockN * NB_;
   static constexpr int kThreads = kWarpSize * WARPS_;
   // layout blocks per warp and chunk (two chunks in registers: one decoded while the next loads):
-  // what limits this kernel is HBM latency, not instructions. A K = 4096 layer gives a warp only 4-8
-  // blocks, and with 2-bit weights two chunks of one block each had ~24 KB per SM in flight (H100,
-  // 11008 x 4096: 10.6 us, 1.2 TB/s). So a chunk is 8 words per lane and block row (8 / bits blocks),
-  // at most 4 blocks (each brings its (s, z) words too); 4 words and at most 2 blocks for 16 tokens,
-  // whose B fragments and accumulators take twice the registers.
-  static constexpr int kDWords = MT_ == 16 ? 4 : 8;
-  static constexpr int kDMax = MT_ == 16 ? 2 : 4;
-  static constexpr int D = BITS >= kDWords ? 1 : (kDWords / BITS > kDMax ? kDMax : kDWords / BITS);
+  // one, two for 1-bit weights. Measured on an H100 (benchmarks/results/kernels_decode_h100.json):
+  // chunks of 8 words per lane and block row (4 blocks at 2 bits), with the 16 warps per SM their
+  // registers allow, were slower at 2-4 bits than these with 24 warps (11008 x 4096 W4, M = 1: 15.4
+  // against 12.5 us): more warps beat deeper chunks.
+  static constexpr int D = BITS == 1 ? 2 : 1;
   // partial tiles of the final sum, [WARPS][MT][NT + 4]: the + 4 spreads the 4 lanes that share an
   // output row (t = 0..3, tokens 2 t, 2 t + 1) over different banks
   static constexpr int kRedStride = NT + 4;
   static constexpr int kSmemBytes = WARPS_ * MT_ * kRedStride * 4;
-  // 16 warps per SM (<= 128 registers a thread: two chunks are 32 of them): 64 KB of weights in flight
-  // per SM. launch_decode_tile sizes the CTAs by this.
-  static constexpr int kThreadsPerSm = 512;
+  // 24 warps per SM (<= 80 registers a thread): the loads in flight are what keeps HBM busy. 16
+  // tokens (twice the B fragments and accumulators) and 5-8 bit weights (their two chunks alone are
+  // 4 BITS registers) need more registers: 16 warps. launch_decode_tile sizes the CTAs by this.
+  static constexpr int kThreadsPerSm = (MT_ == 16 || BITS >= 5) ? 512 : 768;
   static constexpr int kMinBlocks = kThreadsPerSm / kThreads > 0 ? kThreadsPerSm / kThreads : 1;
   static_assert(MT_ == 8 || MT_ == 16, "decode tiles are 8 or 16 tokens");
   static_assert(kSmemBytes <= 48 * 1024, "no opt-in needed");
@@ -1000,11 +998,14 @@ void launch_decode(const Problem& p, cudaStream_t stream) {
 }
 
 // Decode CTA: 32 output columns (two 16-row layout blocks: each A fragment serves 4 mma), WARPS warps
-// along K. An SM holds 16 warps of this kernel (512 threads of <= 128 registers); the CTA size is the
-// largest of 16, 8, 4, 2 warps with which all Np / 32 CTAs are resident at once (one wave: a second,
-// partial wave would run its CTAs' latency chains after the first ones', at low occupancy): N = 4096
-// 16 warps, 11008 / 14336 4, 22016 2 on an H100 (132 SMs). BIPOLAR_A16_DECODE_WARPS=2|4|8|16 overrides
-// the choice, for tuning.
+// along K. An SM holds DecodeConfig::kThreadsPerSm / 32 warps of this kernel (24 or 16); the CTA size is
+// the largest of 16, 8, 4, 2 warps with which all Np / 32 CTAs are resident at once (one wave: a second,
+// partial wave runs its CTAs' latency chains after the first ones', at low occupancy), counting the x
+// rows in shared memory. On an H100 (132 SMs) at M = 1 and 2 bits: N = 4096 16 warps, 11008 8, 22016 4.
+// Measured at M = 1 (11008 x 4096, 4096 x 4096, 22016 x 4096 W2 with 2 / 4 / 8 / 16 warps and 16 warps
+// per SM, benchmarks/results/kernels_decode_warps*_h100.json): the time follows the warps resident,
+// 15.9 / 11.4 / 12.5 (1.3 waves) / 14.3 us (2 waves) at 11008. BIPOLAR_A16_DECODE_WARPS=2|4|8|16
+// overrides the choice, for tuning.
 inline int decode_warps_override() {
   static const int v = [] {
     const char* e = std::getenv("BIPOLAR_A16_DECODE_WARPS");
@@ -1016,7 +1017,6 @@ inline int decode_warps_override() {
   return v;
 }
 
-constexpr int kDecodeWarpsPerSm = 16;
 constexpr int kSmemPerSm = 228 * 1024;  // H100 / A100 (less on Ada: then fewer CTAs per SM, still correct)
 
 template <typename T, int BITS, int MT>
@@ -1030,7 +1030,7 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
     for (int w = 16; w >= 2 && warps == 0; w /= 2) {
       const int red_bytes = w * C16::MT * C16::kRedStride * 4;
       const int smem = (x_bytes <= kDecodeXSmemMax && x_bytes > red_bytes ? x_bytes : red_bytes) + 1024;
-      const int per_sm = std::min(kDecodeWarpsPerSm / w, kSmemPerSm / smem);
+      const int per_sm = std::min(C16::kThreadsPerSm / kWarpSize / w, kSmemPerSm / smem);
       if (ctas <= int64_t(p.sms) * per_sm) warps = w;  // the largest CTA with one wave
       if (per_sm * w > best_resident) best = w, best_resident = per_sm * w;
     }

@@ -81,6 +81,8 @@ ROWS = [
          extra=("--sensitivity-measure", "loss", "--sensitivity-calib-samples", "16", "--fp-targets")),
     _row("w2.5-avg-gptq-rot-loss-c128", 2, method="gptq", avg_bits=2.5, rotate=True, calib_samples=128,
          extra=("--sensitivity-measure", "loss", "--sensitivity-calib-samples", "16")),
+    _row("w2.5-avg-gptq-rot-loss-c256", 2, method="gptq", avg_bits=2.5, rotate=True, calib_samples=256,
+         extra=("--sensitivity-measure", "loss", "--sensitivity-calib-samples", "16")),
     # W2A4 coherence: every layer at 2 bits (group 128: the smallest the format allows with quantized
     # activations), the W4A4 row's Hadamard rotation and clip, 128 calibration windows; greedy
     # generations recorded.

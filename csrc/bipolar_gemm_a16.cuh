@@ -1003,7 +1003,7 @@ void launch_decode(const Problem& p, cudaStream_t stream) {
 // partial wave runs its CTAs' latency chains after the first ones', at low occupancy), counting the x
 // rows in shared memory. On an H100 (132 SMs) at M = 1 and 2 bits: N = 4096 16 warps, 11008 8, 22016 4.
 // Measured at M = 1 (11008 x 4096, 4096 x 4096, 22016 x 4096 W2 with 2 / 4 / 8 / 16 warps and 16 warps
-// per SM, benchmarks/results/kernels_decode_warps*_h100.json): the time follows the warps resident,
+// per SM, benchmarks/results/kernels_decode_warps_sweep_h100.txt): the time follows the warps resident,
 // 15.9 / 11.4 / 12.5 (1.3 waves) / 14.3 us (2 waves) at 11008. BIPOLAR_A16_DECODE_WARPS=2|4|8|16
 // overrides the choice, for tuning.
 inline int decode_warps_override() {

@@ -24,8 +24,10 @@ is profiled (torch.profiler with CUDA + CPU activities, started and stopped insi
 through collective_rpc): per-kernel GPU time of ``--profile-steps`` decode steps, i.e. a generate of 1 + steps tokens minus
 a generate of 1 token on the same prompt, grouped into categories; written to
 benchmarks/results/e2e_profile_<gpu>.json.
-Methods: fp16, fp8 (vLLM's dynamic W8A8 on the fp16 model), gptq (GPTQ-Marlin W4 g128 from real
-random tensors), and WxAy for bipolar (x in 1..8, y in 1..8 or 16).
+Methods: fp16, fp8 (vLLM's dynamic W8A8 on the fp16 model), gptq (GPTQ W4 g128 from real random
+tensors, quantization="gptq_marlin": vLLM picks the kernel, Machete on an H100), gptq-marlin (the same
+checkpoint with linear_backend="marlin": the Marlin kernel), and WxAy for bipolar (x in 1..8, y in 1..8
+or 16).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-DEFAULT_METHODS = ["fp16", "fp8", "gptq", "W8A16", "W4A16", "W3A16", "W2A16", "W1A16", "W4A8", "W2A8", "W2A4",
+DEFAULT_METHODS = ["fp16", "fp8", "gptq", "gptq-marlin", "W8A16", "W4A16", "W3A16", "W2A16", "W1A16", "W4A8", "W2A8", "W2A4",
                    "W2A2"]
 GROUP_SIZE = 128  # make_shapes.py's default for bipolar and GPTQ
 GIB = 1024 ** 3
@@ -57,9 +59,9 @@ def bits_of(method: str) -> tuple[int, int]:
     m = re.fullmatch(r"W(\d)A(\d+)", method)
     if m:
         return int(m.group(1)), int(m.group(2))
-    if method not in ("fp16", "fp8", "gptq"):
-        raise SystemExit(f"unknown method {method!r}: fp16, fp8, gptq or WxAy (bipolar)")
-    return {"fp16": (16, 16), "fp8": (8, 8), "gptq": (4, 16)}[method]
+    if method not in ("fp16", "fp8", "gptq", "gptq-marlin"):
+        raise SystemExit(f"unknown method {method!r}: fp16, fp8, gptq, gptq-marlin or WxAy (bipolar)")
+    return {"fp16": (16, 16), "fp8": (8, 8), "gptq": (4, 16), "gptq-marlin": (4, 16)}[method]
 
 
 def prepare(method: str, shape: str, work: Path) -> tuple[Path, dict]:
@@ -70,7 +72,7 @@ def prepare(method: str, shape: str, work: Path) -> tuple[Path, dict]:
         path = work / f"{shape}-fp16"
         make([str(path), "--shape", shape, "--method", "fp16"])
         return path, {"load_format": "dummy", **({"quantization": "fp8"} if method == "fp8" else {})}
-    if method == "gptq":
+    if method in ("gptq", "gptq-marlin"):
         path = work / f"{shape}-gptq"
         if not (path / "model.safetensors.index.json").exists():
             # In a process of its own: writing ~4 GB of random GPTQ tensors runs torch's CPU thread
@@ -81,7 +83,8 @@ def prepare(method: str, shape: str, work: Path) -> tuple[Path, dict]:
             # likely cause, so the fork now happens from a process that never ran those pools.
             subprocess.run([sys.executable, str(Path(__file__).with_name("make_shapes.py")), str(path),
                             "--shape", shape, "--method", "gptq"], check=True)
-        return path, {"quantization": "gptq_marlin"}
+        marlin = {"linear_backend": "marlin"} if method == "gptq-marlin" else {}
+        return path, {"quantization": "gptq_marlin", **marlin}
     w_bits, a_bits = bits_of(method)
     path = work / f"{shape}-bipolar-w{w_bits}a{a_bits}"
     make([str(path), "--shape", shape, "--method", "bipolar", "--w-bits", str(w_bits), "--a-bits", str(a_bits)])

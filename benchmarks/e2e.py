@@ -335,19 +335,27 @@ def run_one(args) -> int:
     def params(max_tokens):
         return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
 
-    def timed(ps, max_tokens):
+    def timed(b, length, max_tokens, tokens_of):
+        """Median tokens/s of --repeats generates of b fresh prompts (after a warm-up of the same shape): one
+        generate at batch 1 is ~1 s, and host time between decode steps varies by 10% from run to run."""
         sp = params(max_tokens)
-        llm.generate(prompts(1, len(ps[0]["prompt_token_ids"])), sp, use_tqdm=False)  # warm-up, a prompt of its own
-        t = time.perf_counter()
-        outs = llm.generate(ps, sp, use_tqdm=False)
-        return time.perf_counter() - t, sum(len(o.outputs[0].token_ids) for o in outs)
+        llm.generate(prompts(1, length), sp, use_tqdm=False)  # warm-up, a prompt of its own
+        rates, times = [], []
+        for _ in range(max(1, args.repeats)):
+            ps = prompts(b, length)
+            t = time.perf_counter()
+            outs = llm.generate(ps, sp, use_tqdm=False)
+            dt = time.perf_counter() - t
+            rates.append(tokens_of(outs) / dt)
+            times.append(round(dt, 3))
+        return {"tokens_per_s": statistics.median(rates), "tokens_per_s_runs": [round(r, 2) for r in rates],
+                "seconds": times}
 
     for b in args.batches:
-        dt, n = timed(prompts(b, args.prompt), args.gen)
-        emit("ROW", {"phase": "decode", "batch": b, "tokens_per_s": n / dt, "seconds": round(dt, 3)})
+        got = timed(b, args.prompt, args.gen, lambda outs: sum(len(o.outputs[0].token_ids) for o in outs))
+        emit("ROW", {"phase": "decode", "batch": b, **got})
     length, b = args.prefill
-    dt, _ = timed(prompts(b, length), 1)
-    emit("ROW", {"phase": "prefill", "batch": b, "tokens_per_s": b * length / dt, "seconds": round(dt, 3)})
+    emit("ROW", {"phase": "prefill", "batch": b, **timed(b, length, 1, lambda outs: b * length)})
 
     if args.do_profile:
         try:
@@ -539,7 +547,7 @@ def run_method(args, method: str, timeout: float | None, log_path: Path) -> tupl
              "--work", args.work,
              "--prompt", str(args.prompt), "--gen", str(args.gen), "--prefill", *map(str, args.prefill),
              "--batches", *map(str, args.batches), "--capture-sizes", *map(str, args.capture_sizes),
-             "--profile-steps", str(args.profile_steps)]
+             "--profile-steps", str(args.profile_steps), "--repeats", str(args.repeats)]
     child += (["--eager"] if args.eager else []) + (["--no-compile"] if args.no_compile else [])
     # apply_model(param_bytes) into the engine's process: pickled by reference to this module
     path = os.pathsep.join([str(ROOT / "benchmarks")] + [p for p in [os.environ.get("PYTHONPATH")] if p])
@@ -593,6 +601,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens of the decode runs")
     ap.add_argument("--gen", type=int, default=256, help="generated tokens of the decode runs")
     ap.add_argument("--prefill", nargs=2, type=int, default=[2048, 16], metavar=("LEN", "BATCH"))
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed generates per (phase, batch); rows give the median tokens/s and every run's")
     ap.add_argument("--capture-sizes", nargs="+", type=int, default=None,
                     help="CUDA graph batch sizes to capture (compilation_config cudagraph_capture_sizes); "
                          "default: the --batches sizes")

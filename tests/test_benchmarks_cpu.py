@@ -124,7 +124,7 @@ def test_e2e_tiny_run(tmp_path):
     out = tmp_path / "e2e_cpu.json"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     cmd = [sys.executable, str(REPO / "benchmarks" / "e2e.py"), "--shape", "tiny", "--methods", "W4A16",
-           "--batches", "1", "--gen", "4", "--prompt", "8", "--prefill", "16", "1", "--eager",
+           "--batches", "1", "--gen", "4", "--prompt", "8", "--prefill", "16", "1", "--eager", "--repeats", "2",
            "--profile", "W4A16", "--profile-steps", "2", "--work", str(tmp_path / "work"), "--out", str(out)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -133,6 +133,8 @@ def test_e2e_tiny_run(tmp_path):
     for r in rows:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
         assert r["tokens_per_s"] > 0 and r["engine_start_s"] > 0
+        runs = r["tokens_per_s_runs"]  # --repeats 2: the row is their median
+        assert len(runs) == 2 and len(r["seconds"]) == 2 and r["tokens_per_s"] == pytest.approx(sum(runs) / 2, rel=1e-3)
         assert "kernel backend 'torch'" in r["kernel_log"]
         # vLLM's CPU runner logs no weight memory: the parameter bytes stand in, and match the shape
         assert r["weight_from"] == "params" and abs(r["weight_ratio"] - 1) <= 0.10

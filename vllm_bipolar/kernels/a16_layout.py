@@ -12,8 +12,9 @@ m16n8k16 B fragments, so :func:`repack` rearranges them once, in ``process_weigh
     bits ``[w*j, w*j+w)`` (e = 0) and ``[16+w*j, ...)`` (e = 1). Words are ordered
     ``[part][lane][w words]``; the part of width w with bit offset o in the code starts at word 32*o.
 ``scales`` act dtype ``[Gp, Np, 2]``
-    ``(s, z)`` per (group, row) (z = 0 when symmetric): ``W = z + s*(2c - L)``, which the kernel
-    computes as one FMA on the exact value ``v = 2c - L``, i.e. rounded once, like the reference.
+    ``(s, z)`` per (group, row) (z = 0 when symmetric): ``W = z + s*(2c - L)``, which the mid-batch and
+    dequantize kernels compute as one FMA on the exact value ``v = 2c - L``, i.e. rounded once, like the
+    reference; the decode kernel applies ``s`` and ``z`` in fp32 after the mma (W exactly).
     Groups are ``2**group_shift`` channels: a group size that is not a power of two
     is expanded to its largest power-of-two divisor; group_size -1 becomes group_shift 30 (one group).
 

@@ -79,7 +79,7 @@ def prepare(method: str, shape: str, work: Path) -> tuple[Path, dict]:
             # pools in this process, and vLLM then forks its engine core from it. On the H100 the
             # engine core of this method (only) hung in init_device, allocating pinned memory
             # (vllm/v1/worker/gpu/buffer_utils.py; faulthandler stacks in
-            # benchmarks/results/e2e_logs_h100/llama2-7b-gptq.log): a lock held across the fork is the
+            # benchmarks/results/e2e_logs_h100/llama2-7b-gptq-hang.log): a lock held across the fork is the
             # likely cause, so the fork now happens from a process that never ran those pools.
             subprocess.run([sys.executable, str(Path(__file__).with_name("make_shapes.py")), str(path),
                             "--shape", shape, "--method", "gptq"], check=True)

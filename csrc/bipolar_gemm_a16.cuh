@@ -31,7 +31,8 @@
 // * gemv_a16_kernel (M <= 16, decode): weights stream from HBM straight into registers, two chunks
 //   per warp in flight, no shared memory or barrier in the main loop; one LOP3 per code pair (the
 //   scales are applied after the mma, in fp32, once per scale group); a CTA owns 32 output columns
-//   and its 8 or 16 warps split K; x rows sit in shared memory (or come from L1/L2 when too large).
+//   and its 2-16 warps split K into contiguous runs; x rows sit in shared memory (or come from L1/L2
+//   when too large).
 // * gemm_mid_a16_kernel (M 17..256): 8 warps split 128 output columns; weights stream into registers
 //   as above, x comes through a cp.async pipeline of 256-channel stages in shared memory (ldmatrix),
 //   each decoded fragment serves up to 8 mma of 8 tokens; K is split over CTAs when there are few
@@ -229,6 +230,36 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t b
   return d;
 }
 
+// ---- code extraction shared by both decodes -------------------------------------------------------------
+// bf16 with 8-bit codes: the magic trick's 128 + c needs more than bf16's 8 significant bits, so a pair's
+// two codes go through fp32 (2^23 + c in the mantissa, minus 2^23: exact).
+template <int P>
+__device__ __forceinline__ void code8_pair_as_floats(const uint32_t (&words)[8], float& c0, float& c1) {
+  const uint32_t w = words[P / 2];
+  const uint32_t t = (P % 2) ? (w >> 8) : w;
+  c0 = __uint_as_float(0x4B000000u | (t & 0xffu)) - 8388608.f;
+  c1 = __uint_as_float(0x4B000000u | ((t >> 16) & 0xffu)) - 8388608.f;
+}
+
+// Codes of several parts (3, 5, 6, 7 bits): each part of pair P moved to mantissa bit AT plus its bit
+// offset in the code (SHF + LOP3 per part, both halves at once) and OR-ed into t.
+template <int BITS, int P, int AT>
+__device__ __forceinline__ uint32_t assemble_parts(const uint32_t (&words)[BITS], uint32_t t) {
+#pragma unroll
+  for (int i = 0; i < num_parts(BITS); ++i) {
+    const int w = part_width(BITS, i);
+    const int sh = part_shift(BITS, i);
+    const int at = AT + sh;
+    const int per_word = 16 / w;
+    const uint32_t word = words[sh + P / per_word];
+    const int from = w * (P % per_word);  // bit of the pair's element 0 in the word
+    const uint32_t moved = from >= at ? word >> (from - at) : word << (at - from);
+    const uint32_t mask = ((1u << w) - 1u) << at;
+    t = and_or(moved, mask | (mask << 16), t);  // one LOP3: t | (moved & mask)
+  }
+  return t;
+}
+
 // ---- decode: one element pair -> z + s v as a T2 ------------------------------------------------------
 // `words`: the lane's BITS words of one layout block; `ss` / `zz`: (s, s) and (z, z) of the row. The
 // pair index P is a constant after unrolling, so every shift amount, mask and constant is an
@@ -240,11 +271,10 @@ __device__ __forceinline__ uint32_t decode_pair(const uint32_t (&words)[BITS], u
   using T2 = typename E::T2;
   constexpr int kL = (1 << BITS) - 1;
   if constexpr (BITS == 8 && std::is_same<T, __nv_bfloat16>::value) {
-    // bf16, 8 bits: v up to 255 does not fit bf16's 8 significant bits; go through fp32 (2^23 + c).
-    const uint32_t w = words[P / 2];
-    const uint32_t t = (P % 2) ? (w >> 8) : w;
-    const float v0 = 2.f * (__uint_as_float(0x4B000000u | (t & 0xffu)) - 8388608.f) - float(kL);
-    const float v1 = 2.f * (__uint_as_float(0x4B000000u | ((t >> 16) & 0xffu)) - 8388608.f) - float(kL);
+    // bf16, 8 bits: v up to 255 does not fit bf16's 8 significant bits; go through fp32.
+    float c0, c1;
+    code8_pair_as_floats<P>(words, c0, c1);
+    const float v0 = 2.f * c0 - float(kL), v1 = 2.f * c1 - float(kL);
     const float2 sf = __bfloat1622float2(from_u32<T2>(ss)), zf = __bfloat1622float2(from_u32<T2>(zz));
     return as_u32(E::floats2(fmaf(v0, sf.x, zf.x), fmaf(v1, sf.y, zf.y)));
   } else if constexpr (num_parts(BITS) == 1) {
@@ -266,19 +296,8 @@ __device__ __forceinline__ uint32_t decode_pair(const uint32_t (&words)[BITS], u
                          from_u32<T2>(E::integer(-((1 << (E::kMantissa + 1 - kU)) + kL))));
     return as_u32(E::fma2(v, from_u32<T2>(ss), from_u32<T2>(zz)));
   } else {
-    // Several parts (3, 5, 6, 7 bits): each part moved to its bit offset in the code (SHF + LOP3).
-    uint32_t t = E::kMagic;
-#pragma unroll
-    for (int i = 0; i < num_parts(BITS); ++i) {
-      const int w = part_width(BITS, i);
-      const int sh = part_shift(BITS, i);
-      const int per_word = 16 / w;
-      const uint32_t word = words[sh + P / per_word];
-      const int from = w * (P % per_word);  // bit of the pair's element 0 in the word
-      const uint32_t moved = from >= sh ? word >> (from - sh) : word << (sh - from);
-      const uint32_t mask = ((1u << w) - 1u) << sh;
-      t = and_or(moved, mask | (mask << 16), t);  // one LOP3: t | (moved & mask)
-    }
+    // Several parts (3, 5, 6, 7 bits): the code assembled at the bottom of the mantissa.
+    const uint32_t t = assemble_parts<BITS, P, 0>(words, E::kMagic);
     // t = magic + c (exact); c = t - magic; v = 2 c - L (exact); z + s v (one rounding).
     const T2 c = E::sub2(from_u32<T2>(t), E::magic());
     const T2 v = E::fma2(c, from_u32<T2>(E::integer(2)), from_u32<T2>(E::integer(-kL)));
@@ -335,10 +354,8 @@ template <typename T, int BITS, int P>
 __device__ __forceinline__ uint32_t decode_raw_pair(const uint32_t (&words)[BITS]) {
   using R = RawCode<T, BITS>;
   if constexpr (R::kViaFloat) {
-    const uint32_t w = words[P / 2];
-    const uint32_t t = (P % 2) ? (w >> 8) : w;
-    const float c0 = __uint_as_float(0x4B000000u | (t & 0xffu)) - 8388608.f;
-    const float c1 = __uint_as_float(0x4B000000u | ((t >> 16) & 0xffu)) - 8388608.f;
+    float c0, c1;
+    code8_pair_as_floats<P>(words, c0, c1);
     return as_u32(Elem<T>::floats2(c0, c1));
   } else if constexpr (R::kOnePart) {
     constexpr int kU = R::u(P);
@@ -349,19 +366,7 @@ __device__ __forceinline__ uint32_t decode_raw_pair(const uint32_t (&words)[BITS
     const uint32_t moved = kShift >= 0 ? word >> kShift : word << (-kShift);
     return and_or(moved, kMask | (kMask << 16), R::beta(P));
   } else {
-    uint32_t t = R::beta(P);
-#pragma unroll
-    for (int i = 0; i < num_parts(BITS); ++i) {
-      const int w = part_width(BITS, i);
-      const int at = R::kUMax + part_shift(BITS, i);  // the part's bit in the mantissa
-      const int per_word = 16 / w;
-      const uint32_t word = words[part_shift(BITS, i) + P / per_word];
-      const int from = w * (P % per_word);
-      const uint32_t moved = from >= at ? word >> (from - at) : word << (at - from);
-      const uint32_t mask = ((1u << w) - 1u) << at;
-      t = and_or(moved, mask | (mask << 16), t);
-    }
-    return t;
+    return assemble_parts<BITS, P, R::kUMax>(words, R::beta(P));  // the code at the top of the mantissa
   }
 }
 
@@ -655,10 +660,10 @@ struct DecodeConfig {
   static constexpr int NT = kBlockN * NB_;
   static constexpr int kThreads = kWarpSize * WARPS_;
   // layout blocks per warp and chunk (two chunks in registers: one decoded while the next loads):
-  // one, two for 1-bit weights. Measured on an H100 (benchmarks/results/kernels_decode_h100.json):
-  // chunks of 8 words per lane and block row (4 blocks at 2 bits), with the 16 warps per SM their
-  // registers allow, were slower at 2-4 bits than these with 24 warps (11008 x 4096 W4, M = 1: 15.4
-  // against 12.5 us): more warps beat deeper chunks.
+  // one, two for 1-bit weights. Measured on an H100: chunks of 8 words per lane and block row (4 blocks
+  // at 2 bits), with the 16 warps per SM their registers allow (commit 3715fe8), were slower at 2-4 bits
+  // than these with 24 warps (11008 x 4096 W4, M = 1: 15.4 against 11.7 us,
+  // benchmarks/results/kernels_decode_h100.json): more warps beat deeper chunks.
   static constexpr int D = BITS == 1 ? 2 : 1;
   // partial tiles of the final sum, [WARPS][MT][NT + 4]: the + 4 spreads the 4 lanes that share an
   // output row (t = 0..3, tokens 2 t, 2 t + 1) over different banks
@@ -985,10 +990,17 @@ void launch_mid(const Problem& p, cudaStream_t stream) {
 // x rows in shared memory up to this size (launch_decode_tile counts it in the CTAs an SM holds).
 constexpr int kDecodeXSmemMax = 64 * 1024;
 
+// Shared memory of the decode kernel's x rows (Kp + 8 elements apart), 0 when they do not fit (x then
+// comes from global memory).
+inline int decode_x_smem_bytes(const Problem& p) {
+  const int bytes = p.M * (p.Kp + 8) * 2;
+  return bytes <= kDecodeXSmemMax ? bytes : 0;
+}
+
 template <typename T, int BITS, class C>
 void launch_decode(const Problem& p, cudaStream_t stream) {
-  const int x_bytes = p.M * (p.Kp + 8) * 2;
-  if (x_bytes <= kDecodeXSmemMax) {
+  const int x_bytes = decode_x_smem_bytes(p);
+  if (x_bytes > 0) {
     opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, true>>(kDecodeXSmemMax);
     gemv_a16_kernel<T, BITS, C, true><<<p.Np / C::NT, C::kThreads, x_bytes > C::kSmemBytes ? x_bytes : C::kSmemBytes, stream>>>(p);
   } else {
@@ -1025,11 +1037,11 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
   if (warps == 0) {
     using C16 = DecodeConfig<BITS, MT, 16>;
     const int64_t ctas = p.Np / C16::NT;
-    const int x_bytes = p.M * (p.Kp + 8) * 2;
+    const int x_bytes = decode_x_smem_bytes(p);
     int best = 0, best_resident = 0;
     for (int w = 16; w >= 2 && warps == 0; w /= 2) {
-      const int red_bytes = w * C16::MT * C16::kRedStride * 4;
-      const int smem = (x_bytes <= kDecodeXSmemMax && x_bytes > red_bytes ? x_bytes : red_bytes) + 1024;
+      const int red_bytes = w * C16::MT * C16::kRedStride * 4;  // DecodeConfig<BITS, MT, w>::kSmemBytes
+      const int smem = std::max(x_bytes, red_bytes) + 1024;  // + the driver's reserve per CTA
       const int per_sm = std::min(C16::kThreadsPerSm / kWarpSize / w, kSmemPerSm / smem);
       if (ctas <= int64_t(p.sms) * per_sm) warps = w;  // the largest CTA with one wave
       if (per_sm * w > best_resident) best = w, best_resident = per_sm * w;

@@ -22,6 +22,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 namespace bipolar {
 namespace {
@@ -32,17 +34,31 @@ using a16::kPadN;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// SM count of a device, asked once per device (the decode kernel's CTA size and the mid-batch kernel's
-// K split depend on it).
-int multiprocessors(int device) {
-  static std::atomic<int> counts[64] = {};
-  if (device < 0 || device >= 64) return 132;
-  int v = counts[device].load(std::memory_order_relaxed);
+// Device attributes the launches depend on, asked once per device: the SM count (the decode kernel's
+// CTA size, the mid-batch kernel's K split), the opt-in shared memory per CTA (the decode kernel's x
+// rows) and the compute capability (programmatic dependent launch needs sm_90).
+enum DeviceAttr { kSms, kSmemOptin, kMajor, kNumDeviceAttrs };
+int device_attribute(DeviceAttr which, int device) {
+  static std::atomic<int> cache[kNumDeviceAttrs][64] = {};
+  static constexpr cudaDeviceAttr kAttrs[kNumDeviceAttrs] = {
+      cudaDevAttrMultiProcessorCount, cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrComputeCapabilityMajor};
+  static constexpr int kFallback[kNumDeviceAttrs] = {132, 48 * 1024, 8};
+  if (device < 0 || device >= 64) return kFallback[which];
+  int v = cache[which][device].load(std::memory_order_relaxed);
   if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
-    counts[device].store(v, std::memory_order_relaxed);
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, kAttrs[which], device));
+    cache[which][device].store(v, std::memory_order_relaxed);
   }
   return v;
+}
+
+// Programmatic dependent launch of the decode kernel: on sm_90+, unless BIPOLAR_PDL=0 (read once).
+bool use_pdl(int device) {
+  static const bool enabled = [] {
+    const char* e = std::getenv("BIPOLAR_PDL");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return enabled && device_attribute(kMajor, device) >= 9;
 }
 
 template <typename T>
@@ -124,7 +140,10 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.ldx = ldx;
   p.y = y.data_ptr();
   p.M = int(m);
-  p.sms = multiprocessors(x.device().index());
+  const int device = x.device().index();
+  p.sms = device_attribute(kSms, device);
+  p.smem_optin = device_attribute(kSmemOptin, device);
+  p.pdl = use_pdl(device);
   at::Tensor partial;
   if (m > a16::kDecodeMaxM) {
     p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms);

@@ -499,76 +499,237 @@ def sensitivity_profile(stream: LayerStream, spec: BipolarQuantSpec, method: str
     return units_out
 
 
+SENSITIVITY_MEASURES = ("fisher", "loss", "kl")
+
+
+class HeldModel:
+    """The whole model held in memory (float32, run-time input transforms installed) for the measured
+    sensitivity (``--sensitivity-measure loss|kl``) and its refinement at the operating point
+    (``--sensitivity-refine``): every unit quantized by GPTQ at each measured width (Hessian from the
+    full-precision model's inputs over ``ids``), the full-precision hidden states of the scoring
+    windows ``loss_ids`` at every layer input, and a score of final hidden states:
+
+    * ``loss``: the mean next-token cross entropy on ``loss_ids``;
+    * ``kl``: the mean KL divergence KL(p_fp || p) of the next-token distributions from the
+      full-precision model's (0 for the full-precision model). The expected increase of the
+      next-token loss on text the model fits, without the sampling noise of the loss difference
+      on a few windows (a perturbation that shifts the probabilities of tokens that happen to occur
+      can lower the loss by chance; it cannot lower the KL divergence).
+
+    Widths above ``EXTRAPOLATE_ABOVE`` get no GPTQ run: in :meth:`set_unit` they take the full-precision
+    weights (their rounding error is ~4^-(bits-4) of 4-bit's, far below the measurement noise)."""
+
+    def __init__(self, stream: LayerStream, spec: BipolarQuantSpec, method: str, opts: CalibOptions,
+                 ids: torch.Tensor, loss_ids: torch.Tensor, quantized: set[str], bit_set: tuple[int, ...],
+                 dtype: torch.dtype, measure: str = "loss", log: Callable[[str], None] = lambda s: None):
+        if measure not in ("loss", "kl"):
+            raise CalibrationError(f"measure {measure!r}: expected 'loss' or 'kl'")
+        self.stream, self.opts, self.loss_ids, self.measure, self.log = stream, opts, loss_ids, measure, log
+        self.n_layers = len(stream.layers)
+        self.layers, self.runtime = [], []
+        self.quant: dict[str, dict[int, torch.Tensor]] = {}  # unit -> width -> dequantized stacked weights
+        self.fp: dict[str, torch.Tensor] = {}  # unit -> full-precision stacked weights
+        self.unit_layer: dict[str, int] = {}
+        self.members: dict[str, tuple[str, ...]] = {}
+        self.entries: dict[str, dict] = {}  # unit -> modules and parameter counts
+        with torch.no_grad():
+            xs, self.hs = stream.embed(ids), [stream.embed(loss_ids)]
+            for i in range(self.n_layers):
+                prefix = stream.layer_prefix(i)
+                layer = stream.load(i)
+                self.layers.append(layer)
+                units = [(u, m) for u, m in UNITS if f"{prefix}.{m[0]}" in quantized]
+                self.runtime += _install_runtime_hooks(layer, prefix, spec, quantized)
+                stats, handles = _collect_hessians(layer, units)
+                xs = stream.run(layer, xs, opts.batch)
+                for hnd in handles:
+                    hnd.remove()
+                self.hs.append(stream.run(layer, self.hs[-1], opts.batch))
+                for unit, members in units:
+                    h = stats[unit]["h"] / stats[unit]["n"]
+                    name = f"{prefix}.{members[0]}"
+                    self.unit_layer[name], self.members[name] = i, members
+                    self.entries[name] = _unit_entry(layer, prefix, members)
+                    self.fp[name] = torch.cat([_submodule(layer, rel).weight.detach().clone() for rel in members])
+                    self.quant[name] = {}
+                    for bits in _measured_widths(bit_set):
+                        _, res = _quantize_unit(layer, prefix, members, h, bits, spec, method, opts, dtype)
+                        self.quant[name][bits] = res.dequant
+                log(f"measure: quantized layer {i}")
+            del xs
+            base = stream.base
+            head_name = "lm_head.weight" if "lm_head.weight" in stream.ckpt.weight_map else f"{base}embed_tokens.weight"
+            self.w_head = stream.tensor(head_name)
+            self.g_norm = stream.tensor(f"{base}norm.weight")
+            self.eps = getattr(stream.config, "rms_norm_eps", 1e-6)
+            self.ref = [self._logprobs(self.hs[-1][b]) for b in range(loss_ids.shape[0])] if measure == "kl" else None
+            self.base = self.score(self.hs[-1])
+
+    def _logprobs(self, x: torch.Tensor) -> torch.Tensor:
+        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.g_norm
+        return torch.log_softmax((xn[:-1] @ self.w_head.T).double(), -1)  # float64: KL is a small difference
+
+    @torch.no_grad()
+    def score(self, h: torch.Tensor) -> float:
+        """The measure of final hidden states ``h`` [B, T, d]: mean next-token loss or mean KL from the
+        full-precision model's distributions (per predicted token)."""
+        if self.measure == "loss":
+            return _next_token_loss(self.stream, h, self.loss_ids)
+        total = 0.0
+        for b in range(h.shape[0]):
+            lq, lp = self._logprobs(h[b]), self.ref[b]
+            total += float((lp.exp() * (lp - lq)).sum())
+        return total / (h.shape[0] * (h.shape[1] - 1))
+
+    def set_unit(self, name: str, bits: int | None) -> None:
+        """Put the unit's weights at ``bits`` (None, or a width without a GPTQ run: full precision)."""
+        w = self.quant[name].get(bits, self.fp[name]) if bits is not None else self.fp[name]
+        row = 0
+        with torch.no_grad():
+            for rel in self.members[name]:
+                m = _submodule(self.layers[self.unit_layer[name]], rel)
+                m.weight.copy_(w[row:row + m.weight.shape[0]])
+                row += m.weight.shape[0]
+
+    def run_from(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        for j in range(i, self.n_layers):
+            h = self.stream.run(self.layers[j], h, self.opts.batch)
+        return h
+
+    def profile(self, bit_set: tuple[int, ...]) -> dict:
+        """Per unit and width: the measure's increase with that unit alone quantized (every other unit
+        in full precision); non-increasing in the width, floored (a measured gain is noise), widths
+        above EXTRAPOLATE_ABOVE extrapolated (:func:`_extrapolated`)."""
+        floor0 = 1e-9 * self.base if self.measure == "loss" else 1e-12
+        units_out = {}
+        with torch.no_grad():
+            for name in self.quant:
+                i = self.unit_layer[name]
+                measured = {}
+                for bits in self.quant[name]:
+                    self.set_unit(name, bits)
+                    measured[bits] = self.score(self.run_from(i, self.hs[i])) - self.base
+                self.set_unit(name, None)
+                floor, loss = floor0, {}
+                for bits in sorted(measured, reverse=True):  # wide to narrow: non-increasing in width
+                    floor = max(floor, measured[bits])
+                    loss[bits] = floor
+                units_out[name] = {**self.entries[name], "loss": _extrapolated(loss, bit_set)}
+                self.log(f"measure: {name} {units_out[name]['loss']}")
+        return units_out
+
+    def operating_point(self, layer_bits: dict[str, int]) -> tuple[float, list[torch.Tensor]]:
+        """Every unit at its width of ``layer_bits`` (module -> bits): the score and the hidden states
+        of the scoring windows at every layer input."""
+        for name in self.quant:
+            self.set_unit(name, layer_bits[self.entries[name]["modules"][0]])
+        hq = [self.hs[0]]
+        with torch.no_grad():
+            for j in range(self.n_layers):
+                hq.append(self.stream.run(self.layers[j], hq[-1], self.opts.batch))
+        return self.score(hq[-1]), hq
+
+    def local_profile(self, layer_bits: dict[str, int], bit_set: tuple[int, ...]) -> tuple[float, dict]:
+        """Sensitivities at the operating point ``layer_bits``: per unit and width of ``bit_set``, the
+        change of the measure when that unit alone moves to that width and every other unit keeps its
+        width (0 at its own width; negative where a wider width helps). Made non-increasing in the
+        width. Returns (the operating point's score, profile in the form of :meth:`profile`)."""
+        base, hq = self.operating_point(layer_bits)
+        units_out = {}
+        with torch.no_grad():
+            for name in self.quant:
+                i = self.unit_layer[name]
+                own = layer_bits[self.entries[name]["modules"][0]]
+                measured = {own: 0.0}
+                for bits in bit_set:
+                    if bits != own:
+                        self.set_unit(name, bits)
+                        measured[bits] = self.score(self.run_from(i, hq[i])) - base
+                self.set_unit(name, own)
+                floor, loss = -math.inf, {}
+                for bits in sorted(measured, reverse=True):
+                    floor = max(floor, measured[bits])
+                    loss[str(bits)] = floor
+                units_out[name] = {**self.entries[name], "loss": loss}
+                self.log(f"refine: {name} at {own} bits {loss}")
+        return base, units_out
+
+    def close(self) -> None:
+        for hnd in self.runtime:
+            hnd.remove()
+        for i in range(self.n_layers):
+            self.stream.unload(i)
+
+
 def measured_sensitivity(stream: LayerStream, spec: BipolarQuantSpec, method: str, opts: CalibOptions,
                          ids: torch.Tensor, loss_ids: torch.Tensor, quantized: set[str], bit_set: tuple[int, ...],
-                         dtype: torch.dtype, log: Callable[[str], None] = lambda s: None) -> dict:
-    """``--sensitivity-measure loss``: per unit and width, the measured increase of the next-token loss
-    on the windows ``loss_ids`` when that unit alone is quantized (GPTQ at that width, Hessian from
-    the full-precision model's inputs over ``ids``) and every other layer stays in full precision.
+                         dtype: torch.dtype, log: Callable[[str], None] = lambda s: None,
+                         measure: str = "loss") -> dict:
+    """``--sensitivity-measure loss|kl``: per unit and width, the measured increase of the next-token loss
+    (or of the KL divergence from the full-precision model's next-token distributions) on the windows
+    ``loss_ids`` when that unit alone is quantized (GPTQ at that width, Hessian from the
+    full-precision model's inputs over ``ids``) and every other layer stays in full precision.
 
     Same output as :func:`sensitivity_profile`. Holds every decoder layer in memory (the Fisher
     profile streams them), fine for small models. Widths above ``EXTRAPOLATE_ABOVE`` are
     extrapolated by 4^-bits from the widest measured one; each unit's losses are made
-    non-increasing in the width and at least 1e-9 of the base loss (a measured gain is noise)."""
-    n_layers = len(stream.layers)
-    with torch.no_grad():
-        layers, runtime = [], []
-        xs, hs = stream.embed(ids), [stream.embed(loss_ids)]
-        quant: dict[str, dict[int, torch.Tensor]] = {}
-        units_out = {}
-        for i in range(n_layers):
-            prefix = stream.layer_prefix(i)
-            layer = stream.load(i)
-            layers.append(layer)
-            units = [(u, m) for u, m in UNITS if f"{prefix}.{m[0]}" in quantized]
-            rt = _install_runtime_hooks(layer, prefix, spec, quantized)
-            runtime += rt
-            stats, handles = _collect_hessians(layer, units)
-            xs = stream.run(layer, xs, opts.batch)
-            for hnd in handles:
-                hnd.remove()
-            hs.append(stream.run(layer, hs[-1], opts.batch))
-            for unit, members in units:
-                h = stats[unit]["h"] / stats[unit]["n"]
-                name = f"{prefix}.{members[0]}"
-                quant[name] = {}
-                for bits in _measured_widths(bit_set):
-                    _, res = _quantize_unit(layer, prefix, members, h, bits, spec, method, opts, dtype)
-                    quant[name][bits] = res.dequant
-                units_out[name] = {**_unit_entry(layer, prefix, members), "loss": {}}
-            log(f"measure: quantized layer {i}")
-        base = _next_token_loss(stream, hs[-1], loss_ids)
-        for i in range(n_layers):
-            prefix = stream.layer_prefix(i)
-            for unit, members in UNITS:
-                name = f"{prefix}.{members[0]}"
-                if name not in quant:
-                    continue
-                mods = [_submodule(layers[i], rel) for rel in members]
-                saved = [m.weight.detach().clone() for m in mods]
-                measured = {}
-                for bits, deq in quant[name].items():
-                    row = 0
-                    for m in mods:
-                        m.weight.copy_(deq[row:row + m.weight.shape[0]])
-                        row += m.weight.shape[0]
-                    h = hs[i]
-                    for j in range(i, n_layers):
-                        h = stream.run(layers[j], h, opts.batch)
-                    measured[bits] = _next_token_loss(stream, h, loss_ids) - base
-                for m, w in zip(mods, saved):
-                    m.weight.copy_(w)
-                floor, loss = 1e-9 * base, {}
-                for bits in sorted(measured, reverse=True):  # wide to narrow: non-increasing in width
-                    floor = max(floor, measured[bits])
-                    loss[bits] = floor
-                units_out[name]["loss"] = _extrapolated(loss, bit_set)
-            log(f"measure: layer {i} losses {[(k, v['loss']) for k, v in units_out.items() if k.startswith(prefix + '.')]}")
-        for hnd in runtime:
-            hnd.remove()
-        for i in range(n_layers):
-            stream.unload(i)
-    return units_out
+    non-increasing in the width and at least 1e-9 of the base loss (KL: 1e-12) (a measured gain is
+    noise). See :class:`HeldModel`."""
+    model = HeldModel(stream, spec, method, opts, ids, loss_ids, quantized, bit_set, dtype, measure, log)
+    try:
+        return model.profile(bit_set)
+    finally:
+        model.close()
+
+
+def refine_allocation(model: HeldModel, units: dict, avg_bits: float, bit_set: tuple[int, ...], rounds: int,
+                      min_bits: dict[str, int] | None = None, log: Callable[[str], None] = lambda s: None,
+                      history: list[dict] | None = None,
+                      save: Callable[[list[dict], bool], None] = lambda h, done: None) -> list[dict]:
+    """``--sensitivity-refine N``: the allocation of ``units`` (each unit measured alone, the rest of the
+    model in full precision) re-solved at its operating point, up to ``rounds`` times.
+
+    The knapsack adds the units' losses as if they were independent, but at 2-3 bits a unit's cost
+    depends on what the other units' errors have already done. Each round measures every unit's
+    change of the measure at every width of ``bit_set`` with all other units at the best allocation's
+    widths so far (:meth:`HeldModel.local_profile`: a first-order expansion around the operating
+    point, interactions included), solves the same knapsack on those changes, and scores the new
+    allocation as a whole. The rounds stop when the allocation repeats or its score is not lower than
+    the best so far. Returns the history, [{"layer_bits", "score"}], the first entry the plain
+    allocation and the best one marked ``"best": True``. ``history``: a saved history to go on from
+    (its rounds count); ``save(history, done)`` is called after every round."""
+    if history:
+        history = [dict(h) for h in history]
+    else:
+        alloc = allocate_bits(units, avg_bits, bit_set, min_bits=min_bits)
+        score, _ = model.operating_point(alloc)
+        history = [{"layer_bits": alloc, "score": score}]
+        log(f"refine: round 0 score {score:.6f}")
+    for h in history:
+        h.pop("best", None)
+    best = min(range(len(history)), key=lambda k: history[k]["score"])
+    done = False
+    for r in range(len(history) - 1, rounds):
+        _, local = model.local_profile(history[best]["layer_bits"], bit_set)
+        new = allocate_bits(local, avg_bits, bit_set, min_bits=min_bits)
+        if any(new == h["layer_bits"] for h in history):
+            log(f"refine: round {r + 1} repeats an allocation; stop")
+            done = True
+            break
+        score, _ = model.operating_point(new)
+        history.append({"layer_bits": new, "score": score})
+        changed = sum(new[m] != history[best]["layer_bits"][m] for m in new)
+        log(f"refine: round {r + 1} score {score:.6f} ({changed} modules changed)")
+        if score >= history[best]["score"]:
+            done = True
+            break
+        best = len(history) - 1
+        history[best]["best"] = True
+        save(history, False)
+        history[best].pop("best")
+    history[best]["best"] = True
+    save(history, done)
+    return history
 
 
 ALLOCATE_BY = ("unit", "type", "block")
@@ -689,3 +850,22 @@ def load_or_profile(path: Path | None, key: dict, compute: Callable[[], dict]) -
     if path is not None:
         Path(path).write_text(json.dumps({"key": key, "units": units}, indent=1))
     return units
+
+
+def read_profile(path: Path | None, key: dict) -> dict:
+    """The saved sensitivity cache at ``path`` ({"key", "units", "refine"?}) when made with ``key``, else {}."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        saved = json.loads(Path(path).read_text())
+    except json.JSONDecodeError:
+        return {}
+    if saved.get("key") != key:
+        print(f"note: {path} was made with other settings; measuring the sensitivities again", file=sys.stderr)
+        return {}
+    return saved
+
+
+def write_profile(path: Path | None, saved: dict) -> None:
+    if path is not None:
+        Path(path).write_text(json.dumps(saved, indent=1))

@@ -127,9 +127,10 @@ class Calibration:
     a_clip_ratio: float | str | None = None  # a float in (0, 1], "auto" (searched), or None
     refit: bool = False  # --refit-scales
     fp_targets: bool = False  # --fp-targets
-    sensitivity_measure: str = "fisher"  # --sensitivity-measure fisher|loss
+    sensitivity_measure: str = "fisher"  # --sensitivity-measure fisher|loss|kl
     sensitivity_samples: int = 4  # windows of the measured loss (--sensitivity-measure loss)
     sensitivity_calib_samples: int | None = None  # GPTQ windows of the --avg-bits measurement (None: samples)
+    sensitivity_refine: int = 0  # --sensitivity-refine N: rounds of re-measurement at the operating point
     allocate_by: str = "unit"  # --allocate-by unit|type|block
     min_bits: dict[str, int] = dataclasses.field(default_factory=dict)  # --min-bits NAME=BITS
 
@@ -157,9 +158,18 @@ def _check_calibration(spec: BipolarQuantSpec, method: str, cal: Calibration) ->
                 f"{max(allowed, default=spec.w_bits)}]; change --avg-bits, --w-bits or --bit-set")
         if cal.sensitivity_calib_samples is not None and cal.sensitivity_calib_samples < 1:
             raise ConvertError(f"--sensitivity-calib-samples {cal.sensitivity_calib_samples}: need at least 1 window")
-    elif cal.min_bits or cal.allocate_by != "unit" or cal.sensitivity_calib_samples is not None:
+        if cal.sensitivity_refine < 0:
+            raise ConvertError(f"--sensitivity-refine {cal.sensitivity_refine}: expected a number of rounds >= 0")
+        if cal.sensitivity_refine and cal.sensitivity_measure not in ("loss", "kl"):
+            raise ConvertError("--sensitivity-refine re-measures the loss at the operating point; use "
+                               "--sensitivity-measure kl (or loss)")
+        if cal.sensitivity_refine and cal.allocate_by != "unit":
+            raise ConvertError("--sensitivity-refine works on single units; drop --allocate-by "
+                               f"{cal.allocate_by}")
+    elif cal.min_bits or cal.allocate_by != "unit" or cal.sensitivity_calib_samples is not None or cal.sensitivity_refine:
         flag = ("--min-bits" if cal.min_bits else "--allocate-by" if cal.allocate_by != "unit"
-                else "--sensitivity-calib-samples")
+                else "--sensitivity-calib-samples" if cal.sensitivity_calib_samples is not None
+                else "--sensitivity-refine")
         raise ConvertError(f"{flag} shapes the --avg-bits allocation; add --avg-bits")
     if calibrated:
         try:
@@ -344,23 +354,69 @@ def _auto_bits(stream, spec, method, opts, ids, to_quantize, cal, src_path, log)
     if spec.clips_activations():
         key["a_clip_ratio"] = spec.a_clip_ratio
     dtype = stream.ckpt.get(f"{min(to_quantize)}.weight").dtype
-    if cal.sensitivity_measure == "loss":
-        key["measure"] = "loss"
+    if cal.sensitivity_measure in ("loss", "kl"):
+        key["measure"] = cal.sensitivity_measure
         key["loss_samples"] = cal.sensitivity_samples
-        # the loss windows: drawn with another seed, so that they are not the GPTQ windows
+        # the scoring windows: drawn with another seed, so that they are not the GPTQ windows
         loss_opts = dataclasses.replace(opts, seed=opts.seed + 1)
         loss_ids = calibration_windows(src_path, loss_opts, samples=cal.sensitivity_samples)
-        units = load_or_profile(cal.sensitivity, key, lambda: measured_sensitivity(
-            stream, spec, method, opts, ids, loss_ids, to_quantize, full_set, dtype, log))
+        layer_bits, units = _measured_bits(stream, spec, method, opts, ids, loss_ids, to_quantize, full_set, bit_set,
+                                           dtype, cal, key, log)
     else:
         units = load_or_profile(cal.sensitivity, key, lambda: sensitivity_profile(
             stream, spec, method, opts, ids, fisher_ids, to_quantize, full_set, dtype, log))
-    try:
-        layer_bits = allocate_bits(units, cal.avg_bits, bit_set, min_bits=cal.min_bits, by=cal.allocate_by)
-    except ValueError as e:
-        raise ConvertError(str(e)) from e
+        layer_bits = None
+    if layer_bits is None:
+        try:
+            layer_bits = allocate_bits(units, cal.avg_bits, bit_set, min_bits=cal.min_bits, by=cal.allocate_by)
+        except ValueError as e:
+            raise ConvertError(str(e)) from e
     params = {m: p for u in units.values() for m, p in zip(u["modules"], u["module_params"])}
     return layer_bits, average_bits(layer_bits, params)
+
+
+def _measured_bits(stream, spec, method, opts, ids, loss_ids, to_quantize, full_set, bit_set, dtype, cal, key, log):
+    """--sensitivity-measure loss|kl (+ --sensitivity-refine): (layer_bits or None, units). The profile
+    and the refinement's history are cached in --sensitivity (the refinement under its own key: it
+    depends on --avg-bits, the allowed widths and --min-bits)."""
+    from .calibrate import HeldModel, allocate_bits, read_profile, refine_allocation, write_profile
+
+    saved = read_profile(cal.sensitivity, key)
+    units = saved.get("units")
+    rkey = None
+    if cal.sensitivity_refine:
+        rkey = {"avg_bits": cal.avg_bits, "bit_set": list(bit_set), "min_bits": cal.min_bits}
+    ref = saved.get("refine", {})
+    history = ref.get("history") if rkey is not None and ref.get("key") == rkey else None
+    # a saved refinement serves when it ran as many rounds as asked, or stopped by itself before that
+    complete = history is not None and (ref.get("done") or len(history) - 1 >= cal.sensitivity_refine)
+    if history is not None and len(history) - 1 > cal.sensitivity_refine:  # fewer rounds asked: a prefix
+        history = [dict(h) for h in history[:cal.sensitivity_refine + 1]]
+        for h in history:
+            h.pop("best", None)
+        min(history, key=lambda h: h["score"])["best"] = True
+    if units is None or (rkey is not None and not complete):
+        model = HeldModel(stream, spec, method, opts, ids, loss_ids, to_quantize, full_set, dtype,
+                          cal.sensitivity_measure, log)
+        try:
+            if units is None:
+                units = model.profile(full_set)
+                saved = {"key": key, "units": units}
+                write_profile(cal.sensitivity, saved)
+            if rkey is not None:
+                def save(hist, done):
+                    saved["refine"] = {"key": rkey, "history": hist, "done": done}
+                    write_profile(cal.sensitivity, saved)
+                try:
+                    history = refine_allocation(model, units, cal.avg_bits, bit_set, cal.sensitivity_refine,
+                                                min_bits=cal.min_bits, log=log, history=history, save=save)
+                except ValueError as e:
+                    raise ConvertError(str(e)) from e
+        finally:
+            model.close()
+    if history is None:
+        return None, units
+    return next(h for h in history if h.get("best"))["layer_bits"], units
 
 
 def format_summary(s: dict) -> str:
@@ -418,14 +474,21 @@ def build_parser() -> argparse.ArgumentParser:
                           "(at least --w-bits) so that the parameter-weighted mean is at most this")
     cal.add_argument("--bit-set", type=int, nargs="+", default=[2, 3, 4, 8], metavar="B",
                      help="widths --avg-bits may assign (default 2 3 4 8)")
-    cal.add_argument("--sensitivity-measure", choices=("fisher", "loss"), default="fisher",
+    cal.add_argument("--sensitivity-measure", choices=("fisher", "loss", "kl"), default="fisher",
                      help="--avg-bits' loss estimate per layer and width: fisher (diagonal Fisher information of "
-                          "the outputs x GPTQ's output error, one backward pass) or loss (the measured increase of "
+                          "the outputs x GPTQ's output error, one backward pass), loss (the measured increase of "
                           "the next-token loss on --sensitivity-samples other calibration windows with that layer "
                           "alone quantized: one forward pass of the rest of the model per layer and width; holds "
-                          "the model in memory) (default fisher)")
+                          "the model in memory) or kl (likewise, the mean KL divergence of the next-token "
+                          "distributions from the full-precision model's: no sampling noise of the loss difference) "
+                          "(default fisher)")
     cal.add_argument("--sensitivity-samples", type=int, default=4, metavar="N",
-                     help="windows of --sensitivity-measure loss (default 4)")
+                     help="windows of --sensitivity-measure loss / kl (default 4)")
+    cal.add_argument("--sensitivity-refine", type=int, default=0, metavar="N",
+                     help="with --sensitivity-measure kl / loss: up to N rounds that re-measure every layer's "
+                          "loss at each width with all other layers at the current allocation's widths "
+                          "(interactions included), re-solve the allocation on those changes and keep the new "
+                          "one while its measured loss as a whole drops (cached in --sensitivity) (default 0)")
     cal.add_argument("--sensitivity-calib-samples", type=int, default=None, metavar="N",
                      help="calibration windows of the GPTQ runs inside the --avg-bits measurement (drawn like "
                           "--calib-samples' windows, same seed); the final quantization still uses --calib-samples. "
@@ -500,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                                   sensitivity_measure=args.sensitivity_measure,
                                   sensitivity_samples=args.sensitivity_samples,
                                   sensitivity_calib_samples=args.sensitivity_calib_samples,
+                                  sensitivity_refine=args.sensitivity_refine,
                                   allocate_by=args.allocate_by, min_bits=parse_min_bits(args.min_bits))
         summary = convert(args.src, args.dst, spec, method=args.method, overwrite=args.overwrite,
                           max_shard_bytes=args.max_shard_size, progress=not args.no_progress,

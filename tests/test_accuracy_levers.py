@@ -635,3 +635,118 @@ def test_fake_eval_mix_takes_matching_layers_from_the_other_checkpoint(tiny_tok,
         want = sd4[name] if from_b and name.endswith("_proj.weight") else sd2[name]
         assert torch.equal(t, want), name
     assert not torch.equal(sd2["model.layers.0.mlp.down_proj.weight"], sd4["model.layers.0.mlp.down_proj.weight"])
+
+
+# ---- --sensitivity-measure kl, --sensitivity-refine ---------------------------------------------------------
+
+def _perturbing_quantizer(cal, monkeypatch):
+    """Replace GPTQ by a known perturbation (noise of size 4^-bits), so references need no GPTQ."""
+    import types
+
+    def perturbed(members, w, bits):
+        g = torch.Generator().manual_seed(bits * 100 + len(members) * 7 + w.shape[0])
+        return w + torch.randn(w.shape, generator=g) * w.std() * 4.0 ** (1 - bits)
+
+    def fake_quantize_unit(layer, prefix, members, h, bits, *args, **kwargs):
+        w = torch.cat([cal._submodule(layer, rel).weight.detach() for rel in members])
+        return {}, types.SimpleNamespace(dequant=perturbed(members, w, bits))
+
+    monkeypatch.setattr(cal, "_quantize_unit", fake_quantize_unit)
+    return perturbed
+
+
+def _hf_kl(model, ref_logits, ids) -> float:
+    """Mean KL(p_ref || p_model) of the next-token distributions over the predicted positions."""
+    with torch.no_grad():
+        lq = torch.log_softmax(model(ids).logits[:, :-1].double(), -1)
+    lp = torch.log_softmax(ref_logits[:, :-1].double(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def _set_unit(model, prefix, members, w):
+    row = 0
+    with torch.no_grad():
+        for rel in members:
+            m = model.get_submodule(f"{prefix}.{rel}")
+            m.weight.copy_(w[row:row + m.weight.shape[0]])
+            row += m.weight.shape[0]
+
+
+def test_kl_sensitivity_and_local_profile_match_the_hf_model(tiny_tok, monkeypatch):
+    """--sensitivity-measure kl: a unit's value at a width is the KL divergence of the HF model with only
+    that unit replaced from the unreplaced model. HeldModel.local_profile: at an operating point
+    (every unit at its allocated width), a unit's value at another width is the HF model's KL with that
+    unit moved, minus the operating point's KL."""
+    from transformers import AutoModelForCausalLM
+
+    import quant_tools.calibrate as cal
+    from quant_tools.checkpoint import HFCheckpoint
+    from quant_tools.convert import linear_modules
+
+    perturbed = _perturbing_quantizer(cal, monkeypatch)
+    src, calib = tiny_tok
+    ckpt = HFCheckpoint(src)
+    spec = BipolarQuantSpec(w_bits=2)
+    opts = cal.CalibOptions(text=calib, samples=3, seqlen=24)
+    ids = cal.calibration_windows(src, opts)
+    loss_ids = cal.calibration_windows(src, cal.CalibOptions(text=calib, samples=2, seqlen=24, seed=1))
+    held = cal.HeldModel(cal.LayerStream(ckpt), spec, "gptq", opts, ids, loss_ids, set(linear_modules(ckpt)),
+                         (2, 3, 8), torch.float32, measure="kl")
+    try:
+        units = held.profile((2, 3, 8))
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref_logits = model(loss_ids).logits
+        fp = {n: torch.cat([model.get_submodule(m).weight.detach().clone() for m in u["modules"]])
+              for n, u in units.items()}
+        name, members = "model.layers.1.mlp.gate_proj", cal.UNITS[2][1]
+        prefix = "model.layers.1"
+        for bits in (2, 3):
+            _set_unit(model, prefix, members, perturbed(members, fp[name], bits))
+            want = _hf_kl(model, ref_logits, loss_ids)
+            _set_unit(model, prefix, members, fp[name])
+            assert units[name]["loss"][str(bits)] == pytest.approx(max(want, 1e-12), rel=1e-2, abs=5e-7)
+        assert all(u["loss"]["2"] >= u["loss"]["3"] >= u["loss"]["8"] > 0 for u in units.values())
+
+        # operating point: every unit at 3 bits except gate/up of layer 1 at 2 bits
+        alloc = {m: (2 if n == name else 3) for n, u in units.items() for m in u["modules"]}
+        base, local = held.local_profile(alloc, (2, 3, 8))
+        for n, u in units.items():
+            w = perturbed(cal.UNITS[[x[1][0] for x in cal.UNITS].index(n.split(".", 3)[3])][1], fp[n], alloc[n])
+            _set_unit(model, n.rsplit(".", 2)[0], [m.split(".", 3)[3] for m in u["modules"]], w)
+        assert base == pytest.approx(_hf_kl(model, ref_logits, loss_ids), rel=1e-2)
+        _set_unit(model, prefix, members, perturbed(members, fp[name], 3))
+        up = _hf_kl(model, ref_logits, loss_ids) - base
+        assert local[name]["loss"]["2"] == 0.0 or local[name]["loss"]["2"] == pytest.approx(max(0.0, up), abs=1e-7)
+        assert local[name]["loss"]["3"] == pytest.approx(min(0.0, up), rel=1e-2, abs=5e-7)
+        assert up < 0  # 3 bits instead of 2 helps
+    finally:
+        held.close()
+
+
+def test_convert_sensitivity_refine_meets_the_average_and_is_cached(tiny_tok, tmp_path, monkeypatch, capsys):
+    import quant_tools.calibrate as cal
+
+    src, calib = tiny_tok
+    dst, sens = tmp_path / "out", tmp_path / "sens.json"
+    args = [str(src), str(dst), "--w-bits", "2", "--method", "gptq", "--calib", str(calib), "--calib-samples", "4",
+            "--calib-seqlen", "32", "--avg-bits", "2.5", "--sensitivity-measure", "kl", "--sensitivity-samples", "2",
+            "--sensitivity-refine", "2", "--sensitivity", str(sens), "--no-progress"]
+    assert convert_main(args) == 0
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["avg_bits"] <= 2.5 + 1e-9
+    saved = json.loads(sens.read_text())
+    assert saved["key"]["measure"] == "kl"
+    hist = saved["refine"]["history"]
+    assert saved["refine"]["key"]["avg_bits"] == 2.5 and 1 <= len(hist) <= 3
+    best = [h for h in hist if h.get("best")]
+    assert len(best) == 1 and best[0]["score"] == min(h["score"] for h in hist)
+    assert all(qc["layer_bits"].get(m, qc["w_bits"]) == b for m, b in best[0]["layer_bits"].items())
+    # the second run reuses the cache: no model is held
+    monkeypatch.setattr(cal, "HeldModel", None)
+    assert convert_main([*args[:1], str(tmp_path / "again"), *args[2:]]) == 0
+    qc2 = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert qc2["layer_bits"] == qc["layer_bits"]
+    # refine needs a measured loss and single units
+    assert convert_main([*args[:1], str(tmp_path / "x"), *args[2:15], "fisher", *args[16:]]) == 2
+    assert "--sensitivity-refine re-measures" in capsys.readouterr().err

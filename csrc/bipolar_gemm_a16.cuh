@@ -75,6 +75,8 @@ struct Problem {
   // while the previous kernel of the stream finishes, streams its first weights and waits (griddepcontrol)
   // before it reads x
   bool pdl;
+  // decode kernel: weight stages requested before the x rows (see gemv_a16_kernel's prologue)
+  int pre_stages;
 };
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
@@ -429,6 +431,19 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+// cp_async_wait<n> for a uniform n in 0..7 known at run time only
+__device__ __forceinline__ void cp_async_wait_dyn(int n) {
+  switch (n) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 4: cp_async_wait<4>(); break;
+    case 5: cp_async_wait<5>(); break;
+    case 6: cp_async_wait<6>(); break;
+    default: cp_async_wait<7>(); break;
+  }
+}
 
 // Streaming loads of a part's w words (read once: not kept in L1).
 template <int W>
@@ -683,7 +698,7 @@ struct DecodeConfig {
   static constexpr int kThreads = kWarpSize * WARPS_;
   // a stage: the lanes' weight words of one 64-channel block in NB block rows, [b][part][lane][w] as in
   // global memory (each lane copies and reads back its own 4w-byte pieces: no bank conflicts), then the
-  // 32 (s, z) words of the block's scale row
+  // 32 (s, z) words of the block's scale row (copied for the first block of a scale group only)
   static constexpr int kStageWeightWords = NB_ * kWarpSize * BITS;
   static constexpr int kStageWords = kStageWeightWords + NT;
   // stages per warp: about 4.5 KB of ring each (24 warps: 108 KB an SM), 2 to 8 stages. 1-2 bit
@@ -725,15 +740,13 @@ __device__ __forceinline__ void grid_dependents_launch() {
 #endif
 }
 
-// x in shared memory (X_SMEM), per token row, in mma order: the B fragment of k-step s of a 64-channel
-// block is x words kw + t and kw + 4 + t (kw = 32 kb + 8 s, t = lane % 4), i.e. word 4 j + t of the
-// block for j = 0..7; they are stored at 8 t + j, so a lane's eight words of a block are two 16-byte
-// loads. Rows are Kp / 2 + 4 words apart: the two token rows of a quarter warp's 16-byte loads start
-// 4 banks apart (conflict-free); at M = 1 every lane reads row 0 (a broadcast).
-__device__ __forceinline__ int x_smem_word(int w) { return (w & ~31) | ((w & 3) << 3) | ((w >> 2) & 7); }
-
-// X_SMEM: the CTA first copies its x rows (M x Kp, zero-filled past K) into shared memory in the order
-// above; otherwise (x too large: many rows of a long K) the fragments come from global memory (L1 / L2).
+// x in shared memory (X_SMEM): token rows of Kp channels (zero-filled past K), Kp / 2 + 4 words apart,
+// copied in 16-byte pieces by cp.async. A lane's B fragments of a 64-channel block are words
+// 32 kb + 4 i + t (i = 0..7) of its token's row: eight 4-byte loads from one base; the 8 token rows of
+// a warp's loads start 4 banks apart, so the 32 lanes (4 g + t) hit 32 different banks; at M = 1 every
+// lane reads row 0 (4 distinct words per load, broadcast).
+// X_SMEM: the CTA first copies its x rows into shared memory; otherwise (x too large: many rows of a
+// long K) the fragments come from global memory (L1 / L2).
 template <typename T, int BITS, class C, bool X_SMEM>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Problem p) {
   using E = Elem<T>;
@@ -763,6 +776,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   const int x_words = X_SMEM ? p.M * (p.Kp / 2 + 4) : 0;  // = decode_x_smem_bytes / 4
   uint32_t* ring = reinterpret_cast<uint32_t*>(smem) + x_words + warp * S * C::kStageWords;
 
+  // Blocks whose stage carries the (s, z) words: the first of the warp's run and of each scale group
+  // (the words stay in registers until the group is folded).
+  auto group_first = [&](int kb) { return kb == kb_begin || ((kb * kBlockK) & ((1 << p.group_shift) - 1)) == 0; };
   // Stage of block kb (< kb_end) into ring slot `slot`: every lane its own pieces of the NB block rows
   // (part by part, 4w bytes: one to two cp.async) and the (s, z) word of CTA row `lane`.
   auto issue_stage = [&](int kb, int slot) {
@@ -786,12 +802,16 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
           cp_async_small<4>(st + off, src);
         }
       }
-    cp_async_small<4>(st + C::kStageWeightWords + lane, scales + ((kb * kBlockK) >> p.group_shift) * p.Np + lane);
+    if (group_first(kb))
+      cp_async_small<4>(st + C::kStageWeightWords + lane, scales + ((kb * kBlockK) >> p.group_shift) * p.Np + lane);
   };
-  // The first S - 1 stages: requested before x is staged (and, under PDL, before the previous kernel
-  // has finished: weights and scales do not depend on it).
-#pragma unroll
-  for (int j = 0; j < S - 1; ++j) {
+  // Prologue: the first S - 1 weight stages and the x rows go out as cp.async groups. x is on every
+  // warp's critical path and HBM serves requests roughly in order, so x is requested after only
+  // p.pre_stages weight stages (under PDL those are requested before griddepcontrol.wait: they stream
+  // while the previous kernel finishes; weights and scales do not depend on it), then the rest.
+  const int pre = min(p.pre_stages, S - 1);
+  int j = 0;
+  for (; j < pre; ++j) {
     if (kb_begin + j < kb_end) issue_stage(kb_begin + j, j);
     cp_async_commit();
   }
@@ -808,16 +828,19 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
     uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
     const int chunks = p.Kp / 8;  // 16-byte pieces of a row (K is a multiple of 8: all in or all out)
     for (int i = threadIdx.x; i < p.M * chunks; i += C::kThreads) {
-      const int m = i / chunks, w0 = 4 * (i % chunks);
-      const uint4 v = w0 < kpairs ? *reinterpret_cast<const uint4*>(x + int64_t(m) * p.ldx + 2 * w0)
-                                  : make_uint4(0, 0, 0, 0);
-      uint32_t* row = xs + m * xrow_words;
-      row[x_smem_word(w0 + 0)] = v.x;
-      row[x_smem_word(w0 + 1)] = v.y;
-      row[x_smem_word(w0 + 2)] = v.z;
-      row[x_smem_word(w0 + 3)] = v.w;
+      const int m = i / chunks, c = i % chunks;
+      const bool in = 8 * c < p.K;
+      cp_async16(xs + m * xrow_words + 4 * c, in ? x + int64_t(m) * p.ldx + 8 * c : x, in ? 16 : 0);
     }
-    __syncthreads();  // x rows visible to every warp
+  }
+  cp_async_commit();
+  for (; j < S - 1; ++j) {
+    if (kb_begin + j < kb_end) issue_stage(kb_begin + j, j);
+    cp_async_commit();
+  }
+  if constexpr (X_SMEM) {
+    cp_async_wait_dyn(S - 1 - pre);  // this thread's pieces of x have landed (the later groups may not)
+    __syncthreads();                 // every thread's
   }
 
   // acc: the output tile; tsum: sum t x of the group being accumulated, per block row; bsum: sum beta x
@@ -861,6 +884,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   };
 
   int slot = 0;
+  uint32_t sz[NB][2];  // (s, z) words of rows g, g + 8 of each block row, for the current scale group
   for (int kb = kb_begin; kb < kb_end; ++kb) {
     cp_async_wait<S - 2>();  // this lane's pieces of block kb have landed
     __syncwarp();            // ... and every lane's (s, z) word; slot (slot - 1) is read by all lanes
@@ -871,7 +895,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
     }
     const uint32_t* st = ring + slot * C::kStageWords;
     slot = slot + 1 == S ? 0 : slot + 1;
-    uint32_t words[NB][BITS], sz[NB][2];
+    uint32_t words[NB][BITS];
 #pragma unroll
     for (int b = 0; b < NB; ++b) {
 #pragma unroll
@@ -892,8 +916,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
           words[b][sh] = *src;
         }
       }
+    }
+    if (group_first(kb)) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) sz[b][h] = st[C::kStageWeightWords + b * kBlockN + 8 * h + g];
+      for (int b = 0; b < NB; ++b)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) sz[b][h] = st[C::kStageWeightWords + b * kBlockN + 8 * h + g];
     }
     // B fragments of the block's 4 k-steps per token group: xb[q][2 s + r] = x words 32 kb + 8 s + 4 r + t
     uint32_t xb[TG][8];
@@ -901,11 +929,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
     for (int q = 0; q < TG; ++q) {
       if constexpr (X_SMEM) {
         // rows are zero-filled up to Kp: no bounds to check
-        const uint4* src = reinterpret_cast<const uint4*>(
-            reinterpret_cast<const uint32_t*>(smem) + xrow[q] * xrow_words + kb * 32 + 8 * t);
-        const uint4 lo = src[0], hi = src[1];
-        xb[q][0] = lo.x; xb[q][1] = lo.y; xb[q][2] = lo.z; xb[q][3] = lo.w;
-        xb[q][4] = hi.x; xb[q][5] = hi.y; xb[q][6] = hi.z; xb[q][7] = hi.w;
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(smem) + xrow[q] * xrow_words + kb * 32 + t;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xb[q][i] = src[4 * i];
       } else {
         const uint32_t* src = reinterpret_cast<const uint32_t*>(x + int64_t(xrow[q]) * p.ldx) + kb * 32 + t;
 #pragma unroll

@@ -417,14 +417,15 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
-// 4- / 8-byte async copies (a lane's part of a layout block when the part is 1 or 2 bits wide).
+// 4-, 8- or 16-byte async copy to a shared-memory address (the decode kernel's ring: a lane's part of a
+// layout block is 4w bytes).
 template <int BYTES>
-__device__ __forceinline__ void cp_async_small(void* dst, const void* src) {
+__device__ __forceinline__ void cp_async_to(uint32_t dst, const void* src) {
   static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
   if constexpr (BYTES == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
   else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(src), "n"(BYTES));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -715,7 +716,7 @@ struct DecodeConfig {
   // 24 warps per SM (<= 80 registers a thread) for 1-4 bit weights at 8 tokens; 16 tokens (twice the B
   // fragments and accumulators) and 5-8 bit weights need more registers: 16 warps. launch_decode_tile
   // sizes the CTAs by this.
-  static constexpr int kThreadsPerSm = (MT_ == 16 || BITS >= 5) ? 512 : 768;
+  static constexpr int kThreadsPerSm = (MT_ == 16 || BITS >= 5) ? 512 : 1024;
   static constexpr int kMinBlocks = kThreadsPerSm / kThreads > 0 ? kThreadsPerSm / kThreads : 1;
   static_assert(MT_ == 8 || MT_ == 16, "decode tiles are 8 or 16 tokens");
 };
@@ -779,42 +780,48 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   // Blocks whose stage carries the (s, z) words: the first of the warp's run and of each scale group
   // (the words stay in registers until the group is folded).
   auto group_first = [&](int kb) { return kb == kb_begin || ((kb * kBlockK) & ((1 << p.group_shift) - 1)) == 0; };
-  // Stage of block kb (< kb_end) into ring slot `slot`: every lane its own pieces of the NB block rows
-  // (part by part, 4w bytes: one to two cp.async) and the (s, z) word of CTA row `lane`.
-  auto issue_stage = [&](int kb, int slot) {
-    uint32_t* st = ring + slot * C::kStageWords;
-    const uint32_t* wblk = wbase + (kb - kb_begin) * kBlockWords;
+  // The next stage to request: block kb_next into ring slot slot_next; every lane copies its own pieces
+  // of the NB block rows (part by part, 4w bytes: one or two cp.async) and, for the first block of a
+  // scale group, the (s, z) word of CTA row `lane`. Sources and destinations advance by constants.
+  const uint32_t ring_addr = smem_addr(ring);
+  const uint32_t* wnext = wbase;
+  int kb_next = kb_begin, slot_next = 0;
+  auto issue_next = [&]() {
+    if (kb_next < kb_end) {
+      const uint32_t st = ring_addr + slot_next * (4 * C::kStageWords);
 #pragma unroll
-    for (int b = 0; b < NB; ++b)
+      for (int b = 0; b < NB; ++b)
 #pragma unroll
-      for (int i = 0; i < num_parts(BITS); ++i) {
-        const int w = part_width(BITS, i), sh = part_shift(BITS, i);
-        const int off = b * kBlockWords + sh * 32 + lane * w;
-        const uint32_t* src = wblk + b * row_words + sh * 32 + lane * w;
-        if (w == 8) {
-          cp_async_small<16>(st + off, src);
-          cp_async_small<16>(st + off + 4, src + 4);
-        } else if (w == 4) {
-          cp_async_small<16>(st + off, src);
-        } else if (w == 2) {
-          cp_async_small<8>(st + off, src);
-        } else {
-          cp_async_small<4>(st + off, src);
+        for (int i = 0; i < num_parts(BITS); ++i) {
+          const int w = part_width(BITS, i), sh = part_shift(BITS, i);
+          const int off = sh * 32 + lane * w;  // words into the block, in global and shared memory alike
+          const uint32_t dst = st + 4 * (b * kBlockWords + off);
+          const uint32_t* src = wnext + b * row_words + off;
+          if (w == 8) {
+            cp_async_to<16>(dst, src);
+            cp_async_to<16>(dst + 16, src + 4);
+          } else if (w == 4) {
+            cp_async_to<16>(dst, src);
+          } else if (w == 2) {
+            cp_async_to<8>(dst, src);
+          } else {
+            cp_async_to<4>(dst, src);
+          }
         }
-      }
-    if (group_first(kb))
-      cp_async_small<4>(st + C::kStageWeightWords + lane, scales + ((kb * kBlockK) >> p.group_shift) * p.Np + lane);
+      if (group_first(kb_next))
+        cp_async_to<4>(st + 4 * (C::kStageWeightWords + lane), scales + ((kb_next * kBlockK) >> p.group_shift) * p.Np + lane);
+      wnext += kBlockWords;
+      ++kb_next;
+      slot_next = slot_next + 1 == S ? 0 : slot_next + 1;
+    }
+    cp_async_commit();
   };
   // Prologue: the first S - 1 weight stages and the x rows go out as cp.async groups. x is on every
   // warp's critical path and HBM serves requests roughly in order, so x is requested after only
   // p.pre_stages weight stages (under PDL those are requested before griddepcontrol.wait: they stream
   // while the previous kernel finishes; weights and scales do not depend on it), then the rest.
   const int pre = min(p.pre_stages, S - 1);
-  int j = 0;
-  for (; j < pre; ++j) {
-    if (kb_begin + j < kb_end) issue_stage(kb_begin + j, j);
-    cp_async_commit();
-  }
+  for (int j = 0; j < pre; ++j) issue_next();
   if (p.pdl) grid_dependency_wait();  // x is the previous kernel's output
 
   // B columns of this lane: tokens g (and g + 8 when TG = 2). A token past M reads row M - 1 instead:
@@ -827,17 +834,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   if constexpr (X_SMEM) {
     uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
     const int chunks = p.Kp / 8;  // 16-byte pieces of a row (K is a multiple of 8: all in or all out)
-    for (int i = threadIdx.x; i < p.M * chunks; i += C::kThreads) {
-      const int m = i / chunks, c = i % chunks;
-      const bool in = 8 * c < p.K;
-      cp_async16(xs + m * xrow_words + 4 * c, in ? x + int64_t(m) * p.ldx + 8 * c : x, in ? 16 : 0);
-    }
+    for (int m = 0; m < p.M; ++m)
+      for (int c = threadIdx.x; c < chunks; c += C::kThreads) {
+        const bool in = 8 * c < p.K;
+        cp_async16(xs + m * xrow_words + 4 * c, in ? x + int64_t(m) * p.ldx + 8 * c : x, in ? 16 : 0);
+      }
   }
   cp_async_commit();
-  for (; j < S - 1; ++j) {
-    if (kb_begin + j < kb_end) issue_stage(kb_begin + j, j);
-    cp_async_commit();
-  }
+  for (int j = pre; j < S - 1; ++j) issue_next();
   if constexpr (X_SMEM) {
     cp_async_wait_dyn(S - 1 - pre);  // this thread's pieces of x have landed (the later groups may not)
     __syncthreads();                 // every thread's
@@ -888,11 +892,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   for (int kb = kb_begin; kb < kb_end; ++kb) {
     cp_async_wait<S - 2>();  // this lane's pieces of block kb have landed
     __syncwarp();            // ... and every lane's (s, z) word; slot (slot - 1) is read by all lanes
-    {
-      const int next = kb + S - 1;
-      if (next < kb_end) issue_stage(next, slot == 0 ? S - 1 : slot - 1);
-      cp_async_commit();
-    }
+    issue_next();            // block kb + S - 1 into slot (slot - 1)
     const uint32_t* st = ring + slot * C::kStageWords;
     slot = slot + 1 == S ? 0 : slot + 1;
     uint32_t words[NB][BITS];

@@ -61,19 +61,6 @@ bool use_pdl(int device) {
   return enabled && device_attribute(kMajor, device) >= 9;
 }
 
-// Weight stages the decode kernel requests before its x rows: BIPOLAR_A16_DECODE_PRE_STAGES (0..7, read
-// once, for tuning), else 1 under PDL (they stream while the previous kernel finishes) and 0 without.
-int decode_pre_stages(bool pdl) {
-  static const int v = [] {
-    const char* e = std::getenv("BIPOLAR_A16_DECODE_PRE_STAGES");
-    if (e == nullptr || *e == 0) return -1;
-    const int n = std::atoi(e);
-    TORCH_CHECK(n >= 0 && n <= 7, "BIPOLAR_A16_DECODE_PRE_STAGES must be 0..7, got \"", e, "\"");
-    return n;
-  }();
-  return v >= 0 ? v : (pdl ? 1 : 0);
-}
-
 template <typename T>
 void dispatch(bool dequantize, int bits, const a16::Problem& p, cudaStream_t stream) {
 #define BIPOLAR_CASE(B)                                                        \
@@ -157,7 +144,6 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.sms = device_attribute(kSms, device);
   p.smem_optin = device_attribute(kSmemOptin, device);
   p.pdl = use_pdl(device);
-  p.pre_stages = decode_pre_stages(p.pdl);
   at::Tensor partial;
   if (m > a16::kDecodeMaxM) {
     p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms);

@@ -72,11 +72,9 @@ struct Problem {
   int sms;  // multiprocessors of the device (decode kernel: warps per CTA)
   int smem_optin;  // largest dynamic shared memory of a CTA on the device (opt-in)
   // decode kernel: launched with programmatic dependent launch (sm_90+, BIPOLAR_PDL not 0): it may start
-  // while the previous kernel of the stream finishes, streams its first weights and waits (griddepcontrol)
-  // before it reads x
+  // while the previous kernel of the stream finishes, requests its first weights and waits
+  // (griddepcontrol.wait) before it reads x
   bool pdl;
-  // decode kernel: weight stages requested before the x rows (see gemv_a16_kernel's prologue)
-  int pre_stages;
 };
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
@@ -417,33 +415,10 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
-// 4-, 8- or 16-byte async copy to a shared-memory address (the decode kernel's ring: a lane's part of a
-// layout block is 4w bytes).
-template <int BYTES>
-__device__ __forceinline__ void cp_async_to(uint32_t dst, const void* src) {
-  static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
-  if constexpr (BYTES == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(src), "n"(BYTES));
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-// cp_async_wait<n> for a uniform n in 0..7 known at run time only
-__device__ __forceinline__ void cp_async_wait_dyn(int n) {
-  switch (n) {
-    case 0: cp_async_wait<0>(); break;
-    case 1: cp_async_wait<1>(); break;
-    case 2: cp_async_wait<2>(); break;
-    case 3: cp_async_wait<3>(); break;
-    case 4: cp_async_wait<4>(); break;
-    case 5: cp_async_wait<5>(); break;
-    case 6: cp_async_wait<6>(); break;
-    default: cp_async_wait<7>(); break;
-  }
 }
 
 // Streaming loads of a part's w words (read once: not kept in L1).
@@ -664,19 +639,12 @@ __global__ void __launch_bounds__(C::kThreads, 2) gemm_mid_a16_kernel(Problem p)
 
 // ---- the decode kernel (M <= 16) ------------------------------------------------------------------
 // At decode the weights are everything: 1 to 16 activation rows meet every weight exactly once, so
-// this kernel's job is to have as many weight bytes in flight as HBM needs from the first cycle on,
-// and to spend few instructions per weight. Each warp owns a contiguous run of layout blocks (16 rows x
-// 64 channels) of the CTA's NB block rows and streams them through a private ring of kStages shared-
-// memory stages with cp.async (one stage = one 64-channel block of the NB rows plus the (s, z) words of
-// the CTA's 32 rows): kStages - 1 stages are in flight while one is decoded, and the first ones are
-// requested before anything else (x staging, the wait for the previous kernel under PDL). Only the
-// lane that copied a word reads it back, except the (s, z) words (one per lane, read by the 4 lanes of
-// a row): a __syncwarp per stage orders them. Measured before (commit 8a374f2): with loads into
-// registers, two chunks per warp, the time followed the number of serial load round trips per warp
-// (W1, W2, W4 all ~11 us at 11008 x 4096), not the bytes.
-// Each pair of codes becomes beta + c with one LOP3 (decode_raw_pair: no scale, no offset) and feeds
-// the mma. A CTA owns NT = 16 NB output columns across all of K; its WARPS warps sum their partial
-// tiles through shared memory once, at the end.
+// this kernel keeps weights out of shared memory and away from barriers, and spends as few
+// instructions per weight as it can. Each warp streams its layout blocks from HBM straight into
+// registers, D blocks at a time (two chunks in flight), turns each pair of codes into beta + c with
+// one LOP3 (decode_raw_pair: no scale, no offset) and issues mma. A CTA owns NT = 16 NB output columns
+// across all of K; its WARPS warps split K into contiguous runs of layout blocks and sum their
+// partial tiles through shared memory once, at the end.
 // Roles swapped against the larger-M kernel: the mma computes y^T = W x^T, the 16 decoded weight rows
 // of a layout block are the A operand (the layout's two n8 B fragments are exactly the four A
 // registers) and 8 tokens are the B operand. At M <= 8 no tensor-core row is padding and no zero
@@ -695,38 +663,25 @@ struct DecodeConfig {
   static constexpr int NB = NB_;
   static constexpr int WARPS = WARPS_;
   static constexpr int NT = kBlockN * NB_;
-  static_assert(NT == kWarpSize, "one (s, z) word per lane and stage: the CTA's rows");
   static constexpr int kThreads = kWarpSize * WARPS_;
-  // a stage: the lanes' weight words of one 64-channel block in NB block rows, [b][part][lane][w] as in
-  // global memory (each lane copies and reads back its own 4w-byte pieces: no bank conflicts), then the
-  // 32 (s, z) words of the block's scale row (copied for the first block of a scale group only)
-  static constexpr int kStageWeightWords = NB_ * kWarpSize * BITS;
-  static constexpr int kStageWords = kStageWeightWords + NT;
-  // stages per warp: about 4.5 KB of ring each (24 warps: 108 KB an SM), 2 to 8 stages. 1-2 bit
-  // weights get 8 / 7 stages, 4 bits 4, 8 bits 2.
-  static constexpr int kRingBytesPerWarp = 4608;
-  static constexpr int kStagesRaw = kRingBytesPerWarp / (4 * kStageWords);
-  static constexpr int kStages = kStagesRaw < 2 ? 2 : (kStagesRaw > 8 ? 8 : kStagesRaw);
-  static constexpr int kRingBytes = WARPS_ * kStages * kStageWords * 4;
-  // partial tiles of the final sum, [WARPS][MT][NT + 4] (aliasing x and the ring once every warp is
-  // done): the + 4 spreads the 4 lanes that share an output row (t = 0..3, tokens 2 t, 2 t + 1) over
-  // different banks
+  // layout blocks per warp and chunk (two chunks in registers: one decoded while the next loads):
+  // one, two for 1-bit weights. Measured on an H100: chunks of 8 words per lane and block row (4 blocks
+  // at 2 bits), with the 16 warps per SM their registers allow (commit 3715fe8), were slower at 2-4 bits
+  // than these with 24 warps (11008 x 4096 W4, M = 1: 15.4 against 11.7 us,
+  // benchmarks/results/kernels_decode_h100.json): more warps beat deeper chunks.
+  static constexpr int D = BITS == 1 ? 2 : 1;
+  // partial tiles of the final sum, [WARPS][MT][NT + 4]: the + 4 spreads the 4 lanes that share an
+  // output row (t = 0..3, tokens 2 t, 2 t + 1) over different banks
   static constexpr int kRedStride = NT + 4;
-  static constexpr int kRedBytes = WARPS_ * MT_ * kRedStride * 4;
-  // 24 warps per SM (<= 80 registers a thread) for 1-4 bit weights at 8 tokens; 16 tokens (twice the B
-  // fragments and accumulators) and 5-8 bit weights need more registers: 16 warps. launch_decode_tile
-  // sizes the CTAs by this.
-  static constexpr int kThreadsPerSm = (MT_ == 16 || BITS >= 5) ? 512 : 1024;
+  static constexpr int kSmemBytes = WARPS_ * MT_ * kRedStride * 4;
+  // 24 warps per SM (<= 80 registers a thread): the loads in flight are what keeps HBM busy. 16
+  // tokens (twice the B fragments and accumulators) and 5-8 bit weights (their two chunks alone are
+  // 4 BITS registers) need more registers: 16 warps. launch_decode_tile sizes the CTAs by this.
+  static constexpr int kThreadsPerSm = (MT_ == 16 || BITS >= 5) ? 512 : 768;
   static constexpr int kMinBlocks = kThreadsPerSm / kThreads > 0 ? kThreadsPerSm / kThreads : 1;
   static_assert(MT_ == 8 || MT_ == 16, "decode tiles are 8 or 16 tokens");
+  static_assert(kSmemBytes <= 48 * 1024, "no opt-in needed");
 };
-
-// Shared memory of the decode kernel: x rows (x_bytes, 0 when x is read from global memory), then the
-// warps' rings; the final partial tiles reuse it from the start.
-template <class C>
-__host__ __device__ constexpr int decode_smem_bytes(int x_bytes) {
-  return x_bytes + C::kRingBytes > C::kRedBytes ? x_bytes + C::kRingBytes : C::kRedBytes;
-}
 
 // Programmatic dependent launch (sm_90+): wait for the previous kernel of the stream (its memory
 // visible) / let the next one start its prologue. No-ops when the kernel was launched without PDL.
@@ -741,13 +696,15 @@ __device__ __forceinline__ void grid_dependents_launch() {
 #endif
 }
 
-// x in shared memory (X_SMEM): token rows of Kp channels (zero-filled past K), Kp / 2 + 4 words apart,
-// copied in 16-byte pieces by cp.async. A lane's B fragments of a 64-channel block are words
-// 32 kb + 4 i + t (i = 0..7) of its token's row: eight 4-byte loads from one base; the 8 token rows of
-// a warp's loads start 4 banks apart, so the 32 lanes (4 g + t) hit 32 different banks; at M = 1 every
-// lane reads row 0 (4 distinct words per load, broadcast).
-// X_SMEM: the CTA first copies its x rows into shared memory; otherwise (x too large: many rows of a
-// long K) the fragments come from global memory (L1 / L2).
+// x in shared memory (X_SMEM), per token row, in mma order: the B fragment of k-step s of a 64-channel
+// block is x words kw + t and kw + 4 + t (kw = 32 kb + 8 s, t = lane % 4), i.e. word 4 j + t of the
+// block for j = 0..7; they are stored at 8 t + j, so a lane's eight words of a block are two 16-byte
+// loads. Rows are Kp / 2 + 4 words apart: the two token rows of a quarter warp's 16-byte loads start
+// 4 banks apart (conflict-free); at M = 1 every lane reads row 0 (a broadcast).
+__device__ __forceinline__ int x_smem_word(int w) { return (w & ~31) | ((w & 3) << 3) | ((w >> 2) & 7); }
+
+// X_SMEM: the CTA first copies its x rows (M x Kp, zero-filled past K) into shared memory in the order
+// above; otherwise (x too large: many rows of a long K) the fragments come from global memory (L1 / L2).
 template <typename T, int BITS, class C, bool X_SMEM>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Problem p) {
   using E = Elem<T>;
@@ -760,12 +717,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   const int nb0 = blockIdx.x * C::NB;    // first 16-row layout block of the CTA
   const int kblocks = p.Kp / kBlockK;
   constexpr int kBlockWords = 32 * BITS;
+  constexpr int D = C::D;
   constexpr int NB = C::NB;
   constexpr int TG = C::TG;
-  constexpr int S = C::kStages;
   constexpr float kL = float((1 << BITS) - 1);
   const int row_words = kblocks * kBlockWords;  // one 16-row block row across all of K (< 2^31 words)
-  const uint32_t* scales = static_cast<const uint32_t*>(p.scales) + nb0 * kBlockN;  // (s, z) words
+  const uint32_t* scales = static_cast<const uint32_t*>(p.scales) + nb0 * kBlockN + g;  // (s, z) words
   const T* x = static_cast<const T*>(p.x);
   const bool two_groups = p.group_shift < 6;  // group size 32: a 64-channel block has two scale rows
   // This warp's run of layout blocks [kb_begin, kb_end): contiguous, so that a scale group's blocks
@@ -774,56 +731,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   const int kb_begin = min(warp * per_warp, kblocks);
   const int kb_end = min(kb_begin + per_warp, kblocks);
   const uint32_t* wbase = p.qweight + size_t(nb0) * row_words + size_t(kb_begin) * kBlockWords;
-  const int x_words = X_SMEM ? p.M * (p.Kp / 2 + 4) : 0;  // = decode_x_smem_bytes / 4
-  uint32_t* ring = reinterpret_cast<uint32_t*>(smem) + x_words + warp * S * C::kStageWords;
-
-  // Blocks whose stage carries the (s, z) words: the first of the warp's run and of each scale group
-  // (the words stay in registers until the group is folded).
-  auto group_first = [&](int kb) { return kb == kb_begin || ((kb * kBlockK) & ((1 << p.group_shift) - 1)) == 0; };
-  // The next stage to request: block kb_next into ring slot slot_next; every lane copies its own pieces
-  // of the NB block rows (part by part, 4w bytes: one or two cp.async) and, for the first block of a
-  // scale group, the (s, z) word of CTA row `lane`. Sources and destinations advance by constants.
-  const uint32_t ring_addr = smem_addr(ring);
-  const uint32_t* wnext = wbase;
-  int kb_next = kb_begin, slot_next = 0;
-  auto issue_next = [&]() {
-    if (kb_next < kb_end) {
-      const uint32_t st = ring_addr + slot_next * (4 * C::kStageWords);
-#pragma unroll
-      for (int b = 0; b < NB; ++b)
-#pragma unroll
-        for (int i = 0; i < num_parts(BITS); ++i) {
-          const int w = part_width(BITS, i), sh = part_shift(BITS, i);
-          const int off = sh * 32 + lane * w;  // words into the block, in global and shared memory alike
-          const uint32_t dst = st + 4 * (b * kBlockWords + off);
-          const uint32_t* src = wnext + b * row_words + off;
-          if (w == 8) {
-            cp_async_to<16>(dst, src);
-            cp_async_to<16>(dst + 16, src + 4);
-          } else if (w == 4) {
-            cp_async_to<16>(dst, src);
-          } else if (w == 2) {
-            cp_async_to<8>(dst, src);
-          } else {
-            cp_async_to<4>(dst, src);
-          }
-        }
-      if (group_first(kb_next))
-        cp_async_to<4>(st + 4 * (C::kStageWeightWords + lane), scales + ((kb_next * kBlockK) >> p.group_shift) * p.Np + lane);
-      wnext += kBlockWords;
-      ++kb_next;
-      slot_next = slot_next + 1 == S ? 0 : slot_next + 1;
-    }
-    cp_async_commit();
-  };
-  // Prologue: the first S - 1 weight stages and the x rows go out as cp.async groups. x is on every
-  // warp's critical path and HBM serves requests roughly in order, so x is requested after only
-  // p.pre_stages weight stages (under PDL those are requested before griddepcontrol.wait: they stream
-  // while the previous kernel finishes; weights and scales do not depend on it), then the rest.
-  const int pre = min(p.pre_stages, S - 1);
-  for (int j = 0; j < pre; ++j) issue_next();
-  if (p.pdl) grid_dependency_wait();  // x is the previous kernel's output
-
   // B columns of this lane: tokens g (and g + 8 when TG = 2). A token past M reads row M - 1 instead:
   // its output column is never stored, so no lane needs a zero row or a predicate.
   int xrow[TG];
@@ -831,22 +738,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   for (int q = 0; q < TG; ++q) xrow[q] = min(g + 8 * q, p.M - 1);
   const int xrow_words = p.Kp / 2 + 4;  // shared row stride in words
   const int kpairs = p.K / 2;            // x words of a row
-  if constexpr (X_SMEM) {
-    uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
-    const int chunks = p.Kp / 8;  // 16-byte pieces of a row (K is a multiple of 8: all in or all out)
-    for (int m = 0; m < p.M; ++m)
-      for (int c = threadIdx.x; c < chunks; c += C::kThreads) {
-        const bool in = 8 * c < p.K;
-        cp_async16(xs + m * xrow_words + 4 * c, in ? x + int64_t(m) * p.ldx + 8 * c : x, in ? 16 : 0);
-      }
-  }
-  cp_async_commit();
-  for (int j = pre; j < S - 1; ++j) issue_next();
-  if constexpr (X_SMEM) {
-    cp_async_wait_dyn(S - 1 - pre);  // this thread's pieces of x have landed (the later groups may not)
-    __syncthreads();                 // every thread's
-  }
-
   // acc: the output tile; tsum: sum t x of the group being accumulated, per block row; bsum: sum beta x
   // ([0], [1]: tokens 2 t, 2 t + 1) and sum x ([2], [3]) of that group
   float acc[NB][TG][4], tsum[NB][TG][4], bsum[TG][4];
@@ -859,6 +750,27 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[b][q][e] = tsum[b][q][e] = 0.f;
   }
+
+  // A chunk: D consecutive layout blocks of the warp x NB block rows of weight words, and their (s, z)
+  // words per row half h (the scale row of channels 0-31 of each block).
+  using Words = uint32_t[D][NB][BITS];
+  using Sz = uint32_t[D][NB][2];
+  auto load_chunk = [&](Words& words, Sz& sz, int kb0) {
+#pragma unroll
+    for (int j = 0; j < D; ++j) {
+      const int kb = kb0 + j;
+      if (kb < kb_end) {
+        const uint32_t* srow = scales + ((kb * kBlockK) >> p.group_shift) * p.Np;
+        const uint32_t* wblk = wbase + (kb - kb_begin) * kBlockWords;
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          ldg_block<BITS>(wblk + b * row_words, lane, words[j][b]);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) sz[j][b][h] = __ldg(srow + b * kBlockN + 8 * h);
+        }
+      }
+    }
+  };
   // acc += 2 s (tsum - sum beta x) + (z - L s) sum x with the (s, z) words of rows g, g + 8 of each
   // block row; then a fresh group.
   auto fold = [&](const uint32_t (&sz)[NB][2]) {
@@ -886,104 +798,109 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
 #pragma unroll
       for (int e = 0; e < 4; ++e) bsum[q][e] = 0.f;
   };
-
-  int slot = 0;
-  uint32_t sz[NB][2];  // (s, z) words of rows g, g + 8 of each block row, for the current scale group
-  for (int kb = kb_begin; kb < kb_end; ++kb) {
-    cp_async_wait<S - 2>();  // this lane's pieces of block kb have landed
-    __syncwarp();            // ... and every lane's (s, z) word; slot (slot - 1) is read by all lanes
-    issue_next();            // block kb + S - 1 into slot (slot - 1)
-    const uint32_t* st = ring + slot * C::kStageWords;
-    slot = slot + 1 == S ? 0 : slot + 1;
-    uint32_t words[NB][BITS];
+  auto compute_chunk = [&](const Words& words, const Sz& sz, int kb0) {
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
+    for (int j = 0; j < D; ++j) {
+      const int kb = kb0 + j;
+      if (kb >= kb_end) break;  // warp-uniform
+      // B fragments of the block's 4 k-steps per token group: xb[q][2 s + r] = x words 32 kb + 8 s + 4 r + t
+      uint32_t xb[TG][8];
 #pragma unroll
-      for (int i = 0; i < num_parts(BITS); ++i) {
-        const int w = part_width(BITS, i), sh = part_shift(BITS, i);
-        const uint32_t* src = st + b * kBlockWords + sh * 32 + lane * w;
-        if (w >= 4) {
-#pragma unroll
-          for (int v = 0; v < w / 4; ++v) {
-            const uint4 u = reinterpret_cast<const uint4*>(src)[v];
-            words[b][sh + 4 * v] = u.x; words[b][sh + 4 * v + 1] = u.y;
-            words[b][sh + 4 * v + 2] = u.z; words[b][sh + 4 * v + 3] = u.w;
-          }
-        } else if (w == 2) {
-          const uint2 u = *reinterpret_cast<const uint2*>(src);
-          words[b][sh] = u.x; words[b][sh + 1] = u.y;
+      for (int q = 0; q < TG; ++q) {
+        if constexpr (X_SMEM) {
+          // rows are zero-filled up to Kp: no bounds to check
+          const uint4* src = reinterpret_cast<const uint4*>(
+              reinterpret_cast<const uint32_t*>(smem) + xrow[q] * xrow_words + kb * 32 + 8 * t);
+          const uint4 lo = src[0], hi = src[1];
+          xb[q][0] = lo.x; xb[q][1] = lo.y; xb[q][2] = lo.z; xb[q][3] = lo.w;
+          xb[q][4] = hi.x; xb[q][5] = hi.y; xb[q][6] = hi.z; xb[q][7] = hi.w;
         } else {
-          words[b][sh] = *src;
+          const uint32_t* src = reinterpret_cast<const uint32_t*>(x + int64_t(xrow[q]) * p.ldx) + kb * 32 + t;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) xb[q][i] = kb * 32 + 4 * i + t < kpairs ? __ldg(src + 4 * i) : 0u;
         }
       }
-    }
-    if (group_first(kb)) {
 #pragma unroll
-      for (int b = 0; b < NB; ++b)
+      for (int s = 0; s < 4; ++s) {
+        // bias mma: rows 0-7 (a0, a2) the betas of pairs 4 s, 4 s + 1 (those of rows 8-15 are equal),
+        // rows 8-15 (a1, a3) ones
+        const uint32_t ab[4] = {R::beta(4 * s), E::pow2(0, false), R::beta(4 * s + 1), E::pow2(0, false)};
 #pragma unroll
-        for (int h = 0; h < 2; ++h) sz[b][h] = st[C::kStageWeightWords + b * kBlockN + 8 * h + g];
-    }
-    // B fragments of the block's 4 k-steps per token group: xb[q][2 s + r] = x words 32 kb + 8 s + 4 r + t
-    uint32_t xb[TG][8];
+        for (int q = 0; q < TG; ++q) E::mma(bsum[q], ab, xb[q][2 * s], xb[q][2 * s + 1]);
 #pragma unroll
-    for (int q = 0; q < TG; ++q) {
-      if constexpr (X_SMEM) {
-        // rows are zero-filled up to Kp: no bounds to check
-        const uint32_t* src = reinterpret_cast<const uint32_t*>(smem) + xrow[q] * xrow_words + kb * 32 + t;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) xb[q][i] = src[4 * i];
-      } else {
-        const uint32_t* src = reinterpret_cast<const uint32_t*>(x + int64_t(xrow[q]) * p.ldx) + kb * 32 + t;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) xb[q][i] = kb * 32 + 4 * i + t < kpairs ? __ldg(src + 4 * i) : 0u;
-      }
-    }
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      // bias mma: rows 0-7 (a0, a2) the betas of pairs 4 s, 4 s + 1 (those of rows 8-15 are equal),
-      // rows 8-15 (a1, a3) ones
-      const uint32_t ab[4] = {R::beta(4 * s), E::pow2(0, false), R::beta(4 * s + 1), E::pow2(0, false)};
-#pragma unroll
-      for (int q = 0; q < TG; ++q) E::mma(bsum[q], ab, xb[q][2 * s], xb[q][2 * s + 1]);
-#pragma unroll
-      for (int b = 0; b < NB; ++b) {
-        // A of rows 0-7 (h = 0) and 8-15 (h = 1): a0 / a2 = pairs 4 s + 0 / 1, a1 / a3 = pairs 4 s + 2 / 3
-        uint32_t a[4];
-#define BIPOLAR_RAW_CASE(S_)                                    \
-  if (s == S_) {                                                \
-    a[0] = decode_raw_pair<T, BITS, 4 * S_ + 0>(words[b]);      \
-    a[1] = decode_raw_pair<T, BITS, 4 * S_ + 2>(words[b]);      \
-    a[2] = decode_raw_pair<T, BITS, 4 * S_ + 1>(words[b]);      \
-    a[3] = decode_raw_pair<T, BITS, 4 * S_ + 3>(words[b]);      \
+        for (int b = 0; b < NB; ++b) {
+          // A of rows 0-7 (h = 0) and 8-15 (h = 1): a0 / a2 = pairs 4 s + 0 / 1, a1 / a3 = pairs 4 s + 2 / 3
+          uint32_t a[4];
+#define BIPOLAR_RAW_CASE(S)                                       \
+  if (s == S) {                                                   \
+    a[0] = decode_raw_pair<T, BITS, 4 * S + 0>(words[j][b]);      \
+    a[1] = decode_raw_pair<T, BITS, 4 * S + 2>(words[j][b]);      \
+    a[2] = decode_raw_pair<T, BITS, 4 * S + 1>(words[j][b]);      \
+    a[3] = decode_raw_pair<T, BITS, 4 * S + 3>(words[j][b]);      \
   }
-        BIPOLAR_RAW_CASE(0) BIPOLAR_RAW_CASE(1) BIPOLAR_RAW_CASE(2) BIPOLAR_RAW_CASE(3)
+          BIPOLAR_RAW_CASE(0) BIPOLAR_RAW_CASE(1) BIPOLAR_RAW_CASE(2) BIPOLAR_RAW_CASE(3)
 #undef BIPOLAR_RAW_CASE
 #pragma unroll
-        for (int q = 0; q < TG; ++q) E::mma(tsum[b][q], a, xb[q][2 * s], xb[q][2 * s + 1]);
+          for (int q = 0; q < TG; ++q) E::mma(tsum[b][q], a, xb[q][2 * s], xb[q][2 * s + 1]);
+        }
+        // group size 32: channels 0-31 of the block are a group of their own
+        if (s == 1 && two_groups) fold(sz[j]);
       }
-      // group size 32: channels 0-31 of the block are a group of their own
-      if (s == 1 && two_groups) fold(sz);
-    }
-    // The group ends with this block (or the warp's run does): fold. For 32-channel groups, the
-    // second half's (s, z) row is the next one, read here (from L2).
-    if (two_groups) {
-      const uint32_t* srow2 = scales + g + ((kb * kBlockK + 32) >> p.group_shift) * p.Np;
-      uint32_t sz2[NB][2];
+      // The group ends with this block (or the warp's run does): fold. For 32-channel groups, the
+      // second half's (s, z) row is the next one, read here (from L2).
+      if (two_groups) {
+        const uint32_t* srow2 = scales + ((kb * kBlockK + 32) >> p.group_shift) * p.Np;
+        uint32_t sz2[NB][2];
 #pragma unroll
-      for (int b = 0; b < NB; ++b)
+        for (int b = 0; b < NB; ++b)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) sz2[b][h] = __ldg(srow2 + b * kBlockN + 8 * h);
-      fold(sz2);
-    } else if (kb + 1 == kb_end || (((kb + 1) * kBlockK) >> p.group_shift) != ((kb * kBlockK) >> p.group_shift)) {
-      fold(sz);
+          for (int h = 0; h < 2; ++h) sz2[b][h] = __ldg(srow2 + b * kBlockN + 8 * h);
+        fold(sz2);
+      } else if (kb + 1 == kb_end || (((kb + 1) * kBlockK) >> p.group_shift) != ((kb * kBlockK) >> p.group_shift)) {
+        fold(sz[j]);
+      }
     }
-  }
-  if (p.pdl) grid_dependents_launch();  // the next kernel may start streaming its weights
+  };
 
-  // The warps' partial tiles -> shared memory (after every warp is done with x and its ring) -> summed
-  // -> y. C fragment of mma m16n8 (rows = output columns n, columns = tokens m): d0, d1 = row g, tokens
+  // Two chunks in registers: the next one's loads are in flight while this one is decoded.
+  Words wa, wb;
+  Sz sa, sb;
+  int kb0 = kb_begin;
+  // The first weights are requested while x comes into shared memory and, under PDL (Problem.pdl),
+  // before the previous kernel of the stream has finished: weights and scales do not depend on it, x
+  // does (griddepcontrol.wait).
+  load_chunk(wa, sa, kb0);
+  if (p.pdl) grid_dependency_wait();
+  if constexpr (X_SMEM) {
+    uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
+    const int chunks = p.Kp / 8;  // 16-byte pieces of a row (K is a multiple of 8: all in or all out)
+    for (int m = 0; m < p.M; ++m)
+      for (int c = threadIdx.x; c < chunks; c += C::kThreads) {
+        const int w0 = 4 * c;
+        const uint4 v = w0 < kpairs ? *reinterpret_cast<const uint4*>(x + int64_t(m) * p.ldx + 2 * w0)
+                                    : make_uint4(0, 0, 0, 0);
+        uint32_t* row = xs + m * xrow_words;
+        row[x_smem_word(w0 + 0)] = v.x;
+        row[x_smem_word(w0 + 1)] = v.y;
+        row[x_smem_word(w0 + 2)] = v.z;
+        row[x_smem_word(w0 + 3)] = v.w;
+      }
+    __syncthreads();  // x rows visible to every warp
+  }
+  while (kb0 < kb_end) {
+    load_chunk(wb, sb, kb0 + D);
+    compute_chunk(wa, sa, kb0);
+    kb0 += D;
+    if (kb0 >= kb_end) break;
+    load_chunk(wa, sa, kb0 + D);
+    compute_chunk(wb, sb, kb0);
+    kb0 += D;
+  }
+  if (p.pdl) grid_dependents_launch();  // the next kernel may start requesting its weights
+
+  // The warps' partial tiles -> shared memory (after every warp is done with x there) -> summed -> y.
+  // C fragment of mma m16n8 (rows = output columns n, columns = tokens m): d0, d1 = row g, tokens
   // 2 t + {0, 1}; d2, d3 = row g + 8.
-  cp_async_wait<0>();  // (only empty groups are left: nothing more lands in the ring)
   __syncthreads();
   float* red = reinterpret_cast<float*>(smem);  // [WARPS][MT][kRedStride]
 #pragma unroll
@@ -1124,14 +1041,12 @@ template <typename T, int BITS, class C>
 void launch_decode(const Problem& p, cudaStream_t stream) {
   const int x_bytes = decode_x_smem_bytes(p);
   const dim3 grid(p.Np / C::NT);
-  // x rows in shared memory when they fit beside the rings (on GPUs with less shared memory per CTA
-  // than an H100, long rows of many tokens come from L1 / L2 instead)
-  if (x_bytes > 0 && decode_smem_bytes<C>(x_bytes) <= p.smem_optin) {
-    opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, true>>(std::min(decode_smem_bytes<C>(kDecodeXSmemMax), p.smem_optin));
-    launch_kernel(gemv_a16_kernel<T, BITS, C, true>, grid, C::kThreads, decode_smem_bytes<C>(x_bytes), p.pdl, p, stream);
+  // x rows in shared memory when they fit (kDecodeXSmemMax, and the device's opt-in limit: less on Ada)
+  if (x_bytes > 0 && x_bytes <= p.smem_optin) {
+    opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, true>>(std::min(kDecodeXSmemMax, p.smem_optin));
+    launch_kernel(gemv_a16_kernel<T, BITS, C, true>, grid, C::kThreads, std::max(x_bytes, C::kSmemBytes), p.pdl, p, stream);
   } else {
-    opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, false>>(decode_smem_bytes<C>(0));
-    launch_kernel(gemv_a16_kernel<T, BITS, C, false>, grid, C::kThreads, decode_smem_bytes<C>(0), p.pdl, p, stream);
+    launch_kernel(gemv_a16_kernel<T, BITS, C, false>, grid, C::kThreads, C::kSmemBytes, p.pdl, p, stream);
   }
 }
 
@@ -1166,9 +1081,8 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
     const int x_bytes = decode_x_smem_bytes(p);
     int best = 0, best_resident = 0;
     for (int w = 16; w >= 2 && warps == 0; w /= 2) {
-      // decode_smem_bytes<DecodeConfig<BITS, MT, w>>: x rows + w rings, or the w partial tiles
-      const int x_ring = x_bytes + w * (C16::kRingBytes / 16), red = w * (C16::kRedBytes / 16);
-      const int smem = std::max(x_ring, red) + 1024;  // + the driver's reserve per CTA
+      const int red_bytes = w * C16::MT * C16::kRedStride * 4;  // DecodeConfig<BITS, MT, w>::kSmemBytes
+      const int smem = std::max(x_bytes, red_bytes) + 1024;  // + the driver's reserve per CTA
       const int per_sm = std::min(C16::kThreadsPerSm / kWarpSize / w, kSmemPerSm / smem);
       if (ctas <= int64_t(p.sms) * per_sm) warps = w;  // the largest CTA with one wave
       if (per_sm * w > best_resident) best = w, best_resident = per_sm * w;

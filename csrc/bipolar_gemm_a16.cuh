@@ -751,14 +751,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
       for (int e = 0; e < 4; ++e) acc[b][q][e] = tsum[b][q][e] = 0.f;
   }
 
-  // A chunk: D consecutive layout blocks of the warp x NB block rows of weight words, and, for a block
-  // that starts a scale group, their (s, z) words per row half h (the scale row of channels 0-31).
+  // A chunk: D consecutive layout blocks of the warp x NB block rows of weight words, and their (s, z)
+  // words per row half h (the scale row of channels 0-31 of each block).
   using Words = uint32_t[D][NB][BITS];
   using Sz = uint32_t[D][NB][2];
-  // Blocks whose chunk carries (s, z) words: the first of the warp's run and of each scale group (the
-  // words are kept in registers, gsz, until the group is folded).
-  auto group_first = [&](int kb) { return kb == kb_begin || ((kb * kBlockK) & ((1 << p.group_shift) - 1)) == 0; };
-  uint32_t gsz[NB][2];
   auto load_chunk = [&](Words& words, Sz& sz, int kb0) {
 #pragma unroll
     for (int j = 0; j < D; ++j) {
@@ -766,13 +762,11 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
       if (kb < kb_end) {
         const uint32_t* srow = scales + ((kb * kBlockK) >> p.group_shift) * p.Np;
         const uint32_t* wblk = wbase + (kb - kb_begin) * kBlockWords;
-        const bool first = group_first(kb);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           ldg_block<BITS>(wblk + b * row_words, lane, words[j][b]);
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
-            if (first) sz[j][b][h] = __ldg(srow + b * kBlockN + 8 * h);
+          for (int h = 0; h < 2; ++h) sz[j][b][h] = __ldg(srow + b * kBlockN + 8 * h);
         }
       }
     }
@@ -809,10 +803,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
     for (int j = 0; j < D; ++j) {
       const int kb = kb0 + j;
       if (kb >= kb_end) break;  // warp-uniform
-      if (group_first(kb)) {
-#pragma unroll
-        for (int b = 0; b < NB; ++b) gsz[b][0] = sz[j][b][0], gsz[b][1] = sz[j][b][1];
-      }
       // B fragments of the block's 4 k-steps per token group: xb[q][2 s + r] = x words 32 kb + 8 s + 4 r + t
       uint32_t xb[TG][8];
 #pragma unroll
@@ -854,7 +844,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
           for (int q = 0; q < TG; ++q) E::mma(tsum[b][q], a, xb[q][2 * s], xb[q][2 * s + 1]);
         }
         // group size 32: channels 0-31 of the block are a group of their own
-        if (s == 1 && two_groups) fold(gsz);
+        if (s == 1 && two_groups) fold(sz[j]);
       }
       // The group ends with this block (or the warp's run does): fold. For 32-channel groups, the
       // second half's (s, z) row is the next one, read here (from L2).
@@ -867,7 +857,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
           for (int h = 0; h < 2; ++h) sz2[b][h] = __ldg(srow2 + b * kBlockN + 8 * h);
         fold(sz2);
       } else if (kb + 1 == kb_end || (((kb + 1) * kBlockK) >> p.group_shift) != ((kb * kBlockK) >> p.group_shift)) {
-        fold(gsz);
+        fold(sz[j]);
       }
     }
   };

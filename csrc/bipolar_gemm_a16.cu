@@ -61,19 +61,6 @@ bool use_pdl(int device) {
   return enabled && device_attribute(kMajor, device) >= 9;
 }
 
-// Chunks the decode kernel prefetches into L2 ahead of its register loads: BIPOLAR_A16_L2_PREFETCH
-// (0..64, read once; 0 turns it off), default 3.
-int decode_l2_prefetch() {
-  static const int v = [] {
-    const char* e = std::getenv("BIPOLAR_A16_L2_PREFETCH");
-    if (e == nullptr || *e == 0) return 3;
-    const int n = std::atoi(e);
-    TORCH_CHECK(n >= 0 && n <= 64, "BIPOLAR_A16_L2_PREFETCH must be 0..64, got \"", e, "\"");
-    return n;
-  }();
-  return v;
-}
-
 template <typename T>
 void dispatch(bool dequantize, int bits, const a16::Problem& p, cudaStream_t stream) {
 #define BIPOLAR_CASE(B)                                                        \
@@ -157,7 +144,6 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.sms = device_attribute(kSms, device);
   p.smem_optin = device_attribute(kSmemOptin, device);
   p.pdl = use_pdl(device);
-  p.l2_prefetch = decode_l2_prefetch();
   at::Tensor partial;
   if (m > a16::kDecodeMaxM) {
     p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms);

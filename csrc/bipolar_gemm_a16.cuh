@@ -75,8 +75,6 @@ struct Problem {
   // while the previous kernel of the stream finishes, requests its first weights and waits
   // (griddepcontrol.wait) before it reads x
   bool pdl;
-  // decode kernel: chunks of weights prefetched into L2 ahead of the register loads (sm_90; 0: off)
-  int l2_prefetch;
 };
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
@@ -773,21 +771,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
       }
     }
   };
-  // L2 prefetch of the warp's blocks [kb, kb + n) in all NB block rows (sm_90: cp.async.bulk.prefetch,
-  // one per row, from lane 0; nothing on older GPUs)
-  auto prefetch_l2 = [&](int kb, int n) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    n = min(n, kb_end - kb);
-    if (lane == 0 && n > 0) {
-      const uint32_t* blk = wbase + (kb - kb_begin) * kBlockWords;
-#pragma unroll
-      for (int b = 0; b < NB; ++b)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(blk + b * row_words),
-                     "r"(uint32_t(n * kBlockWords * 4))
-                     : "memory");
-    }
-#endif
-  };
   // acc += 2 s (tsum - sum beta x) + (z - L s) sum x with the (s, z) words of rows g, g + 8 of each
   // block row; then a fresh group.
   auto fold = [&](const uint32_t (&sz)[NB][2]) {
@@ -887,12 +870,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   // before the previous kernel of the stream has finished: weights and scales do not depend on it, x
   // does (griddepcontrol.wait).
   load_chunk(wa, sa, kb0);
-  // Two chunks in registers are too few loads in flight to hide HBM's latency (ncu: the warps wait at
-  // the first use of each chunk), and more do not fit the register budget. So, on sm_90, lane 0 also
-  // asks L2 to fetch the warp's blocks p.l2_prefetch chunks ahead (one bulk prefetch per block row):
-  // the register loads then hit L2.
-  const int pf = p.l2_prefetch;
-  if (pf > 0) prefetch_l2(kb0 + D, pf * D);
   if (p.pdl) grid_dependency_wait();
   if constexpr (X_SMEM) {
     uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
@@ -911,12 +888,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
     __syncthreads();  // x rows visible to every warp
   }
   while (kb0 < kb_end) {
-    if (pf > 0) prefetch_l2(kb0 + (pf + 1) * D, D);
     load_chunk(wb, sb, kb0 + D);
     compute_chunk(wa, sa, kb0);
     kb0 += D;
     if (kb0 >= kb_end) break;
-    if (pf > 0) prefetch_l2(kb0 + (pf + 1) * D, D);
     load_chunk(wa, sa, kb0 + D);
     compute_chunk(wb, sb, kb0);
     kb0 += D;

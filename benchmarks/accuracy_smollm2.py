@@ -83,6 +83,11 @@ ROWS = [
          extra=("--sensitivity-measure", "loss", "--sensitivity-calib-samples", "16")),
     _row("w2.5-avg-gptq-rot-loss-c256", 2, method="gptq", avg_bits=2.5, rotate=True, calib_samples=256,
          extra=("--sensitivity-measure", "loss", "--sensitivity-calib-samples", "16")),
+    # --avg-bits 2.5 <= 2x bf16: the allocation measured by the KL divergence from the full-precision model's
+    # next-token distributions (no sampling noise of a loss difference on 4 windows), then re-measured at its
+    # operating point (--sensitivity-refine: every unit's change with all others at their allocated widths).
+    _row("w2.5-avg-gptq-rot-kl-refine", 2, method="gptq", avg_bits=2.5, rotate=True, calib_samples=128,
+         extra=("--sensitivity-measure", "kl", "--sensitivity-refine", "1")),
     # W2A4 coherence: every layer at 2 bits (group 128: the smallest the format allows with quantized
     # activations), the W4A4 row's Hadamard rotation and clip, 128 calibration windows; greedy
     # generations recorded.
@@ -101,8 +106,9 @@ def convert_cmd(row: dict, calib: list[str]) -> list[str] | None:
         cmd += calib if row.get("calib_samples") is None else \
             ["--calib-samples", str(row["calib_samples"]), *calib[2:]]
     if row["avg_bits"] is not None:
-        sens = ("sensitivity-rot" if row["rotate"] else "sensitivity") + \
-            ("-loss.json" if "--sensitivity-measure" in row["extra"] else ".json")
+        extra = row["extra"]
+        measure = extra[extra.index("--sensitivity-measure") + 1] if "--sensitivity-measure" in extra else None
+        sens = ("sensitivity-rot" if row["rotate"] else "sensitivity") + (f"-{measure}.json" if measure else ".json")
         cmd += ["--avg-bits", str(row["avg_bits"]), "--sensitivity", f".models/acc/{sens}"]
     if row["rotate"]:
         cmd += ["--rotate"]

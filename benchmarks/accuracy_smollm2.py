@@ -86,6 +86,8 @@ ROWS = [
     # --avg-bits 2.5 <= 2x bf16: the allocation measured by the KL divergence from the full-precision model's
     # next-token distributions (no sampling noise of a loss difference on 4 windows), then re-measured at its
     # operating point (--sensitivity-refine: every unit's change with all others at their allocated widths).
+    _row("w2.5-avg-gptq-rot-kl", 2, method="gptq", avg_bits=2.5, rotate=True, calib_samples=128,
+         extra=("--sensitivity-measure", "kl")),
     _row("w2.5-avg-gptq-rot-kl-refine", 2, method="gptq", avg_bits=2.5, rotate=True, calib_samples=128,
          extra=("--sensitivity-measure", "kl", "--sensitivity-refine", "1")),
     # W2A4 coherence: every layer at 2 bits (group 128: the smallest the format allows with quantized

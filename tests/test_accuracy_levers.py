@@ -408,23 +408,13 @@ def test_measured_sensitivity_is_the_loss_increase_of_one_quantized_unit(tiny_to
     """measured_sensitivity's loss per unit and width equals the next-token loss of the whole HF model
     with only that unit's weights replaced, minus the unreplaced model's loss. The quantizer is replaced
     by a known perturbation (noise of size 4^-bits), so the reference needs no GPTQ."""
-    import types
-
     from transformers import AutoModelForCausalLM
 
     import quant_tools.calibrate as cal
     from quant_tools.checkpoint import HFCheckpoint
     from quant_tools.convert import linear_modules
 
-    def perturbed(members, w, bits):
-        g = torch.Generator().manual_seed(bits * 100 + len(members) * 7 + w.shape[0])
-        return w + torch.randn(w.shape, generator=g) * w.std() * 4.0 ** (1 - bits)
-
-    def fake_quantize_unit(layer, prefix, members, h, bits, *args, **kwargs):
-        w = torch.cat([cal._submodule(layer, rel).weight.detach() for rel in members])
-        return {}, types.SimpleNamespace(dequant=perturbed(members, w, bits))
-
-    monkeypatch.setattr(cal, "_quantize_unit", fake_quantize_unit)
+    perturbed = _perturbing_quantizer(cal, monkeypatch)
     src, calib = tiny_tok
     ckpt = HFCheckpoint(src)
     spec = BipolarQuantSpec(w_bits=2)

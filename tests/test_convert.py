@@ -109,9 +109,15 @@ def test_existing_dst_refused_then_overwritten(tmp_path, capsys):
     assert leftovers(tmp_path) == []
 
 
+def _sigint_default() -> None:
+    # A runner started in the background by a shell (`cmd &`, nohup) hands SIG_IGN for SIGINT down to its
+    # children, and Python then installs no KeyboardInterrupt handler: the child gets the default back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _convert_cli(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "quant_tools.convert", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])

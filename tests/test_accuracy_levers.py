@@ -411,16 +411,9 @@ def test_measured_sensitivity_is_the_loss_increase_of_one_quantized_unit(tiny_to
     from transformers import AutoModelForCausalLM
 
     import quant_tools.calibrate as cal
-    from quant_tools.checkpoint import HFCheckpoint
     from quant_tools.convert import linear_modules
 
-    perturbed = _perturbing_quantizer(cal, monkeypatch)
-    src, calib = tiny_tok
-    ckpt = HFCheckpoint(src)
-    spec = BipolarQuantSpec(w_bits=2)
-    opts = cal.CalibOptions(text=calib, samples=3, seqlen=24)
-    ids = cal.calibration_windows(src, opts)
-    loss_ids = cal.calibration_windows(src, cal.CalibOptions(text=calib, samples=2, seqlen=24, seed=1))
+    perturbed, src, ckpt, spec, opts, ids, loss_ids = _sensitivity_setup(cal, tiny_tok, monkeypatch)
     units = cal.measured_sensitivity(cal.LayerStream(ckpt), spec, "gptq", opts, ids, loss_ids,
                                      set(linear_modules(ckpt)), (2, 3, 8), torch.float32)
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
@@ -645,6 +638,19 @@ def _perturbing_quantizer(cal, monkeypatch):
     return perturbed
 
 
+def _sensitivity_setup(cal, tiny_tok, monkeypatch):
+    """The sensitivity tests' common inputs: the perturbing quantizer, the tiny checkpoint, W2, 3 GPTQ
+    windows and 2 other (seed 1) windows for the loss / KL measurement."""
+    from quant_tools.checkpoint import HFCheckpoint
+
+    perturbed = _perturbing_quantizer(cal, monkeypatch)
+    src, calib = tiny_tok
+    opts = cal.CalibOptions(text=calib, samples=3, seqlen=24)
+    ids = cal.calibration_windows(src, opts)
+    loss_ids = cal.calibration_windows(src, cal.CalibOptions(text=calib, samples=2, seqlen=24, seed=1))
+    return perturbed, src, HFCheckpoint(src), BipolarQuantSpec(w_bits=2), opts, ids, loss_ids
+
+
 def _hf_kl(model, ref_logits, ids) -> float:
     """Mean KL(p_ref || p_model) of the next-token distributions over the predicted positions."""
     with torch.no_grad():
@@ -670,16 +676,9 @@ def test_kl_sensitivity_and_local_profile_match_the_hf_model(tiny_tok, monkeypat
     from transformers import AutoModelForCausalLM
 
     import quant_tools.calibrate as cal
-    from quant_tools.checkpoint import HFCheckpoint
     from quant_tools.convert import linear_modules
 
-    perturbed = _perturbing_quantizer(cal, monkeypatch)
-    src, calib = tiny_tok
-    ckpt = HFCheckpoint(src)
-    spec = BipolarQuantSpec(w_bits=2)
-    opts = cal.CalibOptions(text=calib, samples=3, seqlen=24)
-    ids = cal.calibration_windows(src, opts)
-    loss_ids = cal.calibration_windows(src, cal.CalibOptions(text=calib, samples=2, seqlen=24, seed=1))
+    perturbed, src, ckpt, spec, opts, ids, loss_ids = _sensitivity_setup(cal, tiny_tok, monkeypatch)
     held = cal.HeldModel(cal.LayerStream(ckpt), spec, "gptq", opts, ids, loss_ids, set(linear_modules(ckpt)),
                          (2, 3, 8), torch.float32, measure="kl")
     try:

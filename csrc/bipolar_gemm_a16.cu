@@ -61,6 +61,19 @@ bool use_pdl(int device) {
   return enabled && device_attribute(kMajor, device) >= 9;
 }
 
+// Largest M of the decode kernel: BIPOLAR_A16_DECODE_MAX_M (0, 8 or 16, read once); unset: -1, the
+// rule of a16::use_decode_kernel.
+int decode_max_m() {
+  static const int v = [] {
+    const char* e = std::getenv("BIPOLAR_A16_DECODE_MAX_M");
+    if (e == nullptr || *e == 0) return -1;
+    const int n = std::atoi(e);
+    TORCH_CHECK(n == 0 || n == 8 || n == 16, "BIPOLAR_A16_DECODE_MAX_M must be 0, 8 or 16, got \"", e, "\"");
+    return n;
+  }();
+  return v;
+}
+
 template <typename T>
 void dispatch(bool dequantize, int bits, const a16::Problem& p, cudaStream_t stream) {
 #define BIPOLAR_CASE(B)                                                        \
@@ -144,9 +157,10 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.sms = device_attribute(kSms, device);
   p.smem_optin = device_attribute(kSmemOptin, device);
   p.pdl = use_pdl(device);
+  p.decode_max_m = decode_max_m();
   at::Tensor partial;
-  if (m > a16::kDecodeMaxM) {
-    p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms);
+  if (!a16::use_decode_kernel(p.M, p.N, p.decode_max_m)) {
+    p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms, int(bits));
     if (p.kb_per_split < p.Kp / kBlockK) {  // K split over CTAs: fp32 partial sums, then y
       partial = at::zeros({m, n}, x.options().dtype(at::kFloat));
       p.partial = partial.data_ptr<float>();

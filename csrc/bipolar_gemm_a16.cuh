@@ -4,7 +4,7 @@
 //
 // Weights are expanded from their codes c to fp16 / bf16 in registers, directly in the B-operand
 // fragment of mma.sync.m16n8k16 (sm_80+: A100, L4/L40, H100), so they travel HBM -> shared memory
-// -> registers exactly once, as bits. One kernel template covers decode (M = 1..16) and medium
+// -> registers exactly once, as bits. Two kernel templates cover decode (M = 1..16) and medium
 // batches; the op (bipolar_gemm_a16.cu) sends large M to the dequantize kernel + cuBLAS instead.
 //
 // ---- Repacked layout (private to this family; built at load by vllm_bipolar/kernels/a16_layout.py,
@@ -33,10 +33,11 @@
 //   scales are applied after the mma, in fp32, once per scale group); a CTA owns 32 output columns
 //   and its 2-16 warps split K into contiguous runs; x rows sit in shared memory (or come from L1/L2
 //   when too large).
-// * gemm_mid_a16_kernel (M 17..256): 8 warps split 128 output columns; weights stream into registers
-//   as above, x comes through a cp.async pipeline of 256-channel stages in shared memory (ldmatrix),
-//   each decoded fragment serves up to 8 mma of 8 tokens; K is split over CTAs when there are few
-//   column tiles (fp32 partial sums in a workspace).
+// * gemm_mid_a16_kernel (M 9..16 on wide layers, see use_decode_kernel; 17..A16_FUSED_MAX_M): 8 warps
+//   split 128 output columns and walk K together; a cp.async pipeline of 128-channel stages brings x,
+//   the weight blocks and their (s, z) rows into shared memory; each decoded fragment serves up to 8
+//   mma of 8 tokens; K is split over CTAs when there are few column tiles (fp32 partial sums in a
+//   workspace).
 // Beyond, the op dequantizes (dequantize_a16_kernel) and calls cuBLAS (vllm_bipolar/ops.py).
 //
 // No host synchronisation, launched on the current stream: the op can be captured in a CUDA graph.
@@ -46,6 +47,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -75,26 +77,64 @@ struct Problem {
   // while the previous kernel of the stream finishes, requests its first weights and waits
   // (griddepcontrol.wait) before it reads x
   bool pdl;
+  // largest M of the decode kernel when BIPOLAR_A16_DECODE_MAX_M sets it (0, 8 or 16); -1: the rule of
+  // use_decode_kernel
+  int decode_max_m;
 };
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
-// (gemm_a16_split) since a split needs a workspace.
+// (gemm_a16_kb_per_split) since a split needs a workspace.
 constexpr int kDecodeMaxM = 16;
-// Mid-batch kernel tiles: output columns per CTA, layout blocks per x stage, tokens per M-tile.
+// Decode kernel or mid-batch kernel. M <= 8: decode. M 9..16: decode on layers narrower than 8192
+// outputs, mid-batch kernel on wider ones, where the decode kernel's 16-token CTAs (16 warps per SM)
+// need several waves. Measured on an H100 at M = 16, W4 (benchmarks/results/kernels_mid_h100.json):
+// 4096 x 4096 decode 9.3 / mid 12.4 us, 4096 x 11008 19.4 / 20.8, 11008 x 4096 22.7 / 20.3,
+// 22016 x 4096 42.8 / 34.3.
+inline bool use_decode_kernel(int M, int N, int decode_max_m) {
+  if (decode_max_m >= 0) return M <= decode_max_m;
+  return M <= 8 || (M <= kDecodeMaxM && N < 8192);
+}
+
+// Mid-batch kernel tiles: output columns per CTA, layout blocks per pipeline stage, tokens per M-tile.
 constexpr int kMidTileN = 128;
-constexpr int kMidStageBlocks = 4;
-inline int mid_tile_tokens(int M) { return M <= 32 ? 32 : 64; }
-// Layout blocks per K run of the mid-batch kernel for this problem on a GPU of `sms` SMs: enough
-// (column tile, run, M-tile) CTAs for two per SM, runs of whole x stages.
-inline int gemm_a16_kb_per_split(int M, int Np, int Kp, int sms) {
+constexpr int kMidStageBlocks = 2;
+inline int mid_tile_tokens(int M) { return M <= 16 ? 16 : (M <= 32 ? 32 : 64); }
+// Shared memory of one pipeline stage: the x tile (MT x 128 channels), the 8 warps' weight blocks and
+// their (s, z) words of up to 4 scale rows. Stages: as many as keep two CTAs on an SM (up to 4).
+constexpr int mid_stage_bytes(int bits, int mt) {
+  return mt * kMidStageBlocks * kBlockK * 2 + 8 * kMidStageBlocks * 32 * bits * 4 + 8 * (kMidStageBlocks * kBlockK / 32) * kBlockN * 4;
+}
+constexpr int mid_stages(int bits, int mt) {
+  const int fit = 112 * 1024 / mid_stage_bytes(bits, mt);
+  return fit > 4 ? 4 : (fit < 2 ? 2 : fit);
+}
+// CTAs of the mid-batch kernel an SM holds by registers (its launch bounds): 16-token tiles use about 80
+// registers a thread, 32- and 64-token tiles up to 128.
+constexpr int mid_ctas_per_sm(int mt) { return mt == 16 ? 3 : 2; }
+constexpr int mid_smem_bytes(int bits, int mt) { return mid_stages(bits, mt) * mid_stage_bytes(bits, mt); }
+// Layout blocks per K run of the mid-batch kernel for this problem on a GPU of `sms` SMs: the split
+// (runs of whole stages) with the least time counted in waves of CTAs x blocks per run (plus a
+// prologue / epilogue of about two blocks per CTA, and two for the workspace a split needs).
+inline int gemm_a16_kb_per_split(int M, int Np, int Kp, int sms, int bits) {
   const int kblocks = Kp / kBlockK;
   const int mt = mid_tile_tokens(M);
   const int tiles = ((Np + kMidTileN - 1) / kMidTileN) * ((M + mt - 1) / mt);
-  int splits = (2 * sms + tiles - 1) / tiles;
-  splits = splits < 1 ? 1 : splits;
-  int per = (kblocks + splits - 1) / splits;
-  per = (per + kMidStageBlocks - 1) / kMidStageBlocks * kMidStageBlocks;
-  return per < kblocks ? per : kblocks;
+  // CTAs an SM holds: by registers and by shared memory
+  const int by_smem = (228 * 1024) / (mid_smem_bytes(bits, mt) + 1024);
+  const int per_sm = std::max(1, std::min(mid_ctas_per_sm(mt), by_smem));
+  const int64_t slots = int64_t(sms) * per_sm;
+  int best = kblocks;
+  int64_t best_cost = -1;
+  for (int splits = 1; splits <= kblocks; ++splits) {
+    int per = (kblocks + splits - 1) / splits;
+    per = (per + kMidStageBlocks - 1) / kMidStageBlocks * kMidStageBlocks;
+    const int real = (kblocks + per - 1) / per;
+    if (real != splits) continue;  // same split as a smaller count
+    const int64_t waves = (int64_t(tiles) * real + slots - 1) / slots;
+    const int64_t cost = waves * (per + 2) + (real > 1 ? 2 : 0);
+    if (best_cost < 0 || cost < best_cost) best_cost = cost, best = per;
+  }
+  return best < kblocks ? best : kblocks;
 }
 
 // y = x @ W^T for weight width BITS and element type T (__half or __nv_bfloat16) on `stream`.
@@ -114,7 +154,6 @@ constexpr int64_t kMaxM = int64_t(65535) * 16;
 #if defined(BIPOLAR_GEMM_A16_KERNELS)
 #include <c10/cuda/CUDAException.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 
@@ -437,16 +476,39 @@ __device__ __forceinline__ void ldg_stream(const uint32_t* src, uint32_t* dst) {
   }
 }
 
-// A lane's BITS words of one layout block (part by part: [part][lane][w words]), streamed.
-template <int BITS>
-__device__ __forceinline__ void ldg_block(const uint32_t* blk, int lane, uint32_t (&words)[BITS]) {
+// W words of a part from shared memory (the layout's 4w-byte pieces: one vector load).
+template <int W>
+__device__ __forceinline__ void lds_words(const uint32_t* src, uint32_t* dst) {
+  if constexpr (W == 1) {
+    dst[0] = src[0];
+  } else if constexpr (W == 2) {
+    const uint2 q = *reinterpret_cast<const uint2*>(src);
+    dst[0] = q.x, dst[1] = q.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < W / 4; ++i) {
+      const uint4 q = reinterpret_cast<const uint4*>(src)[i];
+      dst[4 * i] = q.x, dst[4 * i + 1] = q.y, dst[4 * i + 2] = q.z, dst[4 * i + 3] = q.w;
+    }
+  }
+}
+
+// A lane's BITS words of one layout block (part by part: [part][lane][w words]): streamed from HBM, or
+// (SHARED) read from a copy of the block in shared memory.
+template <int BITS, bool SHARED = false>
+__device__ __forceinline__ void read_block(const uint32_t* blk, int lane, uint32_t (&words)[BITS]) {
+  auto load = [&](auto width, int sh) {
+    constexpr int w = decltype(width)::value;
+    if constexpr (SHARED) lds_words<w>(blk + sh * 32 + lane * w, &words[sh]);
+    else ldg_stream<w>(blk + sh * 32 + lane * w, &words[sh]);
+  };
 #pragma unroll
   for (int i = 0; i < num_parts(BITS); ++i) {
     const int w = part_width(BITS, i), sh = part_shift(BITS, i);
-    if (w == 8) ldg_stream<8>(blk + sh * 32 + lane * 8, &words[sh]);
-    else if (w == 4) ldg_stream<4>(blk + sh * 32 + lane * 4, &words[sh]);
-    else if (w == 2) ldg_stream<2>(blk + sh * 32 + lane * 2, &words[sh]);
-    else ldg_stream<1>(blk + sh * 32 + lane, &words[sh]);
+    if (w == 8) load(std::integral_constant<int, 8>{}, sh);
+    else if (w == 4) load(std::integral_constant<int, 4>{}, sh);
+    else if (w == 2) load(std::integral_constant<int, 2>{}, sh);
+    else load(std::integral_constant<int, 1>{}, sh);
   }
 }
 
@@ -455,18 +517,25 @@ __device__ __forceinline__ void ldg_block(const uint32_t* blk, int lane, uint32_
 // groups (rows are a multiple of 128 bytes apart, which would otherwise be an 8-way conflict).
 __device__ __forceinline__ int swizzle(int m, int c) { return c ^ (m & 7); }
 
-// ---- the mid-batch kernel (M 17..256) ----------------------------------------------------------------
+// ---- the mid-batch kernel (M 9..128, use_decode_kernel and ops.A16_FUSED_MAX_M) ------------------------
 // Roles as in the decode kernel below (mma computes y^T = W x^T: decoded weights are A, tokens B), but
 // with many tokens the x rows no longer fit in shared memory whole and every byte of x a CTA reads is
 // paid once per CTA: so here the 8 warps of a CTA split N, not K. Each warp owns one 16-row layout
-// block row (the CTA 128 output columns) and streams its weights from HBM into registers (two chunks
-// in flight, as in the decode kernel); all warps walk the same K range in lockstep over x stages of
-// 256 channels that a cp.async pipeline brings into shared memory (row-major, 16-byte chunks XOR-
-// swizzled by row so that ldmatrix's 8 row addresses hit 8 different bank groups). One decoded A
-// fragment feeds TG mma (8 tokens each): the decode is paid once per weight and M-tile. M > 8 TG runs
-// more M-tiles (grid.z; the weights come again, from L2). Few column tiles (N = 4096: 32) would leave
-// most SMs idle, so K is split over grid.y: the splits add fp32 partial sums into a zeroed workspace
-// (red.global.add), which the op converts to the output dtype.
+// block row (the CTA 128 output columns); all warps walk the same K range in lockstep over stages of
+// 128 channels. A cp.async pipeline of kStages stages brings each stage's x tile, weight blocks and
+// (s, z) rows into shared memory, so every load is requested kStages - 1 stages before it is used
+// and no warp waits on one load at a time (weights streamed straight into registers, two blocks in
+// flight per warp, left this kernel bound by HBM latency: 45 us at M = 64 on 11008 x 4096 whatever
+// the bit width).
+// * x: row-major, 16-byte chunks XOR-swizzled by row so that ldmatrix's 8 row addresses hit 8
+//   different bank groups.
+// * weights: each warp's blocks as they lie in HBM ([part][lane][w words] per block), so a lane reads
+//   its part words with one 4w-byte load and consecutive lanes hit consecutive banks.
+// * (s, z): the warp's 16 words of each scale row the stage touches (up to 4 at group size 32).
+// One decoded A fragment feeds TG mma (8 tokens each): the decode is paid once per weight and M-tile.
+// M > 8 TG runs more M-tiles (grid.z; the weights come again, from L2). Few column tiles (N = 4096:
+// 32) would leave most SMs idle, so K is split over grid.y: the splits add fp32 partial sums into a
+// zeroed workspace (red.global.add), which the op converts to the output dtype.
 template <int BITS, int TG_>
 struct MidConfig {
   static constexpr int TG = TG_;         // token groups of 8 per M-tile
@@ -474,20 +543,23 @@ struct MidConfig {
   static constexpr int WARPS = 8;
   static constexpr int NT = kBlockN * WARPS;  // output columns per CTA
   static constexpr int kThreads = kWarpSize * WARPS;
-  static constexpr int kStageBlocks = kMidStageBlocks;  // layout blocks (64 channels) per x stage
+  static constexpr int kStageBlocks = kMidStageBlocks;  // layout blocks (64 channels) per stage
   static constexpr int SK = kBlockK * kStageBlocks;
-  static constexpr int kStages = 3;
-  static constexpr int kStageBytes = MT * SK * 2;
-  static constexpr int kSmemBytes = kStages * kStageBytes;  // 96 KB at MT = 64: two CTAs per SM
-  // layout blocks per register chunk (two chunks in flight per warp): one, which keeps the 64-token
-  // tile within 128 registers (two CTAs per SM) without spilling
-  static constexpr int D = 1;
-  static_assert(kStageBlocks % (2 * D) == 0, "a stage holds whole pairs of chunks (the two register buffers)");
-  static_assert(NT == kMidTileN && (MT == 32 || MT == 64), "the op's K split (gemm_a16_kb_per_split) assumes these tiles");
+  static constexpr int kXBytes = MT * SK * 2;
+  static constexpr int kWarpWWords = kStageBlocks * 32 * BITS;  // one warp's weight words of a stage
+  static constexpr int kWBytes = WARPS * kWarpWWords * 4;
+  static constexpr int kSRows = SK / 32;  // most scale rows a stage touches (group size 32)
+  static constexpr int kSBytes = WARPS * kSRows * kBlockN * 4;
+  static constexpr int kStageBytes = kXBytes + kWBytes + kSBytes;
+  static constexpr int kStages = mid_stages(BITS, MT);
+  static constexpr int kSmemBytes = kStages * kStageBytes;
+  static constexpr int kMinBlocks = mid_ctas_per_sm(MT);  // CTAs per SM (gemm_a16_kb_per_split counts them)
+  static_assert(kSmemBytes == mid_smem_bytes(BITS, MT), "the op's K split counts this shared memory");
+  static_assert(NT == kMidTileN && (MT == 16 || MT == 32 || MT == 64), "the op's K split (gemm_a16_kb_per_split) assumes these tiles");
 };
 
 template <typename T, int BITS, class C>
-__global__ void __launch_bounds__(C::kThreads, 2) gemm_mid_a16_kernel(Problem p) {
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kernel(Problem p) {
   using E = Elem<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x;
@@ -503,40 +575,59 @@ __global__ void __launch_bounds__(C::kThreads, 2) gemm_mid_a16_kernel(Problem p)
   const int m0 = blockIdx.z * C::MT;
   const int mv = min(C::MT, p.M - m0);  // tokens of this M-tile
   constexpr int kBlockWords = 32 * BITS;
-  constexpr int D = C::D;
   const T* x = static_cast<const T*>(p.x);
   const uint32_t* wrow = p.qweight + size_t(active ? nb : 0) * kblocks * kBlockWords;
-  const uint32_t* scales = static_cast<const uint32_t*>(p.scales) + (active ? nb : 0) * kBlockN + g;
-  const bool two_groups = p.group_shift < 6;
-
-  // x stage `st` (channels of blocks kb_lo + 4 st ...) into buffer `buf`: mv rows x the stage's chunks
-  // (the last stage of a split may be shorter; channels past K are zero-filled).
-  auto load_x = [&](int st, int buf) {
-    T* xs = reinterpret_cast<T*>(smem + buf * C::kStageBytes);
-    const int kb0 = kb_lo + st * C::kStageBlocks;
-    const int chunks = min(C::kStageBlocks, kb_hi - kb0) * (kBlockK / 8);
-    constexpr int kRowChunks = C::SK / 8;
-    for (int i = tid; i < mv * kRowChunks; i += C::kThreads) {
-      const int m = i / kRowChunks, c = i % kRowChunks;
-      if (c >= chunks) continue;
-      const int k = kb0 * kBlockK + 8 * c;
-      const bool ok = k < p.K;
-      cp_async16(xs + (m * kRowChunks + swizzle(m, c)) * 8, ok ? x + int64_t(m0 + m) * p.ldx + k : x, ok ? 16 : 0);
-    }
+  const uint32_t* scales = static_cast<const uint32_t*>(p.scales) + (active ? nb : 0) * kBlockN;
+  // scale rows of a stage: one per group the stage's channels touch (stages start on group boundaries
+  // or inside a group, so the first is the group of the stage's first channel)
+  const int srows = p.group_shift >= 7 ? 1 : (C::SK >> p.group_shift);
+  auto stage_x = [&](int buf) { return reinterpret_cast<T*>(smem + buf * C::kStageBytes); };
+  auto stage_w = [&](int buf) {
+    return reinterpret_cast<uint32_t*>(smem + buf * C::kStageBytes + C::kXBytes) + warp * C::kWarpWWords;
+  };
+  auto stage_s = [&](int buf) {
+    return reinterpret_cast<uint32_t*>(smem + buf * C::kStageBytes + C::kXBytes + C::kWBytes) +
+           warp * C::kSRows * kBlockN;
   };
 
-  using Words = uint32_t[D][BITS];
-  using Sz = uint32_t[D][2];
-  auto load_chunk = [&](Words& words, Sz& sz, int kb0) {
+  // Stage `st` (blocks kb_lo + kStageBlocks st ...) into buffer `buf`. The last stage of a split may be
+  // shorter; x channels past K are zero-filled; x rows past the tile's tokens are not loaded (they only
+  // reach output columns that are never stored). Every address below is a per-thread constant plus a
+  // per-stage offset: the first version's general loops cost more instructions than the mma.
+  constexpr int kRowChunks = C::SK / 8;                  // 16-byte chunks of an x row in a stage
+  constexpr int kRowsPerPass = C::kThreads / kRowChunks;  // x rows one pass of the CTA's threads covers
+  static_assert(C::MT % kRowsPerPass == 0, "whole passes");
+  const int xc = tid % kRowChunks, xr = tid / kRowChunks;
+  const T* xsrc = x + int64_t(m0 + xr) * p.ldx + 8 * xc;
+  const int64_t xstep = int64_t(kRowsPerPass) * p.ldx;
+  // swizzle(m, xc) with m = xr + kRowsPerPass i depends on m % 8 = xr % 8 only (kRowsPerPass % 8 == 0)
+  const int xdst = (xr * kRowChunks + swizzle(xr, xc)) * 8;
+  constexpr int kWChunks = 8 * BITS;  // 16-byte chunks of one layout block
+  auto load_stage = [&](int st, int buf) {
+    const int kb0 = kb_lo + st * C::kStageBlocks;
+    const int nblk = min(C::kStageBlocks, kb_hi - kb0);
+    T* xs = stage_x(buf) + xdst;
+    const int k = kb0 * kBlockK + 8 * xc;
+    const bool kin = k < (kb0 + nblk) * kBlockK;  // a chunk of the stage's blocks
+    const bool kok = k < p.K;
 #pragma unroll
-    for (int j = 0; j < D; ++j) {
-      const int kb = kb0 + j;
-      if (active && kb < kb_hi) {
-        ldg_block<BITS>(wrow + kb * kBlockWords, lane, words[j]);
-        const uint32_t* srow = scales + ((kb * kBlockK) >> p.group_shift) * p.Np;
-        sz[j][0] = __ldg(srow);
-        sz[j][1] = __ldg(srow + 8);
-      }
+    for (int i = 0; i < C::MT / kRowsPerPass; ++i)
+      if (kin && xr + kRowsPerPass * i < mv)
+        cp_async16(xs + i * kRowsPerPass * kRowChunks * 8, kok ? xsrc + i * xstep + kb0 * kBlockK : x, kok ? 16 : 0);
+    if (!active) return;  // warp-uniform
+    // weights: the warp's nblk blocks, contiguous in HBM
+    uint32_t* ws = stage_w(buf);
+    const uint32_t* wsrc = wrow + size_t(kb0) * kBlockWords;
+#pragma unroll
+    for (int i = 0; i < (C::kStageBlocks * kWChunks + kWarpSize - 1) / kWarpSize; ++i) {
+      const int c = lane + kWarpSize * i;
+      if (c < nblk * kWChunks) cp_async16(ws + 4 * c, wsrc + 4 * c, 16);
+    }
+    // (s, z): the warp's 16 words (4 chunks) of each scale row
+    if (lane < 4 * srows) {
+      const int r = lane / 4;
+      const int grp = min(((kb0 * kBlockK) >> p.group_shift) + r, p.Gp - 1);
+      cp_async16(stage_s(buf) + 16 * r + 4 * (lane % 4), scales + size_t(grp) * p.Np + 4 * (lane % 4), 16);
     }
   };
 
@@ -553,43 +644,51 @@ __global__ void __launch_bounds__(C::kThreads, 2) gemm_mid_a16_kernel(Problem p)
   const uint32_t lane_row = (lane % 8) * (C::SK / 8);
   constexpr uint32_t kGroupBytes = 8 * (C::SK / 8) * 16;
 
-  auto compute_chunk = [&](const Words& words, const Sz& sz, int kb0, const T* xs) {
+  // One stage: its blocks one after the other. The ncu profile of the first version (ldmatrix then its
+  // two mma, per token group) showed the warps waiting on each ldmatrix and on each mma's accumulator
+  // (16 warps per SM are too few to hide that). So the next block's weight words and (s, z) are read
+  // while this one computes, a k-step pair's TG ldmatrix are issued before its mma, and consecutive mma
+  // go to different accumulators.
+  auto load_block = [&](int buf, int j, int kb, int g0, uint32_t (&words)[BITS], uint32_t (&ss)[4], uint32_t (&zz)[4]) {
+    read_block<BITS, true>(stage_w(buf) + j * kBlockWords, lane, words);
+    // (s, z) of channel halves 0-31 / 32-63 of the block, rows g (h = 0) and g + 8 (h = 1): [2 half + h]
+    const uint32_t* ss_row = stage_s(buf) + g;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = ((kb * kBlockK + 32 * half) >> p.group_shift) - g0;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) split_sz(ss_row[16 * r + 8 * h], ss[2 * half + h], zz[2 * half + h]);
+    }
+  };
+  auto compute_stage = [&](int st, int buf) {
     if (!active) return;  // warp-uniform; the warp still takes part in the barriers
+    const int kb0 = kb_lo + st * C::kStageBlocks;
+    const int g0 = (kb0 * kBlockK) >> p.group_shift;
+    const uint32_t xbase = smem_addr(stage_x(buf)) + lane_row * 16;
+    uint32_t words[2][BITS], ss[2][4], zz[2][4];
+    load_block(buf, 0, kb0, g0, words[0], ss[0], zz[0]);
 #pragma unroll
-    for (int j = 0; j < D; ++j) {
+    for (int j = 0; j < C::kStageBlocks; ++j) {
       const int kb = kb0 + j;
-      if (kb >= kb_hi) break;  // warp-uniform (CTA-uniform)
-      const int cb = ((kb - kb_lo) % C::kStageBlocks) * (kBlockK / 8);  // first chunk of the block in the stage
-      uint32_t ss[4], zz[4];  // [2 half + h]
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        split_sz(sz[j][h], ss[h], zz[h]);
-        if (two_groups) {
-          split_sz(__ldg(scales + ((kb * kBlockK + 32) >> p.group_shift) * p.Np + 8 * h), ss[2 + h], zz[2 + h]);
-        } else {
-          ss[2 + h] = ss[h];
-          zz[2 + h] = zz[h];
-        }
-      }
+      if (kb >= kb_hi) break;  // CTA-uniform
+      if (j + 1 < C::kStageBlocks && kb + 1 < kb_hi) load_block(buf, j + 1, kb + 1, g0, words[(j + 1) % 2], ss[(j + 1) % 2], zz[(j + 1) % 2]);
+      const uint32_t(&w)[BITS] = words[j % 2];
 #pragma unroll
       for (int sp = 0; sp < 2; ++sp) {
-        // A fragments of k-steps 2 sp and 2 sp + 1 (rows 0-7: h = 0 -> a0 / a2, rows 8-15: h = 1 -> a1 / a3)
-        uint32_t a[2][4];
+        const uint32_t base = xbase + swizzle(lane, 8 * j + 4 * sp + lane / 8) * 16;
+        uint32_t b[C::TG][4];
+#pragma unroll
+        for (int q = 0; q < C::TG; ++q)
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                       : "=r"(b[q][0]), "=r"(b[q][1]), "=r"(b[q][2]), "=r"(b[q][3]) : "r"(base + q * kGroupBytes));
+        // A fragments of k-steps 2 sp + u (rows 0-7: h = 0 -> a0 / a2, rows 8-15: h = 1 -> a1 / a3)
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
-          const int s = 2 * sp + u;
-          decode_b<T, BITS>(s, 0, words[j], ss[2 * sp], zz[2 * sp], a[u][0], a[u][2]);
-          decode_b<T, BITS>(s, 1, words[j], ss[2 * sp + 1], zz[2 * sp + 1], a[u][1], a[u][3]);
-        }
-        const uint32_t base = smem_addr(xs) + (lane_row + swizzle(lane, cb + 4 * sp + lane / 8)) * 16;
+          uint32_t a[4];
+          decode_b<T, BITS>(2 * sp + u, 0, w, ss[j % 2][2 * sp], zz[j % 2][2 * sp], a[0], a[2]);
+          decode_b<T, BITS>(2 * sp + u, 1, w, ss[j % 2][2 * sp + 1], zz[j % 2][2 * sp + 1], a[1], a[3]);
 #pragma unroll
-        for (int q = 0; q < C::TG; ++q) {
-          const uint32_t addr = base + q * kGroupBytes;
-          uint32_t b[4];
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                       : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(addr));
-          E::mma(acc[q], a[0], b[0], b[1]);
-          E::mma(acc[q], a[1], b[2], b[3]);
+          for (int q = 0; q < C::TG; ++q) E::mma(acc[q], a, b[q][2 * u], b[q][2 * u + 1]);
         }
       }
     }
@@ -597,26 +696,15 @@ __global__ void __launch_bounds__(C::kThreads, 2) gemm_mid_a16_kernel(Problem p)
 
 #pragma unroll
   for (int s = 0; s < C::kStages - 1; ++s) {
-    if (s < nstages) load_x(s, s);
+    if (s < nstages) load_stage(s, s);
     cp_async_commit();
   }
-  Words wa, wb;
-  Sz sa, sb;
-  load_chunk(wa, sa, kb_lo);
   for (int st = 0; st < nstages; ++st) {
     cp_async_wait<C::kStages - 2>();
     __syncthreads();  // stage st visible to all; buffer (st - 1) % kStages free again
-    if (st + C::kStages - 1 < nstages) load_x(st + C::kStages - 1, (st + C::kStages - 1) % C::kStages);
+    if (st + C::kStages - 1 < nstages) load_stage(st + C::kStages - 1, (st + C::kStages - 1) % C::kStages);
     cp_async_commit();
-    const T* xs = reinterpret_cast<const T*>(smem + (st % C::kStages) * C::kStageBytes);
-    const int kb0 = kb_lo + st * C::kStageBlocks;
-#pragma unroll
-    for (int c = 0; c < C::kStageBlocks / D; c += 2) {  // chunk pairs: buffer a, then b
-      load_chunk(wb, sb, kb0 + (c + 1) * D);
-      compute_chunk(wa, sa, kb0 + c * D, xs);
-      load_chunk(wa, sa, kb0 + (c + 2) * D);
-      compute_chunk(wb, sb, kb0 + (c + 1) * D, xs);
-    }
+    compute_stage(st, st % C::kStages);
   }
   cp_async_wait<0>();
 
@@ -764,7 +852,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
         const uint32_t* wblk = wbase + (kb - kb_begin) * kBlockWords;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-          ldg_block<BITS>(wblk + b * row_words, lane, words[j][b]);
+          read_block<BITS>(wblk + b * row_words, lane, words[j][b]);
 #pragma unroll
           for (int h = 0; h < 2; ++h) sz[j][b][h] = __ldg(srow + b * kBlockN + 8 * h);
         }
@@ -1097,13 +1185,15 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
 
 }  // namespace
 
-// Kernel choice by M: M <= 16 the decode kernel (gemv_a16_kernel, 8 or 16 tokens per mma tile);
-// above, the mid-batch kernel with M-tiles of 32 (M <= 32) or 64 tokens (the op dequantizes and calls
+// Kernel choice by M (use_decode_kernel): the decode kernel (gemv_a16_kernel, 8 or 16 tokens per mma
+// tile), else the mid-batch kernel with M-tiles of 16, 32 or 64 tokens (the op dequantizes and calls
 // cuBLAS beyond A16_FUSED_MAX_M tokens, vllm_bipolar/ops.py).
 template <typename T, int BITS>
 void launch_gemm(const Problem& p, cudaStream_t stream) {
-  if (p.M <= 8) launch_decode_tile<T, BITS, 8>(p, stream);
-  else if (p.M <= kDecodeMaxM) launch_decode_tile<T, BITS, kDecodeMaxM>(p, stream);
+  const bool decode = use_decode_kernel(p.M, p.N, p.decode_max_m);
+  if (decode && p.M <= 8) launch_decode_tile<T, BITS, 8>(p, stream);
+  else if (decode) launch_decode_tile<T, BITS, kDecodeMaxM>(p, stream);
+  else if (mid_tile_tokens(p.M) == 16) launch_mid<T, BITS, 2>(p, stream);
   else if (mid_tile_tokens(p.M) == 32) launch_mid<T, BITS, 4>(p, stream);
   else launch_mid<T, BITS, 8>(p, stream);
 }

@@ -10,6 +10,7 @@ allocating them fresh (torch.empty) and checking every element. Skips without CU
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -27,10 +28,17 @@ DTYPES = [torch.float16, torch.bfloat16]
 ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 
-# Largest M of the decode kernel (csrc/bipolar_gemm_a16.cuh, kDecodeMaxM). It applies the scales in fp32
-# after the mma, so it uses W exactly; the larger-M kernels and dequantize + cuBLAS use W rounded once
-# to the activations' dtype.
-DECODE_MAX_M = 16
+# Which kernel serves an (M, N) call (csrc/bipolar_gemm_a16.cuh, use_decode_kernel; BIPOLAR_A16_DECODE_MAX_M
+# forces the largest M of the decode kernel, for running every M through the mid-batch kernel). The
+# decode kernel applies the scales in fp32 after the mma, so it uses W exactly; the mid-batch kernel and
+# dequantize + cuBLAS use W rounded once to the activations' dtype.
+_DECODE_MAX_M = os.environ.get("BIPOLAR_A16_DECODE_MAX_M")
+
+
+def uses_decode_kernel(m: int, n: int) -> bool:
+    if _DECODE_MAX_M:
+        return m <= int(_DECODE_MAX_M)
+    return m <= 8 or (m <= 16 and n < 8192)
 
 
 def decode_beta_max(bits, dtype):
@@ -63,12 +71,12 @@ def make_layer(n, k, bits, group_size, symmetric, dtype, gen=None):
 
 def check_gemm(y, x, w, what):
     """|y - x @ W^T| within one output rounding plus fp32 accumulation: 2^-20 of sum |x||W| for W rounded
-    to x.dtype (every path of M > DECODE_MAX_M); for the decode kernel, W exactly and 2^-20 of the
+    to x.dtype (every path but the decode kernel); for the decode kernel, W exactly and 2^-20 of the
     magnitudes it accumulates (sum |x| decode_mag: beta + c, then sum beta x taken back out)."""
     assert y.dtype == x.dtype and y.shape == (x.shape[0], w.exact.shape[0]), what
     assert torch.isfinite(y).all(), f"{what}: non-finite output"
     x64 = x.to(torch.float64)
-    if x.shape[0] > DECODE_MAX_M:
+    if not uses_decode_kernel(x.shape[0], w.exact.shape[0]):
         wr = w.exact.to(x.dtype).to(torch.float64)
         accumulated = x64.abs() @ wr.abs().T
     else:

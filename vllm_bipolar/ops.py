@@ -42,11 +42,14 @@ def _(x, qweight, scales, zeros, bias, k, group_size, a_bits):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
-# Which batches (tokens) the fused weight-only kernels take (the decode kernel up to 16 tokens, the
+# Which batches (tokens) the fused weight-only kernels take (the decode kernel up to 8-16 tokens, the
 # mid-batch kernel above); larger ones dequantize the weight once per call and use cuBLAS. Tuned
-# from benchmarks/kernels.py on an H100 (README has the table). BIPOLAR_A16_FUSED_MAX_M overrides it
-# (for tuning: the benchmark then times the fused kernels at every M).
-A16_FUSED_MAX_M = int(os.environ.get("BIPOLAR_A16_FUSED_MAX_M", "64"))
+# from benchmarks/kernels.py on an H100 (benchmarks/results/kernels_a16_h100.json and
+# kernels_fused256_h100.json): at M = 128 the mid-batch kernel takes 54-66 us on the 11008- and
+# 14336-wide layers where dequantize + cuBLAS takes 79-110; at M = 256 dequantize + cuBLAS wins.
+# BIPOLAR_A16_FUSED_MAX_M overrides it (for tuning: the benchmark then times the fused kernels at
+# every M).
+A16_FUSED_MAX_M = int(os.environ.get("BIPOLAR_A16_FUSED_MAX_M", "128"))
 
 
 def a16_uses_fused_kernel(m: int) -> bool:

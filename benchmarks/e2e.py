@@ -19,7 +19,7 @@ tokens_per_s, device, commit, command and more); with ``--merge`` (default) rows
 (model, method) pairs already in the file are kept, so a long method list can be spread over
 several calls (``--deadline-s``). The file is rewritten after every method.
 
-``--profile METHOD ...``: for those methods, after the throughput runs, one decode step at batch 1
+``--profile METHOD ...``: for those methods, after the throughput runs, one decode step at batch ``--profile-batch`` (default 1)
 is profiled (torch.profiler with CUDA + CPU activities, started and stopped inside the engine's worker
 through collective_rpc): per-kernel GPU time of ``--profile-steps`` decode steps, i.e. a generate of 1 + steps tokens minus
 a generate of 1 token on the same prompt, grouped into categories; written to
@@ -259,7 +259,8 @@ def write_json(path: Path, data, mirror: str | None) -> None:
     os.replace(tmp, path)
     if mirror:
         Path(mirror).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(mirror) / path.name)
+        if (Path(mirror) / path.name).resolve() != path.resolve():  # --out inside --mirror: already there
+            shutil.copy(path, Path(mirror) / path.name)
 
 
 # ----------------------------------------------------------------------------------------------- child
@@ -360,7 +361,7 @@ def run_one(args) -> int:
     if args.do_profile:
         try:
             emit("PROFILE", decode_step_profile(llm, params(1), params(1 + args.profile_steps),
-                                                prompts(1, args.prompt), args.profile_steps))
+                                                prompts(args.profile_batch, args.prompt), args.profile_steps))
         except Exception as exc:  # noqa: BLE001 - the throughput rows above stand without it
             import traceback
 
@@ -370,7 +371,7 @@ def run_one(args) -> int:
 
 
 def decode_step_profile(llm, first, full, prompt: list, steps: int) -> dict:
-    """``steps`` decode steps at batch 1: torch.profiler around a generate of 1 + steps tokens (``full``) and
+    """``steps`` decode steps at batch ``len(prompt)``: torch.profiler around a generate of 1 + steps tokens (``full``) and
     one of 1 token (``first``) on the same prompt, per kernel the difference; wall time per step unprofiled.
 
     The profiler runs where the kernels are launched, in the engine's worker, started and stopped by
@@ -394,7 +395,7 @@ def decode_step_profile(llm, first, full, prompt: list, steps: int) -> dict:
         finally:
             got.append(llm.collective_rpc(e2e.worker_profile_stop)[0])
     rows = decode_profile(got[0]["times"], got[1]["times"], steps)
-    return {"steps": steps, "batch": 1, "prompt": len(prompt[0]["prompt_token_ids"]), "source": got[1]["source"],
+    return {"steps": steps, "batch": len(prompt), "prompt": len(prompt[0]["prompt_token_ids"]), "source": got[1]["source"],
             "step_ms": round((t_full - t_first) / steps * 1e3, 4),
             "busy_us_per_step": round(sum(r["per_step_us"] for r in rows), 2), "kernels": rows}
 
@@ -528,7 +529,8 @@ def print_tables(rows: list[dict]) -> None:
 
 
 def print_profile(summary: dict, kernels: list[dict], top: int = 12) -> None:
-    print(f"\ndecode-step profile {summary['model']}/{summary['method']} (batch 1, {summary['steps']} steps, "
+    print(f"\ndecode-step profile {summary['model']}/{summary['method']} (batch {summary.get('batch', 1)}, "
+          f"{summary['steps']} steps, "
           f"{summary['source']}): step {summary['step_ms']:.3f} ms wall, "
           f"{summary['busy_us_per_step']:.1f} us busy per step")
     for cat, c in summary["categories"].items():
@@ -547,7 +549,8 @@ def run_method(args, method: str, timeout: float | None, log_path: Path) -> tupl
              "--work", args.work,
              "--prompt", str(args.prompt), "--gen", str(args.gen), "--prefill", *map(str, args.prefill),
              "--batches", *map(str, args.batches), "--capture-sizes", *map(str, args.capture_sizes),
-             "--profile-steps", str(args.profile_steps), "--repeats", str(args.repeats)]
+             "--profile-steps", str(args.profile_steps), "--profile-batch", str(args.profile_batch),
+             "--repeats", str(args.repeats)]
     child += (["--eager"] if args.eager else []) + (["--no-compile"] if args.no_compile else [])
     # apply_model(param_bytes) into the engine's process: pickled by reference to this module
     path = os.pathsep.join([str(ROOT / "benchmarks")] + [p for p in [os.environ.get("PYTHONPATH")] if p])
@@ -620,8 +623,9 @@ def main(argv=None) -> int:
                     help="count --deadline-s and --kill-at-s from this Unix time (e.g. $(date +%%s) taken at the "
                          "start of a device call, before its setup) instead of from this script's start")
     ap.add_argument("--profile", nargs="*", default=[], metavar="METHOD",
-                    help="methods (of --methods) whose decode step at batch 1 is profiled after their runs")
+                    help="methods (of --methods) whose decode step (at --profile-batch) is profiled after their runs")
     ap.add_argument("--profile-steps", type=int, default=16, help="decode steps in the profile")
+    ap.add_argument("--profile-batch", type=int, default=1, help="sequences decoded together in the profile")
     ap.add_argument("--profile-in-process", action="store_true",
                     help="run the profiled methods' engines in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): a "
                          "fallback should vLLM refuse to run this script's profiler functions in its engine process")

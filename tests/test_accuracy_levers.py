@@ -706,8 +706,12 @@ def test_kl_sensitivity_and_local_profile_match_the_hf_model(tiny_tok, monkeypat
         assert base == pytest.approx(_hf_kl(model, ref_logits, loss_ids), rel=1e-2)
         _set_unit(model, prefix, members, perturbed(members, fp[name], 3))
         up = _hf_kl(model, ref_logits, loss_ids) - base
-        assert local[name]["loss"]["2"] == 0.0 or local[name]["loss"]["2"] == pytest.approx(max(0.0, up), abs=1e-7)
-        assert local[name]["loss"]["3"] == pytest.approx(min(0.0, up), rel=1e-2, abs=5e-7)
+        # up is a difference of two KLs of size base, each measured by two float32 forwards (held model,
+        # HF model) whose summation orders may differ: tolerate 1% of base, as the base check above.
+        tol = max(5e-7, 1e-2 * base)
+        assert local[name]["loss"]["2"] == 0.0 or local[name]["loss"]["2"] == pytest.approx(max(0.0, up), abs=tol)
+        assert local[name]["loss"]["3"] == pytest.approx(min(0.0, up), abs=tol)
+        assert abs(up) > 5 * tol  # the comparison above can tell a wrong local profile from noise
         assert up < 0  # 3 bits instead of 2 helps
     finally:
         held.close()

@@ -52,7 +52,7 @@ def mix_sources(path: str | Path, mix: list[tuple[str, str]]) -> dict[str, Path]
     return out
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     tensors = {}
@@ -78,12 +78,12 @@ def load_model(path: str | Path, mix: list[tuple[str, str]] | None = None):
         del cfg.quantization_config
     cfg._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
-    tensors = _read_tensors(path)
+    tensors = read_tensors(path)
     sources = mix_sources(path, mix) if mix else {}
     others: dict[Path, tuple[dict, BipolarQuantSpec]] = {}
     for src in set(sources.values()) - {path}:
         other_qc = json.loads((src / "config.json").read_text())["quantization_config"]
-        others[src] = (_read_tensors(src), BipolarQuantSpec.from_dict(other_qc))
+        others[src] = (read_tensors(src), BipolarQuantSpec.from_dict(other_qc))
     state = {}
     for name, t in tensors.items():
         if name.endswith(".qweight"):

@@ -45,9 +45,8 @@ from vllm_bipolar.format.transforms import hadamard_block
 
 from .calibrate import CalibOptions, CalibrationError, calibration_windows, runtime_input
 from .checkpoint import CheckpointError, ShardedWriter, atomic_output_dir
+from .convert import DEFAULT_CALIB, _raise_interrupt
 from .fake_eval import load_model, read_tensors
-
-DEFAULT_CALIB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
 
 COMPUTE = {"bfloat16": torch.bfloat16, "float32": None}  # --compute: autocast dtype (None: plain float32)
@@ -297,10 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once the new one is complete)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:

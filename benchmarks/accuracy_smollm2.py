@@ -121,9 +121,13 @@ def build_cmds(row: dict, calib: list[str]) -> list[list[str]]:
     return [c for r in chain(row) if (c := build_cmd(r, calib)) is not None]
 
 
-# --avg-bits 2.5 <= 2x bf16: the best allocation's checkpoint with its scales and offsets tuned end to end
-# (quant_tools.tune: KL to the bf16 model on 128 calibration windows, codes unchanged).
-ROWS += [_tuned("w2.5-avg-gptq-rot-loss-c128-tuned", "w2.5-avg-gptq-rot-loss-c128")]
+# End-to-end tuning of the scales and offsets (quant_tools.tune: KL to the bf16 model on 128 calibration
+# windows, codes unchanged) of the best --avg-bits 2.5 checkpoint (target <= 2x bf16), then of the
+# all-2-bit, all-3-bit and --avg-bits 3.5 checkpoints.
+ROWS += [_tuned("w2.5-avg-gptq-rot-loss-c128-tuned", "w2.5-avg-gptq-rot-loss-c128"),
+         _tuned("w2-gptq-rot-tuned", "w2-gptq-rot"),
+         _tuned("w3-gptq-rot-tuned", "w3-gptq-rot"),
+         _tuned("w3.5-avg-gptq-tuned", "w3.5-avg-gptq")]
 ROW_BY_NAME = {r["name"]: r for r in ROWS}
 
 

@@ -165,7 +165,7 @@ def _check_pair(src: Path, ckpt: Path, dst: Path) -> BipolarQuantSpec:
 
 
 def tune(src: str, ckpt: str, dst: str, text: str | Path = DEFAULT_CALIB, samples: int = 128, seqlen: int = 512,
-         seed: int = 0, epochs: int = 1, batch: int = 4, lr: float = 1e-3, val_samples: int = 8,
+         seed: int = 0, epochs: int = 1, batch: int = 4, lr: float = 3e-3, val_samples: int = 8,
          overwrite: bool = False, progress: bool = True, compute: str = "bfloat16") -> dict:
     """Tune CKPT's scales/offsets against SRC; write DST. Returns the record written to tuning.json."""
     from tqdm import tqdm
@@ -286,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of the window draw and order (default 0)")
     ap.add_argument("--epochs", type=int, default=1, help="passes over the windows (default 1)")
     ap.add_argument("--batch", type=int, default=4, help="windows per optimizer step (default 4)")
-    ap.add_argument("--lr", type=float, default=1e-3,
-                    help="Adam learning rate of the relative scale/offset changes, decayed linearly to 0 (default 1e-3)")
+    ap.add_argument("--lr", type=float, default=3e-3,
+                    help="Adam learning rate of the relative scale/offset changes, decayed linearly to 0 (default 3e-3)")
     ap.add_argument("--compute", choices=sorted(COMPUTE), default="bfloat16",
                     help="matmul precision of both models' forward and backward: bfloat16 (CPU autocast; AMX where "
                          "the CPU has it) or float32 (default bfloat16); the scales are kept and updated in float32")

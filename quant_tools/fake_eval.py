@@ -106,9 +106,11 @@ def load_model(path: str | Path, mix: list[tuple[str, str]] | None = None):
 
 
 def install_runtime_hooks(model, spec: BipolarQuantSpec | None, a_clip_ratio: float | None = None,
-                          act_only: tuple[str, ...] | None = None) -> list:
+                          act_only: tuple[str, ...] | None = None, straight_through: bool = False) -> list:
     """Forward pre-hooks applying each quantized linear's run-time input transforms (``act_only``:
-    quantize the activations only of the modules matching one of these names, for diagnosis)."""
+    quantize the activations only of the modules matching one of these names, for diagnosis;
+    ``straight_through``: the activation quantizer's gradient passed straight through, for training
+    through the hooks; the online Hadamard is linear and differentiable as it is)."""
     handles = []
     if spec is None:
         return handles
@@ -123,7 +125,12 @@ def install_runtime_hooks(model, spec: BipolarQuantSpec | None, a_clip_ratio: fl
         clip = ratio if ratio is not None and ratio < 1 else None
 
         def hook(m, args, block=block, a_bits=a_bits):
-            return (runtime_input(args[0], block, a_bits, clip),) + tuple(args[1:])
+            if not straight_through:
+                return (runtime_input(args[0], block, a_bits, clip),) + tuple(args[1:])
+            x = runtime_input(args[0], block, A16, None)
+            if a_bits != A16:
+                x = x + (runtime_input(x, 0, a_bits, clip) - x).detach()
+            return (x,) + tuple(args[1:])
 
         handles.append(mod.register_forward_pre_hook(hook))
     return handles

@@ -40,13 +40,12 @@ import torch
 from vllm_bipolar.format import BipolarQuantSpec
 from vllm_bipolar.format.packing import max_level, unpack_codes
 from vllm_bipolar.format.quantize import effective_group, num_groups
-from vllm_bipolar.format.spec import A16, BipolarConfigError
-from vllm_bipolar.format.transforms import hadamard_block
+from vllm_bipolar.format.spec import BipolarConfigError
 
-from .calibrate import CalibOptions, CalibrationError, calibration_windows, runtime_input
+from .calibrate import CalibOptions, CalibrationError, calibration_windows
 from .checkpoint import CheckpointError, ShardedWriter, atomic_output_dir
 from .convert import DEFAULT_CALIB, _raise_interrupt
-from .fake_eval import load_model, read_tensors
+from .fake_eval import install_runtime_hooks, load_model, read_tensors
 
 
 COMPUTE = {"bfloat16": torch.bfloat16, "float32": None}  # --compute: autocast dtype (None: plain float32)
@@ -108,28 +107,6 @@ class TunedLinear:
         with torch.no_grad():
             for p in self.params():
                 p.zero_()
-
-
-def _straight_through_hooks(model, spec: BipolarQuantSpec) -> list:
-    """The quantized linears' run-time input transforms (fake_eval.install_runtime_hooks), with the
-    activation quantization's gradient passed straight through (the online Hadamard is linear)."""
-    clip = spec.a_clip_ratio if spec.clips_activations() else None
-    handles = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear) or spec.is_skipped(name) or "layers." not in name:
-            continue
-        block = hadamard_block(mod.in_features) if spec.has_online_hadamard(name) else 0
-        if not block and spec.a_bits == A16:
-            continue
-
-        def hook(m, args, block=block):
-            x = runtime_input(args[0], block, A16, None)
-            if spec.a_bits != A16:
-                x = x + (runtime_input(x, 0, spec.a_bits, clip) - x).detach()
-            return (x,) + tuple(args[1:])
-
-        handles.append(mod.register_forward_pre_hook(hook))
-    return handles
 
 
 def kl_to_reference(logits: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -199,7 +176,7 @@ def tune(src: str, ckpt: str, dst: str, text: str | Path = DEFAULT_CALIB, sample
         raise TuneError(f"CKPT {ckpt_p} has no quantized layers (.qweight tensors)")
     for p in model.parameters():
         p.requires_grad_(False)
-    hooks = _straight_through_hooks(model, spec)
+    hooks = install_runtime_hooks(model, spec, straight_through=True)
     params = [p for t in tuned.values() for p in t.params()]
 
     if compute not in COMPUTE:
@@ -243,11 +220,8 @@ def tune(src: str, ckpt: str, dst: str, text: str | Path = DEFAULT_CALIB, sample
             bar.update(1)
             bar.set_postfix_str(f"KL {curve[-1]:.4f}")
     bar.close()
-    for h in hooks:
-        h.remove()
     for t in tuned.values():  # what DST holds: s and z rounded to the checkpoint's dtype
         t.round_to_stored()
-    hooks = _straight_through_hooks(model, spec)
     val_after = mean_kl(val)
     record = {"src": str(src_p), "ckpt": str(ckpt_p), "calib": str(text), "samples": samples, "seqlen": seqlen,
               "seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "steps": steps, "compute": compute,

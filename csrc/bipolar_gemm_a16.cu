@@ -74,25 +74,6 @@ int decode_max_m() {
   return v;
 }
 
-// L2 prefetch distances in layout blocks (a16::Problem.prefetch / mid_prefetch), read once:
-// BIPOLAR_A16_PREFETCH / BIPOLAR_A16_MID_PREFETCH = 0..1024 (0: off); unset: the defaults.
-int prefetch_distance(const char* name, int fallback) {
-  const char* e = std::getenv(name);
-  if (e == nullptr || *e == 0) return fallback;
-  char* end = nullptr;
-  const long n = std::strtol(e, &end, 10);
-  TORCH_CHECK(*end == 0 && n >= 0 && n <= 1024, name, " must be an integer 0..1024 (layout blocks; 0 turns L2 prefetch off), got \"", e, "\"");
-  return int(n);
-}
-int decode_prefetch() {
-  static const int v = prefetch_distance("BIPOLAR_A16_PREFETCH", a16::kDefaultPrefetch);
-  return v;
-}
-int mid_prefetch() {
-  static const int v = prefetch_distance("BIPOLAR_A16_MID_PREFETCH", a16::kDefaultMidPrefetch);
-  return v;
-}
-
 template <typename T>
 void dispatch(bool dequantize, int bits, const a16::Problem& p, cudaStream_t stream) {
 #define BIPOLAR_CASE(B)                                                        \
@@ -177,8 +158,6 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.smem_optin = device_attribute(kSmemOptin, device);
   p.pdl = use_pdl(device);
   p.decode_max_m = decode_max_m();
-  p.prefetch = decode_prefetch();
-  p.mid_prefetch = mid_prefetch();
   at::Tensor partial;
   if (!a16::use_decode_kernel(p.M, p.N, p.decode_max_m)) {
     p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms, int(bits));

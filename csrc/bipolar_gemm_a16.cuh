@@ -80,16 +80,7 @@ struct Problem {
   // largest M of the decode kernel when BIPOLAR_A16_DECODE_MAX_M sets it (0, 8 or 16); -1: the rule of
   // use_decode_kernel
   int decode_max_m;
-  // L2 prefetch distances in layout blocks, 0: off. prefetch (BIPOLAR_A16_PREFETCH): the decode kernel asks
-  // L2 for each warp's weight blocks (and their scale lines) this far ahead of its register loads.
-  // mid_prefetch (BIPOLAR_A16_MID_PREFETCH): the mid-batch kernel, this far ahead of its cp.async stages.
-  int prefetch;
-  int mid_prefetch;
 };
-
-// Default L2 prefetch distances (Problem.prefetch, Problem.mid_prefetch).
-constexpr int kDefaultPrefetch = 8;
-constexpr int kDefaultMidPrefetch = 0;
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
 // (gemm_a16_kb_per_split) since a split needs a workspace.
@@ -469,14 +460,6 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Ask L2 for the 128-byte line at p (no register, no wait: the data stays in L2 for the load that
-// follows). With few bytes per lane in flight (1-2 bit weights: 4-8 bytes a lane per block), the
-// register loads alone keep too few requests outstanding to cover HBM latency; prefetches are not
-// limited by registers.
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-}
-
 // Streaming loads of a part's w words (read once: not kept in L1).
 template <int W>
 __device__ __forceinline__ void ldg_stream(const uint32_t* src, uint32_t* dst) {
@@ -639,12 +622,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kerne
     for (int i = 0; i < (C::kStageBlocks * kWChunks + kWarpSize - 1) / kWarpSize; ++i) {
       const int c = lane + kWarpSize * i;
       if (c < nblk * kWChunks) cp_async16(ws + 4 * c, wsrc + 4 * c, 16);
-    }
-    // L2 prefetch of the warp's weight lines mid_prefetch blocks further on (BITS lines per block)
-    if (p.mid_prefetch > 0) {
-      const int kbp = kb0 + p.mid_prefetch;
-      const int lines = min(C::kStageBlocks, kb_hi - kbp) * BITS;
-      if (lane < lines) prefetch_l2(wrow + size_t(kbp) * kBlockWords + 32 * lane);
     }
     // (s, z): the warp's 16 words (4 chunks) of each scale row
     if (lane < 4 * srows) {
@@ -973,38 +950,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
     }
   };
 
-  // L2 prefetch of blocks [from, to) of the warp's run: BITS lines of 128 bytes per block and block row
-  // (a block row's blocks are contiguous), then the CTA's scale line (NT (s, z) words) of each group
-  // they touch, one line per lane.
-  const uint32_t* scale_lines = static_cast<const uint32_t*>(p.scales) + nb0 * kBlockN;
-  auto prefetch_blocks = [&](int from, int to) {
-    to = min(to, kb_end);
-    if (from >= to) return;  // warp-uniform
-    const int row_lines = (to - from) * BITS;
-    const int wlines = NB * row_lines;
-    const int g0 = (from * kBlockK) >> p.group_shift;
-    const int lines = wlines + ((((to * kBlockK) - 1) >> p.group_shift) - g0 + 1);
-    for (int i = lane; i < lines; i += kWarpSize) {
-      if (i < wlines) {
-        const int b = i / row_lines, j = i % row_lines;
-        prefetch_l2(wbase + b * row_words + (from - kb_begin) * kBlockWords + 32 * j);
-      } else {
-        prefetch_l2(scale_lines + size_t(g0 + i - wlines) * p.Np);
-      }
-    }
-  };
-
-  // Two chunks in registers: the next one's loads are in flight while this one is decoded; L2 is asked
-  // for the blocks p.prefetch ahead of them.
+  // Two chunks in registers: the next one's loads are in flight while this one is decoded.
   Words wa, wb;
   Sz sa, sb;
   int kb0 = kb_begin;
-  const int pf = p.prefetch;
   // The first weights are requested while x comes into shared memory and, under PDL (Problem.pdl),
   // before the previous kernel of the stream has finished: weights and scales do not depend on it, x
   // does (griddepcontrol.wait).
   load_chunk(wa, sa, kb0);
-  if (pf > 0) prefetch_blocks(kb0 + D, kb0 + D + pf);
   if (p.pdl) grid_dependency_wait();
   if constexpr (X_SMEM) {
     uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
@@ -1022,16 +975,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
       }
     __syncthreads();  // x rows visible to every warp
   }
-  // (chunk c's loads are issued with the prefetch of [c + pf, c + pf + D): every block is asked of L2 pf
-  // blocks before its register load)
   while (kb0 < kb_end) {
     load_chunk(wb, sb, kb0 + D);
-    if (pf > 0) prefetch_blocks(kb0 + D + pf, kb0 + 2 * D + pf);
     compute_chunk(wa, sa, kb0);
     kb0 += D;
     if (kb0 >= kb_end) break;
     load_chunk(wa, sa, kb0 + D);
-    if (pf > 0) prefetch_blocks(kb0 + D + pf, kb0 + 2 * D + pf);
     compute_chunk(wb, sb, kb0);
     kb0 += D;
   }

@@ -246,51 +246,6 @@ def test_cuda_graph_capture_and_replay():
         check_gemm(ys, xs, w, "graph replay")
 
 
-_PREFETCH_CHILD = """
-import sys, torch
-from conftest import load_kernel_ops
-ops, why = load_kernel_ops("gemm_a16")
-assert ops is not None, why
-qw, sc, x = (t.cuda() for t in torch.load(sys.argv[1]))
-ys = [ops.gemm_a16(xm, qw, sc, int(sys.argv[3]), x.shape[1], int(sys.argv[4])) for xm in (x[:1], x[:5], x[:16], x)]
-torch.cuda.synchronize()
-torch.save([y.cpu() for y in ys], sys.argv[2])
-"""
-
-
-def test_l2_prefetch_distances_change_nothing(tmp_path):
-    """BIPOLAR_A16_PREFETCH / BIPOLAR_A16_MID_PREFETCH (read once per process, hence subprocesses) only
-    add L2 prefetches: every distance, off, short runs and past the end, gives the same bits at
-    M = 1, 5, 16 (decode kernel) and 40 (mid-batch kernel); a bad value is refused by name."""
-    import subprocess
-    import sys
-
-    n, k = 1553, 4096 + 64  # 65 layout blocks: runs that do not divide evenly
-    qw, sc, shift, w = make_layer(n, k, 2, 128, False, torch.float16)
-    x = torch.randn(40, k, device=DEV, dtype=torch.float16)
-    torch.save((qw.cpu(), sc.cpu(), x.cpu()), tmp_path / "in.pt")
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-
-    def run(env_extra, out):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]), **env_extra)
-        return subprocess.run([sys.executable, "-c", _PREFETCH_CHILD, str(tmp_path / "in.pt"), str(out), str(n),
-                               str(shift)], env=env, capture_output=True, text=True, timeout=300)
-
-    results = {}
-    for pf in ("0", "1", "8", "1024"):
-        out = tmp_path / f"y{pf}.pt"
-        r = run({"BIPOLAR_A16_PREFETCH": pf, "BIPOLAR_A16_MID_PREFETCH": pf}, out)
-        assert r.returncode == 0, r.stderr[-2000:]
-        results[pf] = torch.load(out)
-    for pf, ys in results.items():
-        for y, y0 in zip(ys, results["0"]):
-            assert torch.equal(y, y0), f"prefetch distance {pf} changed the output (M={y.shape[0]})"
-    for y in results["8"]:
-        check_gemm(y.to(DEV), x[:y.shape[0]], w, f"prefetch 8, M={y.shape[0]}")
-    r = run({"BIPOLAR_A16_PREFETCH": "-3"}, tmp_path / "bad.pt")
-    assert r.returncode != 0 and "BIPOLAR_A16_PREFETCH must be an integer 0..1024" in r.stderr, r.stderr[-2000:]
-
-
 # ---- WpAq layers through the weight-only kernels ---------------------------------------------------
 @pytest.mark.parametrize("a_bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("w_bits", [1, 2, 3, 4, 8])

@@ -19,6 +19,8 @@ KEY = ("M", "N", "K", "w_bits", "a_bits", "group_size")
 
 def load(path: str) -> dict[tuple, float]:
     rows = json.loads(Path(path).read_text())
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "us" in r for r in rows):
+        raise ValueError("not a kernels.py result file (a list of rows with 'us'); *.kernels.json are kernel names")
     return {tuple(r[k] for k in KEY): r["us"] for r in rows}
 
 

@@ -14,13 +14,15 @@
 // (128, 384, ...) end in the middle of a 256-bit step, so those use m16n8k128 and close a group
 // after any 128-bit half.
 //
-// No host synchronisation, no allocation beyond the output, current stream: graph-capturable.
+// No host synchronisation; allocations: the output and an fp32 copy of (s, z) (caching allocator); current
+// stream: graph-capturable.
 
 #include "ops.h"
 #include "bipolar_gemm_binary.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -91,8 +93,15 @@ at::Tensor gemm_binary(const at::Tensor& a_planes, const at::Tensor& a_scales, c
   pr.a = reinterpret_cast<const uint32_t*>(a_planes.data_ptr());
   pr.a_scales = a_scales.data_ptr<float>();
   pr.b = reinterpret_cast<const uint32_t*>(qweight.data_ptr());
-  pr.scales = scales.data_ptr();
-  pr.zeros = zeros.has_value() ? zeros->data_ptr() : nullptr;
+  // (s, z) as fp32 pairs, group-major [G, N rounded up to even, 2], z = 0 when symmetric (the kernel's
+  // pipeline stages copy the pairs of their groups and columns with 16-byte cp.async; see Problem.sz).
+  // Built per call from the layer's [N, G] tensors: two small copies, beside a product of M x N x K.
+  const int64_t sz_stride = (n + 1) / 2 * 2;
+  at::Tensor sz = at::zeros({groups, sz_stride, 2}, scales.options().dtype(at::kFloat));
+  sz.narrow(1, 0, n).select(2, 0).copy_(scales.t());
+  if (zeros.has_value()) sz.narrow(1, 0, n).select(2, 1).copy_(zeros->t());
+  pr.sz = sz.data_ptr<float>();
+  pr.sz_stride = int(sz_stride);
   pr.out = y.data_ptr();
   pr.M = int(m);
   pr.N = int(n);

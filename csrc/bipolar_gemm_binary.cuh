@@ -38,8 +38,10 @@ struct Problem {
   const uint32_t* a;         // activation planes [Q, M, W]
   const float* a_scales;     // [M] per-token scales s_x
   const uint32_t* b;         // weight planes [P, N, W] (checkpoint layout, format version 1)
-  const void* scales;        // [N, G] of `dtype`
-  const void* zeros;         // [N, G] of `dtype`, or nullptr (symmetric)
+  const float* sz;           // (s, z) per group and column, fp32 [G, sz_stride, 2] (z = 0 when symmetric):
+                             // the op's copy of scales / zeros [N, G], group-major so that a pipeline
+                             // stage brings the (s, z) of its groups and BN columns in 16-byte pieces
+  int sz_stride;             // columns per group row of sz (N rounded up to even: rows 16-byte aligned)
   void* out;                 // [M, N] of `dtype`
   int M, N, K, W, G;         // W = ceil(K / 32) words per row, G groups
   int group_words;           // words per group (a multiple of 4); W rounded up to 8 when one group per row
@@ -70,10 +72,18 @@ BIPOLAR_BINARY_DECLARE(8)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
+
 namespace bipolar {
 namespace binary {
 
 constexpr int kStageWords = 16;  // one pipeline stage covers 512 bits of K (16 words) of every plane
+
+// Scale groups one pipeline stage (16 words of K) can touch: groups are 4 words (128 channels) or more,
+// and multiples of 4 words, so at most 4 (group size 128; 2 for 256 or 384, 1 for larger groups).
+constexpr int kStageGroups = 4;
+// Dynamic shared memory of a CTA at most (every supported GPU has more opt-in shared memory).
+constexpr int kMaxSmemBytes = 64 * 1024;
 
 // Tile shape per (P, Q): the accumulators take (P+Q-1) * WM * WN * 4 registers per thread, kept
 // under ~100 so that wide combinations do not spill. 2 x 2 warps per CTA.
@@ -93,12 +103,18 @@ struct Tile {
   // per instruction) hit 32 distinct banks, while keeping each 16-byte chunk contiguous for cp.async.
   static constexpr int kAWords = Q * BM * kStageWords;
   static constexpr int kBWords = P * BN * kStageWords;
-  static constexpr int kStage = kAWords + kBWords;
-  // Pipeline depth: as many stages (2..4) as fit the 48 KiB of static shared memory. A stage is
-  // only a few hundred MMAs, so several copies must be in flight to cover the global latency.
+  // (s, z) of the stage's groups (fp32 pairs, [kStageGroups][BN][2]): staged with the planes, so the
+  // epilogue reads them from shared memory. (Loading them from global memory at the group's end left
+  // every warp waiting on those loads: ncu on the H100, W1A1 at M = 4096, had the conversions of the
+  // loaded scales as the top stall sites, 19% of all samples in long-scoreboard waits.)
+  static constexpr int kSzWords = kStageGroups * BN * 2;
+  static constexpr int kStage = kAWords + kBWords + kSzWords;
+  // Pipeline depth: as many stages (2..4) as fit kMaxSmemBytes. A stage is only a few hundred MMAs,
+  // so several copies must be in flight to cover the global latency.
   static constexpr int kStageBytes = kStage * 4;
-  static constexpr int kPipe = (4 * kStageBytes <= 48 * 1024) ? 4 : ((3 * kStageBytes <= 48 * 1024) ? 3 : 2);
-  static_assert(2 * kStageBytes <= 48 * 1024, "two pipeline stages must fit 48 KiB of static shared memory");
+  static constexpr int kPipe = (4 * kStageBytes <= kMaxSmemBytes) ? 4 : ((3 * kStageBytes <= kMaxSmemBytes) ? 3 : 2);
+  static constexpr int kSmemBytes = kPipe * kStageBytes;
+  static_assert(2 * kStageBytes <= kMaxSmemBytes, "two pipeline stages must fit kMaxSmemBytes");
 };
 
 __device__ __forceinline__ int swz(int row, int word) { return row * kStageWords + (word ^ (((row >> 1) & 3) << 2)); }
@@ -189,12 +205,6 @@ __device__ __forceinline__ void mma_slice(int (&acc)[P + Q - 1][WM][WN][4], cons
   }
 }
 
-__device__ __forceinline__ float load_elem(const void* p, int64_t i, DType dt) {
-  if (dt == DType::kHalf) return __half2float(static_cast<const __half*>(p)[i]);
-  if (dt == DType::kBFloat16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  return static_cast<const float*>(p)[i];
-}
-
 __device__ __forceinline__ void store_elem(void* p, int64_t i, float v, DType dt) {
   if (dt == DType::kHalf) static_cast<__half*>(p)[i] = __float2half_rn(v);
   else if (dt == DType::kBFloat16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
@@ -207,13 +217,28 @@ __device__ __forceinline__ int quad_sum(int v) {
   return v;
 }
 
-// Copy stage `st` (words 8 st .. 8 st + 7 of every plane row of the tile) into shared memory.
-// Rows past M / N and words past W are zero-filled (they then add nothing to any popcount).
+// Copy stage `st` (words 16 st .. 16 st + 15 of every plane row of the tile, and the (s, z) of the
+// groups those words touch) into shared memory. Rows past M / N and words past W are zero-filled
+// (they then add nothing to any popcount); so are (s, z) of columns past N.
 template <int P, int Q>
 __device__ __forceinline__ void load_stage(uint32_t* sm, const Problem& p, int m0, int n0, int st) {
   using TL = Tile<P, Q>;
   constexpr int kARows = Q * TL::BM, kRows = kARows + P * TL::BN;
   const int w0 = st * kStageWords;
+  {
+    // (s, z): group g_first + gi of the stage at [gi][column][2]; 16-byte chunks of two columns
+    const int g_first = w0 / p.group_words;
+    const int g_last = min(p.G - 1, (min(w0 + kStageWords, p.W) - 1) / p.group_words);
+    constexpr int kChunksPerGroup = TL::BN / 2;
+    float* dst = reinterpret_cast<float*>(sm + TL::kAWords + TL::kBWords);
+    for (int item = threadIdx.x; item < kStageGroups * kChunksPerGroup; item += TL::kThreads) {
+      const int gi = item / kChunksPerGroup, c = item % kChunksPerGroup;
+      const int col = n0 + 2 * c;
+      const bool ok = g_first + gi <= g_last && col < p.N;
+      const float* src = p.sz + (int64_t(ok ? g_first + gi : 0) * p.sz_stride + (ok ? col : 0)) * 2;
+      cp_async16(reinterpret_cast<uint32_t*>(dst + (gi * TL::BN + 2 * c) * 2), reinterpret_cast<const uint32_t*>(src), ok);
+    }
+  }
   // one item = one 16-byte chunk (4 words) of one plane row
   constexpr int kChunks = kStageWords / 4;
   for (int item = threadIdx.x; item < kRows * kChunks; item += TL::kThreads) {
@@ -256,12 +281,19 @@ __device__ __forceinline__ void load_stage(uint32_t* sm, const Problem& p, int m
 // int -> float conversion and two FMAs. kMagic (|I| < 2^22, checked on the host): the conversion
 // is an integer add of 0x4B400000 (folded into the row term) and one float subtraction of
 // 1.5 * 2^23, exact, instead of a quarter-rate I2F.
+// `sz_cols`: the (s, z) pairs of this group in shared memory, at the warp tile's first column.
 template <int P, int Q, bool kMagic>
 __device__ __forceinline__ void epilogue(const Problem& p, int grp, int t, int (&acc)[P + Q - 1][Tile<P, Q>::WM][Tile<P, Q>::WN][4],
                                        float (&out)[Tile<P, Q>::WM][Tile<P, Q>::WN][4], int (&pa)[Tile<P, Q>::WM][2],
-                                       int (&pb)[Tile<P, Q>::WN], const float (&sc)[Tile<P, Q>::WN][2],
-                                       const float (&zc)[Tile<P, Q>::WN][2]) {
+                                       int (&pb)[Tile<P, Q>::WN], const float* sz_cols) {
   constexpr int WM = Tile<P, Q>::WM, WN = Tile<P, Q>::WN, NS = P + Q - 1;
+  float sc[WN][2], zc[WN][2];
+#pragma unroll
+  for (int ni = 0; ni < WN; ++ni) {
+    // columns 8 ni + 2 t and + 1: one 16-byte read of their two (s, z) pairs
+    const float4 v = *reinterpret_cast<const float4*>(sz_cols + (ni * 8 + 2 * t) * 2);
+    sc[ni][0] = v.x, zc[ni][0] = v.y, sc[ni][1] = v.z, zc[ni][1] = v.w;
+  }
   constexpr uint32_t Lw = (1u << P) - 1, La = (1u << Q) - 1;
   const int kg = min(p.K, (grp + 1) * p.group_bits) - grp * p.group_bits;  // real channels in the group
   uint32_t row_term[WM][2];
@@ -310,7 +342,8 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads)
     gemm_binary_kernel(const Problem p) {
   using TL = Tile<P, Q>;
   constexpr int WM = TL::WM, WN = TL::WN, NS = TL::kShifts;
-  __shared__ __align__(16) uint32_t smem[TL::kPipe][TL::kStage];  // pipeline buffers
+  extern __shared__ __align__(16) uint32_t smem_raw[];  // kPipe pipeline buffers of kStage words
+  auto smem = [&](int buf) { return smem_raw + buf * TL::kStage; };
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -344,16 +377,18 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads)
   const int stages = (p.W + kStageWords - 1) / kStageWords;
 #pragma unroll
   for (int s0 = 0; s0 < kPipe - 1; ++s0) {
-    if (s0 < stages) load_stage<P, Q>(smem[s0], p, m0, n0, s0);
+    if (s0 < stages) load_stage<P, Q>(smem(s0), p, m0, n0, s0);
     cp_async_commit();  // empty groups keep the wait_group arithmetic uniform
   }
   for (int st = 0; st < stages; ++st) {
     cp_async_wait<kPipe - 2>();  // stage st has landed (this thread's copies)
     __syncthreads();             // ... and everyone's; buffer (st - 1) % kPipe is free again
-    if (st + kPipe - 1 < stages) load_stage<P, Q>(smem[(st + kPipe - 1) % kPipe], p, m0, n0, st + kPipe - 1);
+    if (st + kPipe - 1 < stages) load_stage<P, Q>(smem((st + kPipe - 1) % kPipe), p, m0, n0, st + kPipe - 1);
     cp_async_commit();
-    const uint32_t* sa = smem[st % kPipe];
+    const uint32_t* sa = smem(st % kPipe);
     const uint32_t* sb = sa + TL::kAWords;
+    const float* ssz = reinterpret_cast<const float*>(sb + TL::kBWords) + wn0 * 2;  // this warp's columns
+    const int g_first = st * kStageWords / p.group_words;
     // k slices of this stage: 256 bits each (K128 = false), or 128 bits each (K128 = true)
     constexpr int kSliceWords = K128 ? 4 : 8;
     constexpr int kSlices = kStageWords / kSliceWords;
@@ -405,22 +440,12 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads)
       const int w_hi = w_lo + kSliceWords;
       const bool closes = w_hi % p.group_words == 0 || w_hi >= p.W;
       const int grp = w_lo / p.group_words;
-      float sc[WN][2], zc[WN][2];
-      if (closes) {  // issue the scale / offset loads before the MMAs: their latency hides behind them
-#pragma unroll
-        for (int ni = 0; ni < WN; ++ni)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = n0 + wn0 + ni * 8 + 2 * t + e;
-            sc[ni][e] = col < p.N ? load_elem(p.scales, int64_t(col) * p.G + grp, p.dtype) : 0.f;
-            zc[ni][e] = (col < p.N && p.zeros != nullptr) ? load_elem(p.zeros, int64_t(col) * p.G + grp, p.dtype) : 0.f;
-          }
-      }
       if (w_lo % p.group_words == 0) mma_slice<P, Q, WM, WN, K128, true>(acc, af, bf);
       else mma_slice<P, Q, WM, WN, K128, false>(acc, af, bf);
       if (closes) {
-        if (p.magic) epilogue<P, Q, true>(p, grp, t, acc, out, pa, pb, sc, zc);
-        else epilogue<P, Q, false>(p, grp, t, acc, out, pa, pb, sc, zc);
+        const float* sz_cols = ssz + (grp - g_first) * TL::BN * 2;
+        if (p.magic) epilogue<P, Q, true>(p, grp, t, acc, out, pa, pb, sz_cols);
+        else epilogue<P, Q, false>(p, grp, t, acc, out, pa, pb, sz_cols);
       }
     }
   }
@@ -444,11 +469,25 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads)
     }
 }
 
+// Above 48 KiB of dynamic shared memory a kernel needs an opt-in, per device: done once per device
+// and instantiation, so that later launches (and CUDA graph capture) make no driver call.
+template <int P, int Q, bool K128>
+void opt_in_smem(int bytes) {
+  static std::atomic<uint64_t> done{0};
+  int device = 0;
+  cudaGetDevice(&device);
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit)) return;
+  cudaFuncSetAttribute(gemm_binary_kernel<P, Q, K128>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  done.fetch_or(bit, std::memory_order_relaxed);
+}
+
 template <int P, int Q, bool K128>
 void launch(const Problem& p, cudaStream_t stream) {
   using TL = Tile<P, Q>;
+  if (TL::kSmemBytes > 48 * 1024) opt_in_smem<P, Q, K128>(TL::kSmemBytes);
   const dim3 grid((p.N + TL::BN - 1) / TL::BN, (p.M + TL::BM - 1) / TL::BM);
-  gemm_binary_kernel<P, Q, K128><<<grid, TL::kThreads, 0, stream>>>(p);
+  gemm_binary_kernel<P, Q, K128><<<grid, TL::kThreads, TL::kSmemBytes, stream>>>(p);
 }
 
 template <int P>

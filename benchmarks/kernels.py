@@ -42,7 +42,8 @@ from vllm_bipolar.kernels import a16_layout  # noqa: E402
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]
 MS = [1, 4, 16, 64, 256, 1024, 4096]
 PAIRS = [(1, 16), (2, 16), (3, 16), (4, 16), (8, 16), (1, 1), (2, 2), (3, 3), (4, 4), (2, 4), (2, 8), (4, 8)]
-GROUP = 128
+GROUP = 128  # bipolar layers' group size (--group-size)
+MARLIN_GROUP = 128  # the Marlin W4 baseline is always g128
 L2_BYTES = 50 * 2 ** 20
 DEV = "cuda"
 
@@ -127,7 +128,7 @@ def marlin_layer(n: int, k: int):
     except Exception as exc:  # noqa: BLE001 - vllm absent or a different version
         return None, f"vllm marlin unavailable: {exc}"
     w = torch.randn(k, n, device=DEV, dtype=torch.float16) * 0.02
-    _, q_w, s, g_idx, sort_idx, _ = marlin_quantize(w, scalar_types.uint4b8, GROUP, False)
+    _, q_w, s, g_idx, sort_idx, _ = marlin_quantize(w, scalar_types.uint4b8, MARLIN_GROUP, False)
     ws = marlin_make_workspace_new(torch.device(DEV))
     zp = marlin_make_empty_g_idx(torch.device(DEV))
 
@@ -199,7 +200,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="(11008, 4096) and (4096, 14336), M 1 16 4096")
     p.add_argument("--no-baselines", action="store_true", help="skip cuBLAS/Marlin/int8/fp8")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels_<gpu>.json)")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="group size of the bipolar layers: -1 (per row) or a positive size (default 128; the "
+                        "binary WpAq kernel needs -1 or a multiple of 128); the Marlin baseline stays g128")
     args = p.parse_args(argv)
+    if args.group_size == 0 or args.group_size < -1:
+        p.error(f"--group-size must be -1 or positive, got {args.group_size}")
+    global GROUP
+    GROUP = args.group_size
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -90,7 +90,8 @@ constexpr int kMaxSmemBytes = 64 * 1024;
 template <int P, int Q>
 struct Tile {
   static constexpr int kShifts = P + Q - 1;
-  static constexpr int WN = kShifts <= 3 ? 4 : (kShifts <= 11 ? 2 : 1);  // n8 tiles per warp
+  // n8 tiles per warp: 4 up to two shift accumulators; W2A2 (three) with 4 held 247 registers, 2 CTAs per SM
+  static constexpr int WN = kShifts <= 2 ? 4 : (kShifts <= 11 ? 2 : 1);
   // m16 tiles per warp: 2, unless the registers or two pipeline stages in 48 KiB (W1A6) forbid it
   static constexpr int WM = (kShifts <= 6 && 2 * (Q * 64 + P * 16 * WN) * 16 * 4 <= 48 * 1024) ? 2 : 1;
   static constexpr int kWarpsM = 2, kWarpsN = 2;

@@ -90,8 +90,9 @@ constexpr int kMaxSmemBytes = 64 * 1024;
 template <int P, int Q>
 struct Tile {
   static constexpr int kShifts = P + Q - 1;
-  // n8 tiles per warp: 4 up to two shift accumulators; W2A2 (three) with 4 held 247 registers, 2 CTAs per SM
-  static constexpr int WN = kShifts <= 2 ? 4 : (kShifts <= 11 ? 2 : 1);
+  // n8 tiles per warp. (Two at three shift accumulators took W2A2 from 247 to 128 registers, 2 -> 4 CTAs
+  // per SM, but was 6% slower at M = 4096 on the H100: c1b32a6.)
+  static constexpr int WN = kShifts <= 3 ? 4 : (kShifts <= 11 ? 2 : 1);
   // m16 tiles per warp: 2, unless the registers or two pipeline stages in 48 KiB (W1A6) forbid it
   static constexpr int WM = (kShifts <= 6 && 2 * (Q * 64 + P * 16 * WN) * 16 * 4 <= 48 * 1024) ? 2 : 1;
   static constexpr int kWarpsM = 2, kWarpsN = 2;
@@ -381,6 +382,10 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads)
     if (s0 < stages) load_stage<P, Q>(smem(s0), p, m0, n0, s0);
     cp_async_commit();  // empty groups keep the wait_group arithmetic uniform
   }
+  // Group bookkeeping by counters (no division per slice): the current group, the word its end is at,
+  // and whether the next slice opens a group (its first MMA of each shift overwrites the accumulator).
+  int grp = 0, group_end = p.group_words;
+  bool fresh = true;
   for (int st = 0; st < stages; ++st) {
     cp_async_wait<kPipe - 2>();  // stage st has landed (this thread's copies)
     __syncthreads();             // ... and everyone's; buffer (st - 1) % kPipe is free again
@@ -389,7 +394,7 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads)
     const uint32_t* sa = smem(st % kPipe);
     const uint32_t* sb = sa + TL::kAWords;
     const float* ssz = reinterpret_cast<const float*>(sb + TL::kBWords) + wn0 * 2;  // this warp's columns
-    const int g_first = st * kStageWords / p.group_words;
+    const int g_first = grp;  // group of the stage's first word (load_stage staged its (s, z) first)
     // k slices of this stage: 256 bits each (K128 = false), or 128 bits each (K128 = true)
     constexpr int kSliceWords = K128 ? 4 : 8;
     constexpr int kSlices = kStageWords / kSliceWords;
@@ -438,15 +443,18 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads)
       // Row/column popcounts: computed here on the fly from the fragments each thread already
       // holds (its own words of rows g, g+8 and column g; reduced over the quad at group end):
       // no extra pass over memory and nothing precomputed at load time.
+      // slices never straddle a group (groups are whole slices), so the group ends exactly at group_end
       const int w_hi = w_lo + kSliceWords;
-      const bool closes = w_hi % p.group_words == 0 || w_hi >= p.W;
-      const int grp = w_lo / p.group_words;
-      if (w_lo % p.group_words == 0) mma_slice<P, Q, WM, WN, K128, true>(acc, af, bf);
+      const bool closes = w_hi == group_end || w_hi >= p.W;
+      if (fresh) mma_slice<P, Q, WM, WN, K128, true>(acc, af, bf);
       else mma_slice<P, Q, WM, WN, K128, false>(acc, af, bf);
+      fresh = closes;
       if (closes) {
         const float* sz_cols = ssz + (grp - g_first) * TL::BN * 2;
         if (p.magic) epilogue<P, Q, true>(p, grp, t, acc, out, pa, pb, sz_cols);
         else epilogue<P, Q, false>(p, grp, t, acc, out, pa, pb, sz_cols);
+        ++grp;
+        group_end += p.group_words;
       }
     }
   }

@@ -116,6 +116,9 @@ struct Tile {
   static constexpr int kStageBytes = kStage * 4;
   static constexpr int kPipe = (4 * kStageBytes <= kMaxSmemBytes) ? 4 : ((3 * kStageBytes <= kMaxSmemBytes) ? 3 : 2);
   static constexpr int kSmemBytes = kPipe * kStageBytes;
+  // CTAs per SM the register budget is held to (launch bounds): 4 (<= 128 registers) for W1A1, whose
+  // tile fits that without spilling (164 registers unbounded); two accumulators and more spill there.
+  static constexpr int kMinBlocks = kShifts == 1 ? 4 : 1;
   static_assert(2 * kStageBytes <= kMaxSmemBytes, "two pipeline stages must fit kMaxSmemBytes");
 };
 
@@ -125,6 +128,23 @@ __device__ __forceinline__ void cp_async16(uint32_t* smem, const uint32_t* gmem,
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int bytes = valid ? 16 : 0;  // src-size 0: nothing is read, the 16 bytes are zero-filled
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+
+// Same with the shared-memory address already converted (bytes).
+__device__ __forceinline__ void cp_async16_s(uint32_t smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
+}
+
+// ldmatrix of 1 / 2 / 4 8x8 b16 matrices (row addresses from lanes 0-7 / 0-15 / 0-31).
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t& d0, uint32_t& d1, uint32_t& d2, uint32_t& d3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(d0), "=r"(d1), "=r"(d2), "=r"(d3) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x2(uint32_t addr, uint32_t& d0, uint32_t& d1) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(d0), "=r"(d1) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x1(uint32_t addr, uint32_t& d0) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(d0) : "r"(addr));
 }
 
 __device__ __forceinline__ void cp_async4(uint32_t* smem, const uint32_t* gmem, bool valid) {
@@ -277,6 +297,80 @@ __device__ __forceinline__ void load_stage(uint32_t* sm, const Problem& p, int m
   }
 }
 
+// The same copy with every per-thread quantity worked out once (vec16 problems: W % 4 == 0 and 16-byte
+// aligned planes). ncu on the H100 had load_stage's per-item index arithmetic (divisions, the
+// generic-to-shared conversion of every destination) among the hottest instructions of the kernel.
+// Every thread copies the same 16-byte chunk (tid % 4) of kPasses plane rows, kRowsPerPass rows apart;
+// since Q * BM and P * BN are multiples of kRowsPerPass, whether pass i reads activations or weights
+// is known at compile time, and a stage row's offset in the buffer is its row index times 16 words
+// (activation rows first, then weight rows) plus the swizzled chunk, which is the same for every pass.
+template <int P, int Q>
+struct StageCopier {
+  using TL = Tile<P, Q>;
+  static constexpr int kChunks = kStageWords / 4;
+  static constexpr int kRowsPerPass = TL::kThreads / kChunks;
+  static constexpr int kARows = Q * TL::BM, kRows = kARows + P * TL::BN;
+  // tiles whose weight rows are not whole passes (P * BN = 80 or 112: W5A8, W7A6) keep load_stage
+  static constexpr bool kUsable = kARows % kRowsPerPass == 0 && kRows % kRowsPerPass == 0;
+  static constexpr int kAPasses = kARows / kRowsPerPass, kPasses = kUsable ? kRows / kRowsPerPass : 1;
+  static constexpr int kSzChunks = kStageGroups * TL::BN / 2;  // 16-byte (s, z) chunks of two columns
+  static_assert(kSzChunks <= TL::kThreads, "one (s, z) chunk per thread at most");
+
+  int rowidx[kPasses];  // plane * M + row (activations) or plane * N + row (weights), rows clamped
+  uint32_t okmask;      // bit i: pass i's row is inside M / N
+  uint32_t dst0;        // byte offset of pass 0's chunk in a stage buffer
+  int w_off;            // this thread's word in a stage: 4 * (tid % kChunks)
+  int sz_gi, sz_col;    // (s, z) chunk: stage group and first column (sz_gi = kStageGroups: none)
+  uint32_t sz_dst;      // its byte offset in a stage buffer
+
+  __device__ __forceinline__ StageCopier(const Problem& p, int m0, int n0) {
+    const int tid = threadIdx.x;
+    const int chunk = tid % kChunks, r0 = tid / kChunks;
+    w_off = 4 * chunk;
+    dst0 = uint32_t(swz(r0, 4 * chunk)) * 4u;  // swz(r0 + 32 i, .) = swz(r0, .) + 32 i * 16
+    okmask = 0;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int r = r0 + i * kRowsPerPass;
+      bool ok;
+      if (i < kAPasses) {
+        const int plane = r / TL::BM, row = r % TL::BM;
+        ok = m0 + row < p.M;
+        rowidx[i] = plane * p.M + (ok ? m0 + row : 0);
+      } else {
+        const int rb = r - kARows, plane = rb / TL::BN, row = rb % TL::BN;
+        ok = n0 + row < p.N;
+        rowidx[i] = plane * p.N + (ok ? n0 + row : 0);
+      }
+      okmask |= uint32_t(ok) << i;
+    }
+    sz_gi = tid < kSzChunks ? tid / (TL::BN / 2) : kStageGroups;
+    sz_col = n0 + 2 * (tid % (TL::BN / 2));
+    sz_dst = uint32_t(TL::kAWords + TL::kBWords + (sz_gi * TL::BN + 2 * (tid % (TL::BN / 2))) * 2) * 4u;
+  }
+
+  // Stage st into the buffer at shared address `buf` (bytes).
+  __device__ __forceinline__ void copy(const Problem& p, uint32_t buf, int st) const {
+    const int w0 = st * kStageWords;
+    const int w = w0 + w_off;
+    const bool win = w < p.W;  // W % 4 == 0: a chunk is all in or all out
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const bool ok = win && ((okmask >> i) & 1u);
+      const uint32_t* base = i < kAPasses ? p.a : p.b;
+      const uint32_t* src = base + (ok ? int64_t(rowidx[i]) * p.W + w : 0);
+      cp_async16_s(buf + dst0 + uint32_t(i * kRowsPerPass * kStageWords * 4), src, ok);
+    }
+    if (sz_gi < kStageGroups) {
+      const int g_first = w0 / p.group_words;
+      const int g_last = min(p.G - 1, (min(w0 + kStageWords, p.W) - 1) / p.group_words);
+      const bool ok = g_first + sz_gi <= g_last && sz_col < p.N;
+      const float* src = p.sz + (ok ? (int64_t(g_first + sz_gi) * p.sz_stride + sz_col) * 2 : 0);
+      cp_async16_s(buf + sz_dst, src, ok);
+    }
+  }
+};
+
 // Group end: fold the integer sums of the finished group into `out`, then clear PA / PB (the
 // MMA accumulators are overwritten by the next group's first MMAs). Per element this is the
 // shift combination T = sum_s acc_s << s, one add of the hoisted row/column corrections, one
@@ -340,7 +434,7 @@ __device__ __forceinline__ void epilogue(const Problem& p, int grp, int t, int (
 
 // One CTA: a BM x BN block of y. Grid: x over N tiles, y over M tiles.
 template <int P, int Q, bool K128>
-__global__ void __launch_bounds__(Tile<P, Q>::kThreads)
+__global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
     gemm_binary_kernel(const Problem p) {
   using TL = Tile<P, Q>;
   constexpr int WM = TL::WM, WN = TL::WN, NS = TL::kShifts;
@@ -377,9 +471,17 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads)
   // finished by every warp in the previous iteration).
   constexpr int kPipe = TL::kPipe;
   const int stages = (p.W + kStageWords - 1) / kStageWords;
+  const StageCopier<P, Q> copier(p, m0, n0);
+  // ldmatrix row of this lane within an m16 A tile (matrices 1 and 3 are rows 8-15) and its chunk half
+  const int lm_row_a = (lane & 7) + 8 * ((lane >> 3) & 1), lm_hi_a = lane >> 4;
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  auto fill = [&](int buf, int stage) {
+    if (StageCopier<P, Q>::kUsable && p.vec16) copier.copy(p, smem_base + uint32_t(buf * TL::kStageBytes), stage);
+    else load_stage<P, Q>(smem(buf), p, m0, n0, stage);
+  };
 #pragma unroll
   for (int s0 = 0; s0 < kPipe - 1; ++s0) {
-    if (s0 < stages) load_stage<P, Q>(smem(s0), p, m0, n0, s0);
+    if (s0 < stages) fill(s0, s0);
     cp_async_commit();  // empty groups keep the wait_group arithmetic uniform
   }
   // Group bookkeeping by counters (no division per slice): the current group, the word its end is at,
@@ -389,11 +491,12 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads)
   for (int st = 0; st < stages; ++st) {
     cp_async_wait<kPipe - 2>();  // stage st has landed (this thread's copies)
     __syncthreads();             // ... and everyone's; buffer (st - 1) % kPipe is free again
-    if (st + kPipe - 1 < stages) load_stage<P, Q>(smem((st + kPipe - 1) % kPipe), p, m0, n0, st + kPipe - 1);
+    if (st + kPipe - 1 < stages) fill((st + kPipe - 1) % kPipe, st + kPipe - 1);
     cp_async_commit();
     const uint32_t* sa = smem(st % kPipe);
-    const uint32_t* sb = sa + TL::kAWords;
-    const float* ssz = reinterpret_cast<const float*>(sb + TL::kBWords) + wn0 * 2;  // this warp's columns
+    const uint32_t sa_addr = smem_base + uint32_t((st % kPipe) * TL::kStageBytes);  // shared addresses (bytes)
+    const uint32_t sb_addr = sa_addr + uint32_t(TL::kAWords * 4);
+    const float* ssz = reinterpret_cast<const float*>(sa + TL::kAWords + TL::kBWords) + wn0 * 2;  // this warp's columns
     const int g_first = grp;  // group of the stage's first word (load_stage staged its (s, z) first)
     // k slices of this stage: 256 bits each (K128 = false), or 128 bits each (K128 = true)
     constexpr int kSliceWords = K128 ? 4 : 8;
@@ -402,44 +505,66 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads)
     for (int sl = 0; sl < kSlices; ++sl) {
       const int w_lo = st * kStageWords + sl * kSliceWords;
       if (w_lo >= p.W) break;  // rest of the last stage past the end of K (uniform)
-      // Fragments of every plane of the warp tile, loaded once and reused by all P*Q pairings.
+      // Fragments of every plane of the warp tile, loaded once and reused by all P*Q pairings, with
+      // ldmatrix: an 8 x 8 b16 matrix is 8 rows of 16 bytes (4 words), and lane l receives word l % 4
+      // of row l / 4: exactly the b1 fragment (row g, word t) of one 16-byte chunk of K. One ldmatrix.x4
+      // replaces four 32-bit shared loads (A, k256: rows g / g + 8 x chunks lo / hi; B: 4 n8 tiles at
+      // k128, 2 tiles x 2 chunks at k256); the swizzle keeps each chunk contiguous.
       uint32_t af[Q][WM][K128 ? 2 : 4];
       uint32_t bf[P][WN][K128 ? 1 : 2];
 #pragma unroll
       for (int j = 0; j < Q; ++j)
 #pragma unroll
         for (int mi = 0; mi < WM; ++mi) {
-          const uint32_t* base = sa + j * TL::BM * kStageWords;
-          const int r = wm0 + mi * 16 + g;
+          // matrices: rows 0-7 / 8-15 of the m16 tile (lane / 8 odd: + 8), chunk lo / hi (lane / 16)
+          const int row = wm0 + mi * 16 + lm_row_a;
+          const int chunk = K128 ? sl : 2 * sl + lm_hi_a;
+          const uint32_t addr = sa_addr + uint32_t((j * TL::BM * kStageWords + swz(row, 4 * chunk)) * 4);
           if constexpr (K128) {
-            af[j][mi][0] = base[swz(r, sl * 4 + t)];
-            af[j][mi][1] = base[swz(r + 8, sl * 4 + t)];
+            ldsm_x2(addr, af[j][mi][0], af[j][mi][1]);
             pa[mi][0] += __popc(af[j][mi][0]) << j;
             pa[mi][1] += __popc(af[j][mi][1]) << j;
           } else {
-            af[j][mi][0] = base[swz(r, sl * 8 + t)];
-            af[j][mi][1] = base[swz(r + 8, sl * 8 + t)];
-            af[j][mi][2] = base[swz(r, sl * 8 + t + 4)];
-            af[j][mi][3] = base[swz(r + 8, sl * 8 + t + 4)];
+            ldsm_x4(addr, af[j][mi][0], af[j][mi][1], af[j][mi][2], af[j][mi][3]);
             pa[mi][0] += (__popc(af[j][mi][0]) + __popc(af[j][mi][2])) << j;
             pa[mi][1] += (__popc(af[j][mi][1]) + __popc(af[j][mi][3])) << j;
           }
         }
 #pragma unroll
-      for (int i = 0; i < P; ++i)
+      for (int i = 0; i < P; ++i) {
+        const uint32_t bbase = sb_addr + uint32_t(i * TL::BN * kStageWords * 4);
+        if constexpr (K128) {
+          // matrix q (= lane / 8) is n8 tile ni0 + q: up to 4 tiles per ldmatrix
 #pragma unroll
-        for (int ni = 0; ni < WN; ++ni) {
-          const uint32_t* base = sb + i * TL::BN * kStageWords;
-          const int r = wn0 + ni * 8 + g;
-          if constexpr (K128) {
-            bf[i][ni][0] = base[swz(r, sl * 4 + t)];
-            pb[ni] += __popc(bf[i][ni][0]) << i;
-          } else {
-            bf[i][ni][0] = base[swz(r, sl * 8 + t)];
-            bf[i][ni][1] = base[swz(r, sl * 8 + t + 4)];
-            pb[ni] += (__popc(bf[i][ni][0]) + __popc(bf[i][ni][1])) << i;
+          for (int ni0 = 0; ni0 < WN; ni0 += 4) {
+            constexpr int kN = WN < 4 ? WN : 4;
+            const int row = wn0 + ni0 * 8 + (lane & (8 * kN - 1));
+            const uint32_t addr = bbase + uint32_t(swz(row, 4 * sl) * 4);
+            if constexpr (kN == 4) ldsm_x4(addr, bf[i][ni0][0], bf[i][ni0 + 1][0], bf[i][ni0 + 2][0], bf[i][ni0 + 3][0]);
+            else if constexpr (kN == 2) ldsm_x2(addr, bf[i][ni0][0], bf[i][ni0 + 1][0]);
+            else ldsm_x1(addr, bf[i][ni0][0]);
+          }
+        } else {
+          // matrix q is n8 tile ni0 + q / 2, chunk lo / hi = q % 2: two tiles per ldmatrix.x4
+#pragma unroll
+          for (int ni0 = 0; ni0 < WN; ni0 += 2) {
+            if constexpr (WN >= 2) {
+              const int row = wn0 + (ni0 + (lane >> 4)) * 8 + (lane & 7);
+              const uint32_t addr = bbase + uint32_t(swz(row, 4 * (2 * sl + ((lane >> 3) & 1))) * 4);
+              ldsm_x4(addr, bf[i][ni0][0], bf[i][ni0][1], bf[i][ni0 + 1][0], bf[i][ni0 + 1][1]);
+            } else {
+              const int row = wn0 + (lane & 7);
+              const uint32_t addr = bbase + uint32_t(swz(row, 4 * (2 * sl + ((lane >> 3) & 1))) * 4);
+              ldsm_x2(addr, bf[i][ni0][0], bf[i][ni0][1]);
+            }
           }
         }
+#pragma unroll
+        for (int ni = 0; ni < WN; ++ni) {
+          if constexpr (K128) pb[ni] += __popc(bf[i][ni][0]) << i;
+          else pb[ni] += (__popc(bf[i][ni][0]) + __popc(bf[i][ni][1])) << i;
+        }
+      }
       // Row/column popcounts: computed here on the fly from the fragments each thread already
       // holds (its own words of rows g, g+8 and column g; reduced over the quad at group end):
       // no extra pass over memory and nothing precomputed at load time.

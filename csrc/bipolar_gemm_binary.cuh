@@ -227,6 +227,29 @@ __device__ __forceinline__ void mma_slice(int (&acc)[P + Q - 1][WM][WN][4], cons
   }
 }
 
+// Column popcounts of the weight planes on the tensor cores: popc(ones & B_i) over the slice, i.e. an
+// all-ones A operand; the C fragment then holds, in every lane, the counts of exactly the two columns
+// (2t, 2t + 1) whose outputs it owns. (Summing each lane's own words and reducing them over the quad
+// with shuffles at every group end cost about 30 instructions per group and lane at W1A1; the tensor
+// pipe has room for these P * WN extra MMAs per slice.)
+template <int P, int WN, bool K128, bool kFresh>
+__device__ __forceinline__ void pb_slice(int (&pbc)[P][WN][4], const uint32_t (&bf)[P][WN][K128 ? 1 : 2]) {
+  constexpr uint32_t kOnes = 0xffffffffu;
+#pragma unroll
+  for (int i = 0; i < P; ++i)
+#pragma unroll
+    for (int ni = 0; ni < WN; ++ni) {
+      if constexpr (K128) {
+        if (kFresh) bmma_k128_zero(pbc[i][ni], kOnes, kOnes, bf[i][ni][0]);
+        else bmma_k128(pbc[i][ni], kOnes, kOnes, bf[i][ni][0]);
+      } else {
+        const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
+        if (kFresh) bmma_k256_zero(pbc[i][ni], ones, bf[i][ni]);
+        else bmma_k256(pbc[i][ni], ones, bf[i][ni]);
+      }
+    }
+}
+
 __device__ __forceinline__ void store_elem(void* p, int64_t i, float v, DType dt) {
   if (dt == DType::kHalf) static_cast<__half*>(p)[i] = __float2half_rn(v);
   else if (dt == DType::kBFloat16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
@@ -381,7 +404,7 @@ struct StageCopier {
 template <int P, int Q, bool kMagic>
 __device__ __forceinline__ void epilogue(const Problem& p, int grp, int t, int (&acc)[P + Q - 1][Tile<P, Q>::WM][Tile<P, Q>::WN][4],
                                        float (&out)[Tile<P, Q>::WM][Tile<P, Q>::WN][4], int (&pa)[Tile<P, Q>::WM][2],
-                                       int (&pb)[Tile<P, Q>::WN], const float* sz_cols) {
+                                       const int (&pbc)[P][Tile<P, Q>::WN][4], const float* sz_cols) {
   constexpr int WM = Tile<P, Q>::WM, WN = Tile<P, Q>::WN, NS = P + Q - 1;
   float sc[WN][2], zc[WN][2];
 #pragma unroll
@@ -404,12 +427,15 @@ __device__ __forceinline__ void epilogue(const Problem& p, int grp, int t, int (
     }
   uint32_t col_term[WN][2];
 #pragma unroll
-  for (int ni = 0; ni < WN; ++ni) {
-    const int col_total = quad_sum(pb[ni]);  // column g of the n8 tile, in every lane of quad g
-    // C fragment columns are 2t and 2t+1: fetch those columns' totals from quads 2t, 2t+1
-    col_term[ni][0] = 0u - 2u * La * uint32_t(__shfl_sync(0xffffffffu, col_total, (2 * t) * 4));
-    col_term[ni][1] = 0u - 2u * La * uint32_t(__shfl_sync(0xffffffffu, col_total, (2 * t + 1) * 4));
-  }
+  for (int ni = 0; ni < WN; ++ni)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      // PB of column 2t + e: pbc's c0 / c1 (pb_slice)
+      uint32_t col_total = 0;
+#pragma unroll
+      for (int i = 0; i < P; ++i) col_total += uint32_t(pbc[i][ni][e]) << i;
+      col_term[ni][e] = 0u - 2u * La * col_total;
+    }
 #pragma unroll
   for (int ni = 0; ni < WN; ++ni)
 #pragma unroll
@@ -428,8 +454,6 @@ __device__ __forceinline__ void epilogue(const Problem& p, int grp, int t, int (
         }
 #pragma unroll
   for (int mi = 0; mi < WM; ++mi) pa[mi][0] = pa[mi][1] = 0;
-#pragma unroll
-  for (int ni = 0; ni < WN; ++ni) pb[ni] = 0;
 }
 
 // One CTA: a BM x BN block of y. Grid: x over N tiles, y over M tiles.
@@ -450,7 +474,7 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
   int acc[NS][WM][WN][4];  // popc(A_j & B_i) summed over pairs with i + j = s, current group
   float out[WM][WN][4];    // sum over finished groups of s * I + z * S
   int pa[WM][2];           // this thread's words of PA for rows g, g+8 of each m16 tile (current group)
-  int pb[WN];              // this thread's words of PB for column g of each n8 tile (current group)
+  int pbc[P][WN][4];       // popc(B_i) of the C fragment's columns 2t, 2t+1 (c0, c1), current group (pb_slice)
 #pragma unroll
   for (int mi = 0; mi < WM; ++mi)
 #pragma unroll
@@ -463,8 +487,6 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
       }
 #pragma unroll
   for (int mi = 0; mi < WM; ++mi) pa[mi][0] = pa[mi][1] = 0;
-#pragma unroll
-  for (int ni = 0; ni < WN; ++ni) pb[ni] = 0;
 
   // Multi-stage cp.async pipeline (kPipe buffers): stage st + kPipe - 1 is requested while stage st
   // is computed; one barrier per stage (it also guarantees that the buffer refilled next was
@@ -559,11 +581,6 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
             }
           }
         }
-#pragma unroll
-        for (int ni = 0; ni < WN; ++ni) {
-          if constexpr (K128) pb[ni] += __popc(bf[i][ni][0]) << i;
-          else pb[ni] += (__popc(bf[i][ni][0]) + __popc(bf[i][ni][1])) << i;
-        }
       }
       // Row/column popcounts: computed here on the fly from the fragments each thread already
       // holds (its own words of rows g, g+8 and column g; reduced over the quad at group end):
@@ -571,13 +588,18 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
       // slices never straddle a group (groups are whole slices), so the group ends exactly at group_end
       const int w_hi = w_lo + kSliceWords;
       const bool closes = w_hi == group_end || w_hi >= p.W;
-      if (fresh) mma_slice<P, Q, WM, WN, K128, true>(acc, af, bf);
-      else mma_slice<P, Q, WM, WN, K128, false>(acc, af, bf);
+      if (fresh) {
+        mma_slice<P, Q, WM, WN, K128, true>(acc, af, bf);
+        pb_slice<P, WN, K128, true>(pbc, bf);
+      } else {
+        mma_slice<P, Q, WM, WN, K128, false>(acc, af, bf);
+        pb_slice<P, WN, K128, false>(pbc, bf);
+      }
       fresh = closes;
       if (closes) {
         const float* sz_cols = ssz + (grp - g_first) * TL::BN * 2;
-        if (p.magic) epilogue<P, Q, true>(p, grp, t, acc, out, pa, pb, sz_cols);
-        else epilogue<P, Q, false>(p, grp, t, acc, out, pa, pb, sz_cols);
+        if (p.magic) epilogue<P, Q, true>(p, grp, t, acc, out, pa, pbc, sz_cols);
+        else epilogue<P, Q, false>(p, grp, t, acc, out, pa, pbc, sz_cols);
         ++grp;
         group_end += p.group_words;
       }

@@ -174,3 +174,33 @@ def test_make_shapes_gptq_checkpoint(tmp_path):
             assert qw.unique().numel() > 1, "codes must not be constant"
             assert torch.equal(qw, tensors[f"model.layers.0.{suffix}.qweight"])
     assert tensors["model.embed_tokens.weight"].shape == (cfg["vocab_size"], cfg["hidden_size"])
+
+
+def test_compare_runs_table_and_best_setting(tmp_path, capsys):
+    """benchmarks/compare_runs.py: one column per file, '-' where a file lacks a row, the setting with the
+    least total time at the chosen M, and files that are not result rows skipped with a message."""
+    from benchmarks import compare_runs
+
+    def row(m, n, w, us):
+        return {"M": m, "N": n, "K": 4096, "w_bits": w, "a_bits": 16, "group_size": 128, "us": us}
+
+    fast = tmp_path / "pf8.json"
+    slow = tmp_path / "pf0.json"
+    names = tmp_path / "pf0.kernels.json"
+    fast.write_text(json.dumps([row(1, 4096, 2, 5.0), row(1, 11008, 2, 9.0), row(16, 4096, 2, 30.0)]))
+    slow.write_text(json.dumps([row(1, 4096, 2, 6.0), row(1, 11008, 2, 9.5), row(16, 4096, 2, 20.0),
+                                row(64, 4096, 2, 40.0)]))
+    names.write_text(json.dumps({"bipolar": ["gemv_a16_kernel"]}))
+    assert compare_runs.main([str(slow), str(fast), str(names), "--best-by", "M=1"]) == 0
+    out, err = capsys.readouterr()
+    assert "skipping" in err and "pf0.kernels.json" in err
+    lines = out.splitlines()
+    assert "pf0" in lines[0] and "pf8" in lines[0]
+    r64 = next(line for line in lines if line.split()[:2] == ["64", "4096"])
+    assert r64.split()[-2:] == ["40.00", "-"]
+    assert "pf0 15.5" in out and "pf8 14.0" in out  # M = 1 totals: 6 + 9.5 and 5 + 9
+    assert lines[-1] == f"best: {fast}"
+    # at M = 16 the other file wins; no rows at an absent M is an error
+    assert compare_runs.main([str(slow), str(fast), "--best-by", "M=16"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"best: {slow}"
+    assert compare_runs.main([str(slow), str(fast), "--best-by", "M=64"]) == 1

@@ -154,7 +154,8 @@ constexpr int64_t kMaxM = int64_t(65535) * 16;
 #if defined(BIPOLAR_GEMM_A16_KERNELS)
 #include <c10/cuda/CUDAException.h>
 
-#include <atomic>
+#include "cuda_launch.cuh"
+
 #include <cstdlib>
 
 namespace bipolar {
@@ -1090,20 +1091,6 @@ __global__ void __launch_bounds__(kThreads) dequantize_a16_kernel(Problem p) {
         for (int e = 0; e < 8 && k + e < p.K; ++e) dst[e] = t[r * kRow + kl + e];
       }
     }
-  }
-}
-
-// > 48 KB of dynamic shared memory needs an opt-in per kernel and device: done once per device, for
-// the kernel's largest request, so that no later launch pays for the driver call.
-template <auto kKernel>
-void opt_in_shared_memory(int bytes) {
-  static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d (one set of flags per kernel)
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-  if (bit == 0 || !(opted_in.load(std::memory_order_relaxed) & bit)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
 }
 

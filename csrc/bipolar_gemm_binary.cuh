@@ -72,7 +72,7 @@ BIPOLAR_BINARY_DECLARE(8)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <atomic>
+#include "cuda_launch.cuh"
 
 namespace bipolar {
 namespace binary {
@@ -625,23 +625,10 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
     }
 }
 
-// Above 48 KiB of dynamic shared memory a kernel needs an opt-in, per device: done once per device
-// and instantiation, so that later launches (and CUDA graph capture) make no driver call.
-template <int P, int Q, bool K128>
-void opt_in_smem(int bytes) {
-  static std::atomic<uint64_t> done{0};
-  int device = 0;
-  cudaGetDevice(&device);
-  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit)) return;
-  cudaFuncSetAttribute(gemm_binary_kernel<P, Q, K128>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  done.fetch_or(bit, std::memory_order_relaxed);
-}
-
 template <int P, int Q, bool K128>
 void launch(const Problem& p, cudaStream_t stream) {
   using TL = Tile<P, Q>;
-  if (TL::kSmemBytes > 48 * 1024) opt_in_smem<P, Q, K128>(TL::kSmemBytes);
+  if (TL::kSmemBytes > 48 * 1024) opt_in_shared_memory<gemm_binary_kernel<P, Q, K128>>(TL::kSmemBytes);
   const dim3 grid((p.N + TL::BN - 1) / TL::BN, (p.M + TL::BM - 1) / TL::BM);
   gemm_binary_kernel<P, Q, K128><<<grid, TL::kThreads, TL::kSmemBytes, stream>>>(p);
 }

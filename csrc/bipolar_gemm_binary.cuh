@@ -262,28 +262,15 @@ __device__ __forceinline__ int quad_sum(int v) {
   return v;
 }
 
-// Copy stage `st` (words 16 st .. 16 st + 15 of every plane row of the tile, and the (s, z) of the
-// groups those words touch) into shared memory. Rows past M / N and words past W are zero-filled
-// (they then add nothing to any popcount); so are (s, z) of columns past N.
+// Copy the bit planes of stage `st` (words 16 st .. 16 st + 15 of every plane row of the tile) into
+// shared memory, for any W and alignment (StageCopier::copy_planes is the fast path of aligned
+// problems; StageCopier::copy_sz brings the stage's (s, z) in both cases). Rows past M / N and words
+// past W are zero-filled (they then add nothing to any popcount).
 template <int P, int Q>
 __device__ __forceinline__ void load_stage(uint32_t* sm, const Problem& p, int m0, int n0, int st) {
   using TL = Tile<P, Q>;
   constexpr int kARows = Q * TL::BM, kRows = kARows + P * TL::BN;
   const int w0 = st * kStageWords;
-  {
-    // (s, z): group g_first + gi of the stage at [gi][column][2]; 16-byte chunks of two columns
-    const int g_first = w0 / p.group_words;
-    const int g_last = min(p.G - 1, (min(w0 + kStageWords, p.W) - 1) / p.group_words);
-    constexpr int kChunksPerGroup = TL::BN / 2;
-    float* dst = reinterpret_cast<float*>(sm + TL::kAWords + TL::kBWords);
-    for (int item = threadIdx.x; item < kStageGroups * kChunksPerGroup; item += TL::kThreads) {
-      const int gi = item / kChunksPerGroup, c = item % kChunksPerGroup;
-      const int col = n0 + 2 * c;
-      const bool ok = g_first + gi <= g_last && col < p.N;
-      const float* src = p.sz + (int64_t(ok ? g_first + gi : 0) * p.sz_stride + (ok ? col : 0)) * 2;
-      cp_async16(reinterpret_cast<uint32_t*>(dst + (gi * TL::BN + 2 * c) * 2), reinterpret_cast<const uint32_t*>(src), ok);
-    }
-  }
   // one item = one 16-byte chunk (4 words) of one plane row
   constexpr int kChunks = kStageWords / 4;
   for (int item = threadIdx.x; item < kRows * kChunks; item += TL::kThreads) {
@@ -320,8 +307,9 @@ __device__ __forceinline__ void load_stage(uint32_t* sm, const Problem& p, int m
   }
 }
 
-// The same copy with every per-thread quantity worked out once (vec16 problems: W % 4 == 0 and 16-byte
-// aligned planes). ncu on the H100 had load_stage's per-item index arithmetic (divisions, the
+// Stage copies with every per-thread quantity worked out once: the planes of vec16 problems (W % 4 == 0
+// and 16-byte aligned planes; others use load_stage) and, for every problem, the (s, z) of the groups
+// the stage's words touch (group g_first + gi at [gi][column][2], zero-filled past N). ncu on the H100 had load_stage's per-item index arithmetic (divisions, the
 // generic-to-shared conversion of every destination) among the hottest instructions of the kernel.
 // Every thread copies the same 16-byte chunk (tid % 4) of kPasses plane rows, kRowsPerPass rows apart;
 // since Q * BM and P * BN are multiples of kRowsPerPass, whether pass i reads activations or weights
@@ -372,10 +360,9 @@ struct StageCopier {
     sz_dst = uint32_t(TL::kAWords + TL::kBWords + (sz_gi * TL::BN + 2 * (tid % (TL::BN / 2))) * 2) * 4u;
   }
 
-  // Stage st into the buffer at shared address `buf` (bytes).
-  __device__ __forceinline__ void copy(const Problem& p, uint32_t buf, int st) const {
-    const int w0 = st * kStageWords;
-    const int w = w0 + w_off;
+  // Stage st's planes into the buffer at shared address `buf` (bytes).
+  __device__ __forceinline__ void copy_planes(const Problem& p, uint32_t buf, int st) const {
+    const int w = st * kStageWords + w_off;
     const bool win = w < p.W;  // W % 4 == 0: a chunk is all in or all out
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
@@ -384,7 +371,12 @@ struct StageCopier {
       const uint32_t* src = base + (ok ? int64_t(rowidx[i]) * p.W + w : 0);
       cp_async16_s(buf + dst0 + uint32_t(i * kRowsPerPass * kStageWords * 4), src, ok);
     }
+  }
+
+  // Stage st's (s, z) pairs (16-byte chunks of two columns, one per thread at most).
+  __device__ __forceinline__ void copy_sz(const Problem& p, uint32_t buf, int st) const {
     if (sz_gi < kStageGroups) {
+      const int w0 = st * kStageWords;
       const int g_first = w0 / p.group_words;
       const int g_last = min(p.G - 1, (min(w0 + kStageWords, p.W) - 1) / p.group_words);
       const bool ok = g_first + sz_gi <= g_last && sz_col < p.N;
@@ -498,8 +490,10 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
   const int lm_row_a = (lane & 7) + 8 * ((lane >> 3) & 1), lm_hi_a = lane >> 4;
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   auto fill = [&](int buf, int stage) {
-    if (StageCopier<P, Q>::kUsable && p.vec16) copier.copy(p, smem_base + uint32_t(buf * TL::kStageBytes), stage);
+    const uint32_t addr = smem_base + uint32_t(buf * TL::kStageBytes);
+    if (StageCopier<P, Q>::kUsable && p.vec16) copier.copy_planes(p, addr, stage);
     else load_stage<P, Q>(smem(buf), p, m0, n0, stage);
+    copier.copy_sz(p, addr, stage);
   };
 #pragma unroll
   for (int s0 = 0; s0 < kPipe - 1; ++s0) {

@@ -1041,12 +1041,13 @@ __global__ void __launch_bounds__(kThreads) dequantize_a16_kernel(Problem p) {
   const bool two_groups = p.group_shift < 6;  // 32-channel groups: channels 0-31 and 32-63 differ
   uint32_t words[kDequantBlocks][BITS];
   uint32_t sz[kDequantBlocks][2][2];  // [block][row half h][channel half]
+  int nbs[kDequantBlocks], kbs[kDequantBlocks];  // each block's block row and 64-channel column
 #pragma unroll
   for (int b = 0; b < kDequantBlocks; ++b) {
     const int64_t blk = blk0 + b;
     if (blk >= nblocks) break;
     read_block<BITS>(p.qweight + blk * (32 * BITS), lane, words[b]);
-    const int nb = int(blk / kblocks), kb = int(blk % kblocks);
+    const int nb = nbs[b] = int(blk / kblocks), kb = kbs[b] = int(blk % kblocks);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const uint32_t* srow = scales + nb * kBlockN + 8 * h + lane / 4;
@@ -1059,9 +1060,8 @@ __global__ void __launch_bounds__(kThreads) dequantize_a16_kernel(Problem p) {
   const bool vec = (p.K % 8) == 0;  // rows of W start on 16-byte boundaries
 #pragma unroll
   for (int b = 0; b < kDequantBlocks; ++b) {
-    const int64_t blk = blk0 + b;
-    if (blk >= nblocks) break;
-    const int nb = int(blk / kblocks), kb = int(blk % kblocks);
+    if (blk0 + b >= nblocks) break;
+    const int nb = nbs[b], kb = kbs[b];
     if (b > 0) __syncwarp();  // the previous block's tile has been written out
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

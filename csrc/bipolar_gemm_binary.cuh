@@ -232,6 +232,14 @@ __device__ __forceinline__ void mma_slice(int (&acc)[P + Q - 1][WM][WN][4], cons
 // (2t, 2t + 1) whose outputs it owns. (Summing each lane's own words and reducing them over the quad
 // with shuffles at every group end cost about 30 instructions per group and lane at W1A1; the tensor
 // pipe has room for these P * WN extra MMAs per slice.)
+// Used for every (P, Q) and MMA shape except the two where the extra accumulators cost more than the
+// shuffles they save (H100, M = 4096, 14336 x 4096, d382891 against fe5a3c5): W4A4 with k128 (162 -> 182
+// registers, 3 -> 2 CTAs per SM: 3749 -> 4342 us) and W1A1 with k256 (spills at its 128-register bound:
+// 451 -> 486 us). Elsewhere 3-11% faster (W2A2 k128 1661 -> 1586 us, k256 924 -> 826).
+constexpr bool tc_col_sums(int P, int Q, bool k128) {
+  return !((P == 4 && Q == 4 && k128) || (P == 1 && Q == 1 && !k128));
+}
+
 template <int P, int WN, bool K128, bool kFresh>
 __device__ __forceinline__ void pb_slice(int (&pbc)[P][WN][4], const uint32_t (&bf)[P][WN][K128 ? 1 : 2]) {
   constexpr uint32_t kOnes = 0xffffffffu;
@@ -393,10 +401,10 @@ struct StageCopier {
 // is an integer add of 0x4B400000 (folded into the row term) and one float subtraction of
 // 1.5 * 2^23, exact, instead of a quarter-rate I2F.
 // `sz_cols`: the (s, z) pairs of this group in shared memory, at the warp tile's first column.
-template <int P, int Q, bool kMagic>
+template <int P, int Q, bool kMagic, bool kTc>
 __device__ __forceinline__ void epilogue(const Problem& p, int grp, int t, int (&acc)[P + Q - 1][Tile<P, Q>::WM][Tile<P, Q>::WN][4],
                                        float (&out)[Tile<P, Q>::WM][Tile<P, Q>::WN][4], int (&pa)[Tile<P, Q>::WM][2],
-                                       const int (&pbc)[P][Tile<P, Q>::WN][4], const float* sz_cols) {
+                                       int (&pbc)[kTc ? P : 1][Tile<P, Q>::WN][4], const float* sz_cols) {
   constexpr int WM = Tile<P, Q>::WM, WN = Tile<P, Q>::WN, NS = P + Q - 1;
   float sc[WN][2], zc[WN][2];
 #pragma unroll
@@ -419,15 +427,25 @@ __device__ __forceinline__ void epilogue(const Problem& p, int grp, int t, int (
     }
   uint32_t col_term[WN][2];
 #pragma unroll
-  for (int ni = 0; ni < WN; ++ni)
+  for (int ni = 0; ni < WN; ++ni) {
+    if constexpr (kTc) {
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      // PB of column 2t + e: pbc's c0 / c1 (pb_slice)
-      uint32_t col_total = 0;
+      for (int e = 0; e < 2; ++e) {
+        // PB of column 2t + e: pbc's c0 / c1 (pb_slice)
+        uint32_t col_total = 0;
 #pragma unroll
-      for (int i = 0; i < P; ++i) col_total += uint32_t(pbc[i][ni][e]) << i;
-      col_term[ni][e] = 0u - 2u * La * col_total;
+        for (int i = 0; i < P; ++i) col_total += uint32_t(pbc[i][ni][e]) << i;
+        col_term[ni][e] = 0u - 2u * La * col_total;
+      }
+    } else {
+      // pbc[0][ni][0]: this lane's words of column g; summed over the quad, then columns 2t and 2t + 1
+      // fetched from quads 2t, 2t + 1
+      const int col_total = quad_sum(pbc[0][ni][0]);
+      col_term[ni][0] = 0u - 2u * La * uint32_t(__shfl_sync(0xffffffffu, col_total, (2 * t) * 4));
+      col_term[ni][1] = 0u - 2u * La * uint32_t(__shfl_sync(0xffffffffu, col_total, (2 * t + 1) * 4));
+      pbc[0][ni][0] = 0;
     }
+  }
 #pragma unroll
   for (int ni = 0; ni < WN; ++ni)
 #pragma unroll
@@ -466,7 +484,12 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
   int acc[NS][WM][WN][4];  // popc(A_j & B_i) summed over pairs with i + j = s, current group
   float out[WM][WN][4];    // sum over finished groups of s * I + z * S
   int pa[WM][2];           // this thread's words of PA for rows g, g+8 of each m16 tile (current group)
-  int pbc[P][WN][4];       // popc(B_i) of the C fragment's columns 2t, 2t+1 (c0, c1), current group (pb_slice)
+  constexpr bool kTc = tc_col_sums(P, Q, K128);
+  // kTc: popc(B_i) of the C fragment's columns 2t, 2t+1 (c0, c1), current group (pb_slice); else
+  // pbc[0][ni][0] is this thread's words of PB for column g of each n8 tile (current group)
+  int pbc[kTc ? P : 1][WN][4];
+#pragma unroll
+  for (int ni = 0; ni < WN; ++ni) pbc[0][ni][0] = 0;
 #pragma unroll
   for (int mi = 0; mi < WM; ++mi)
 #pragma unroll
@@ -582,18 +605,27 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
       // slices never straddle a group (groups are whole slices), so the group ends exactly at group_end
       const int w_hi = w_lo + kSliceWords;
       const bool closes = w_hi == group_end || w_hi >= p.W;
+      if constexpr (!kTc) {
+#pragma unroll
+        for (int i = 0; i < P; ++i)
+#pragma unroll
+          for (int ni = 0; ni < WN; ++ni) {
+            if constexpr (K128) pbc[0][ni][0] += __popc(bf[i][ni][0]) << i;
+            else pbc[0][ni][0] += (__popc(bf[i][ni][0]) + __popc(bf[i][ni][1])) << i;
+          }
+      }
       if (fresh) {
         mma_slice<P, Q, WM, WN, K128, true>(acc, af, bf);
-        pb_slice<P, WN, K128, true>(pbc, bf);
+        if constexpr (kTc) pb_slice<P, WN, K128, true>(pbc, bf);
       } else {
         mma_slice<P, Q, WM, WN, K128, false>(acc, af, bf);
-        pb_slice<P, WN, K128, false>(pbc, bf);
+        if constexpr (kTc) pb_slice<P, WN, K128, false>(pbc, bf);
       }
       fresh = closes;
       if (closes) {
         const float* sz_cols = ssz + (grp - g_first) * TL::BN * 2;
-        if (p.magic) epilogue<P, Q, true>(p, grp, t, acc, out, pa, pbc, sz_cols);
-        else epilogue<P, Q, false>(p, grp, t, acc, out, pa, pbc, sz_cols);
+        if (p.magic) epilogue<P, Q, true, kTc>(p, grp, t, acc, out, pa, pbc, sz_cols);
+        else epilogue<P, Q, false, kTc>(p, grp, t, acc, out, pa, pbc, sz_cols);
         ++grp;
         group_end += p.group_words;
       }

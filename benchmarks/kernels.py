@@ -113,8 +113,11 @@ def bipolar_layer(n: int, k: int, w_bits: int, a_bits: int, dtype=torch.float16)
         deq = lambda x, qw=qw, sc=sc: torch.nn.functional.linear(  # noqa: E731
             x, torch.ops.bipolar_kernels.dequantize_a16(qw, sc, n, k, shift))
         return fwd, nbytes, deq
-    nbytes = qweight.numel() * 4 + 2 * q.scales.numel() * q.scales.element_size()
-    fwd = lambda x, qw=qweight, s=q.scales, z=q.zeros: ops.linear_binary_cuda(x, qw, s, z, k, GROUP, a_bits)  # noqa: E731
+    from vllm_bipolar.kernels.cuda_binary_gemm import prepare_binary_weights
+
+    sz, col_bias = prepare_binary_weights(qweight, q.scales, q.zeros, k, GROUP, a_bits)  # load time
+    nbytes = qweight.numel() * 4 + sz.numel() * 4 + col_bias.numel() * 4  # what the kernel reads
+    fwd = lambda x, qw=qweight, sz=sz, cb=col_bias: ops.linear_binary_cuda(x, qw, sz, cb, k, GROUP, a_bits)  # noqa: E731
     return fwd, nbytes, None
 
 

@@ -39,7 +39,10 @@ def main() -> int:
         qw, sc, shift = a16_layout.repack(qweight, q.scales, q.zeros, args.k, args.group_size)
         fn = lambda: ops.linear_a16_cuda(x, qw, sc, args.n, args.k, shift)  # noqa: E731
     else:
-        fn = lambda: ops.linear_binary_cuda(x, qweight, q.scales, q.zeros, args.k, args.group_size, args.a_bits)  # noqa: E731
+        from vllm_bipolar.kernels.cuda_binary_gemm import prepare_binary_weights
+
+        sz, cb = prepare_binary_weights(qweight, q.scales, q.zeros, args.k, args.group_size, args.a_bits)
+        fn = lambda: ops.linear_binary_cuda(x, qweight, sz, cb, args.k, args.group_size, args.a_bits)  # noqa: E731
     for _ in range(args.calls):
         y = fn()
     torch.cuda.synchronize()

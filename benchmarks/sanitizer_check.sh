@@ -4,6 +4,7 @@
 # exits non-zero when any run reports an error or a hazard.
 #
 #   bash benchmarks/sanitizer_check.sh > benchmarks/results/sanitizer_<gpu>.txt
+#   bash benchmarks/sanitizer_check.sh a-bits     # only the shapes whose arguments contain "a-bits"
 #
 # Shapes: decode (M <= 16), mid-M and dequantize + cuBLAS (M > 128) weight-only kernels; the binary WpAq
 # kernel with group 128 (k128 MMAs) and per-row groups (k256), its staged-copy fallback (W5A8) and bf16.
@@ -23,6 +24,7 @@ SHAPES=(
 )
 fail=0
 for shape in "${SHAPES[@]}"; do
+  [[ -z "${1:-}" || "$shape" == *"$1"* ]] || continue
   for tool in memcheck racecheck; do
     # shellcheck disable=SC2086
     log=$(compute-sanitizer --tool "$tool" python3 benchmarks/profile_kernels.py $shape --calls 1 2>&1)

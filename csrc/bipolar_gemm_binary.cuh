@@ -12,10 +12,19 @@
 // Padding bits past K are 0 in both operands (checkpoint rule, and the activation quantizer writes
 // 0s), so the AND popcounts and PA/PB are exact with K_g the real (unpadded) group length.
 //
+// No popcount in the main loop: PA per (group, row) comes precomputed (bipolar_kernels::
+// binary_group_sums on the activation planes, staged in shared memory with each pipeline stage), and
+// every term that depends on the column alone is summed over the groups once, at load time:
+//   I = J + C,  J = 4 T - 2 Lw PA (the kernel's part),  C[n,g] = K_g Lw La - 2 La PB[n,g]
+//   y[m,n] = s_x[m] * (sum_g (s[n,g] J[m,n,g] + z[n,g] S[m,g]) + col_bias[n]),  col_bias = sum_g s C
+// (vllm_bipolar/kernels/cuda_binary_gemm.py, prepare_binary_weights). (Counting PA and PB in the
+// kernel took POPCs at a quarter of the issue rate, or extra BMMAs, at every k slice: ncu on the H100
+// had W1A1 with per-row groups stalled on those POPCs, 23 instructions per BMMA.)
+//
 // Accumulators: plane pairs with the same i+j share one int32 accumulator (p+q-1 of them instead
 // of p*q: 15 rather than 64 for W8A8), the 2^s weights are applied once per group in the epilogue.
-// The integer combination is done in 32-bit modular arithmetic: exact as long as |I| < 2^31, which
-// the host guarantees by checking K_g * Lw * La < 2^31 (W8A8: groups up to 33,025 channels).
+// J is combined in 32-bit modular arithmetic: exact as long as |J| <= 2 K_g Lw La < 2^31, which
+// the host checks (W8A8: groups up to 16,512 channels).
 //
 // Files: this header holds the templates (over weight bits P, activation bits Q and the MMA k
 // shape); bipolar_gemm_binary_w<P>.cu instantiate them per weight width (parallel compilation),
@@ -37,6 +46,9 @@ enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
 struct Problem {
   const uint32_t* a;         // activation planes [Q, M, W]
   const float* a_scales;     // [M] per-token scales s_x
+  const int* a_sums;         // PA per group and row, int32 [G, a_sums_stride] (binary_group_sums)
+  int a_sums_stride;         // M rounded up to 4 (rows of a group 16-byte aligned)
+  const float* col_bias;     // [N] sum_g s[n,g] C[n,g] (prepare_binary_weights)
   const uint32_t* b;         // weight planes [P, N, W] (checkpoint layout, format version 1)
   const float* sz;           // (s, z) per group and column, fp32 [G, sz_stride, 2] (z = 0 when symmetric):
                              // the op's copy of scales / zeros [N, G], group-major so that a pipeline
@@ -47,7 +59,7 @@ struct Problem {
   int group_words;           // words per group (a multiple of 4); W rounded up to 8 when one group per row
   int group_bits;            // channels per group (K when group_size == -1)
   bool vec16;                // 16-byte cp.async possible (W % 4 == 0 and 16-byte aligned bases)
-  bool magic;                // every |I| < 2^22 (K_g * Lw * La < 2^22): exact float conversion by a magic add
+  bool magic;                // every |J| < 2^22 (2 K_g Lw La < 2^22): exact float conversion by a magic add
   DType dtype;
 };
 
@@ -110,7 +122,9 @@ struct Tile {
   // every warp waiting on those loads: ncu on the H100, W1A1 at M = 4096, had the conversions of the
   // loaded scales as the top stall sites, 19% of all samples in long-scoreboard waits.)
   static constexpr int kSzWords = kStageGroups * BN * 2;
-  static constexpr int kStage = kAWords + kBWords + kSzWords;
+  // PA of the stage's groups and the tile's rows (int32 [kStageGroups][BM]), for the same reason
+  static constexpr int kPaWords = kStageGroups * BM;
+  static constexpr int kStage = kAWords + kBWords + kSzWords + kPaWords;
   // Pipeline depth: as many stages (2..4) as fit kMaxSmemBytes. A stage is only a few hundred MMAs,
   // so several copies must be in flight to cover the global latency.
   static constexpr int kStageBytes = kStage * 4;
@@ -227,52 +241,15 @@ __device__ __forceinline__ void mma_slice(int (&acc)[P + Q - 1][WM][WN][4], cons
   }
 }
 
-// Column popcounts of the weight planes on the tensor cores: popc(ones & B_i) over the slice, i.e. an
-// all-ones A operand; the C fragment then holds, in every lane, the counts of exactly the two columns
-// (2t, 2t + 1) whose outputs it owns. (Summing each lane's own words and reducing them over the quad
-// with shuffles at every group end cost about 30 instructions per group and lane at W1A1; the tensor
-// pipe has room for these P * WN extra MMAs per slice.)
-// Used for every (P, Q) and MMA shape except the two where the extra accumulators cost more than the
-// shuffles they save (H100, M = 4096, 14336 x 4096, d382891 against fe5a3c5): W4A4 with k128 (162 -> 182
-// registers, 3 -> 2 CTAs per SM: 3749 -> 4342 us) and W1A1 with k256 (spills at its 128-register bound:
-// 451 -> 486 us). Elsewhere 3-11% faster (W2A2 k128 1661 -> 1586 us, k256 924 -> 826).
-constexpr bool tc_col_sums(int P, int Q, bool k128) {
-  return !((P == 4 && Q == 4 && k128) || (P == 1 && Q == 1 && !k128));
-}
-
-template <int P, int WN, bool K128, bool kFresh>
-__device__ __forceinline__ void pb_slice(int (&pbc)[P][WN][4], const uint32_t (&bf)[P][WN][K128 ? 1 : 2]) {
-  constexpr uint32_t kOnes = 0xffffffffu;
-#pragma unroll
-  for (int i = 0; i < P; ++i)
-#pragma unroll
-    for (int ni = 0; ni < WN; ++ni) {
-      if constexpr (K128) {
-        if (kFresh) bmma_k128_zero(pbc[i][ni], kOnes, kOnes, bf[i][ni][0]);
-        else bmma_k128(pbc[i][ni], kOnes, kOnes, bf[i][ni][0]);
-      } else {
-        const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
-        if (kFresh) bmma_k256_zero(pbc[i][ni], ones, bf[i][ni]);
-        else bmma_k256(pbc[i][ni], ones, bf[i][ni]);
-      }
-    }
-}
-
 __device__ __forceinline__ void store_elem(void* p, int64_t i, float v, DType dt) {
   if (dt == DType::kHalf) static_cast<__half*>(p)[i] = __float2half_rn(v);
   else if (dt == DType::kBFloat16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
   else static_cast<float*>(p)[i] = v;
 }
 
-__device__ __forceinline__ int quad_sum(int v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  v += __shfl_xor_sync(0xffffffffu, v, 2);
-  return v;
-}
-
 // Copy the bit planes of stage `st` (words 16 st .. 16 st + 15 of every plane row of the tile) into
 // shared memory, for any W and alignment (StageCopier::copy_planes is the fast path of aligned
-// problems; StageCopier::copy_sz brings the stage's (s, z) in both cases). Rows past M / N and words
+// problems; StageCopier::copy_group_terms brings the stage's (s, z) and PA in both cases). Rows past M / N and words
 // past W are zero-filled (they then add nothing to any popcount).
 template <int P, int Q>
 __device__ __forceinline__ void load_stage(uint32_t* sm, const Problem& p, int m0, int n0, int st) {
@@ -333,7 +310,8 @@ struct StageCopier {
   static constexpr bool kUsable = kARows % kRowsPerPass == 0 && kRows % kRowsPerPass == 0;
   static constexpr int kAPasses = kARows / kRowsPerPass, kPasses = kUsable ? kRows / kRowsPerPass : 1;
   static constexpr int kSzChunks = kStageGroups * TL::BN / 2;  // 16-byte (s, z) chunks of two columns
-  static_assert(kSzChunks <= TL::kThreads, "one (s, z) chunk per thread at most");
+  static constexpr int kPaChunks = kStageGroups * TL::BM / 4;  // 16-byte PA chunks of four rows
+  static_assert(kSzChunks <= TL::kThreads && kPaChunks <= TL::kThreads, "one chunk of each per thread at most");
 
   int rowidx[kPasses];  // plane * M + row (activations) or plane * N + row (weights), rows clamped
   uint32_t okmask;      // bit i: pass i's row is inside M / N
@@ -341,6 +319,8 @@ struct StageCopier {
   int w_off;            // this thread's word in a stage: 4 * (tid % kChunks)
   int sz_gi, sz_col;    // (s, z) chunk: stage group and first column (sz_gi = kStageGroups: none)
   uint32_t sz_dst;      // its byte offset in a stage buffer
+  int pa_gi, pa_row;    // PA chunk: stage group and first row (pa_gi = kStageGroups: none)
+  uint32_t pa_dst;
 
   __device__ __forceinline__ StageCopier(const Problem& p, int m0, int n0) {
     const int tid = threadIdx.x;
@@ -366,6 +346,9 @@ struct StageCopier {
     sz_gi = tid < kSzChunks ? tid / (TL::BN / 2) : kStageGroups;
     sz_col = n0 + 2 * (tid % (TL::BN / 2));
     sz_dst = uint32_t(TL::kAWords + TL::kBWords + (sz_gi * TL::BN + 2 * (tid % (TL::BN / 2))) * 2) * 4u;
+    pa_gi = tid < kPaChunks ? tid / (TL::BM / 4) : kStageGroups;
+    pa_row = m0 + 4 * (tid % (TL::BM / 4));
+    pa_dst = uint32_t(TL::kAWords + TL::kBWords + TL::kSzWords + pa_gi * TL::BM + 4 * (tid % (TL::BM / 4))) * 4u;
   }
 
   // Stage st's planes into the buffer at shared address `buf` (bytes).
@@ -381,30 +364,38 @@ struct StageCopier {
     }
   }
 
-  // Stage st's (s, z) pairs (16-byte chunks of two columns, one per thread at most).
-  __device__ __forceinline__ void copy_sz(const Problem& p, uint32_t buf, int st) const {
+  // Stage st's (s, z) pairs (16-byte chunks of two columns) and PA (chunks of four rows): one chunk of
+  // each per thread at most. a_sums rows are padded to a multiple of 4 (zeros), so a chunk is all in or out.
+  __device__ __forceinline__ void copy_group_terms(const Problem& p, uint32_t buf, int st) const {
+    const int w0 = st * kStageWords;
+    const int g_first = w0 / p.group_words;
+    const int g_last = min(p.G - 1, (min(w0 + kStageWords, p.W) - 1) / p.group_words);
     if (sz_gi < kStageGroups) {
-      const int w0 = st * kStageWords;
-      const int g_first = w0 / p.group_words;
-      const int g_last = min(p.G - 1, (min(w0 + kStageWords, p.W) - 1) / p.group_words);
       const bool ok = g_first + sz_gi <= g_last && sz_col < p.N;
       const float* src = p.sz + (ok ? (int64_t(g_first + sz_gi) * p.sz_stride + sz_col) * 2 : 0);
       cp_async16_s(buf + sz_dst, src, ok);
     }
+    if (pa_gi < kStageGroups) {
+      const bool ok = g_first + pa_gi <= g_last && pa_row < p.a_sums_stride;
+      const int* src = p.a_sums + (ok ? int64_t(g_first + pa_gi) * p.a_sums_stride + pa_row : 0);
+      cp_async16_s(buf + pa_dst, src, ok);
+    }
   }
 };
 
-// Group end: fold the integer sums of the finished group into `out`, then clear PA / PB (the
-// MMA accumulators are overwritten by the next group's first MMAs). Per element this is the
-// shift combination T = sum_s acc_s << s, one add of the hoisted row/column corrections, one
-// int -> float conversion and two FMAs. kMagic (|I| < 2^22, checked on the host): the conversion
-// is an integer add of 0x4B400000 (folded into the row term) and one float subtraction of
-// 1.5 * 2^23, exact, instead of a quarter-rate I2F.
-// `sz_cols`: the (s, z) pairs of this group in shared memory, at the warp tile's first column.
-template <int P, int Q, bool kMagic, bool kTc>
-__device__ __forceinline__ void epilogue(const Problem& p, int grp, int t, int (&acc)[P + Q - 1][Tile<P, Q>::WM][Tile<P, Q>::WN][4],
-                                       float (&out)[Tile<P, Q>::WM][Tile<P, Q>::WN][4], int (&pa)[Tile<P, Q>::WM][2],
-                                       int (&pbc)[kTc ? P : 1][Tile<P, Q>::WN][4], const float* sz_cols) {
+// Group end: fold the integer sums of the finished group into `out` (the MMA accumulators are
+// overwritten by the next group's first MMAs). Per element this is the shift combination
+// T = sum_s acc_s << s, one multiply-add with the row term (J = 4 T - 2 Lw PA), one int -> float
+// conversion and two FMAs. kMagic (|J| < 2^22, checked on the host): the conversion is an integer
+// add of 0x4B400000 (folded into the row term) and one float subtraction of 1.5 * 2^23, exact,
+// instead of a quarter-rate I2F.
+// `sz_cols`: the (s, z) pairs of this group in shared memory, at the warp tile's first column;
+// `pa_rows`: PA of this group in shared memory, at the warp tile's first row.
+template <int P, int Q, bool kMagic>
+__device__ __forceinline__ void epilogue(const Problem& p, int grp, int g, int t,
+                                       const int (&acc)[P + Q - 1][Tile<P, Q>::WM][Tile<P, Q>::WN][4],
+                                       float (&out)[Tile<P, Q>::WM][Tile<P, Q>::WN][4], const float* sz_cols,
+                                       const int* pa_rows) {
   constexpr int WM = Tile<P, Q>::WM, WN = Tile<P, Q>::WN, NS = P + Q - 1;
   float sc[WN][2], zc[WN][2];
 #pragma unroll
@@ -421,31 +412,10 @@ __device__ __forceinline__ void epilogue(const Problem& p, int grp, int t, int (
   for (int mi = 0; mi < WM; ++mi)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const uint32_t pa_v = uint32_t(quad_sum(pa[mi][h]));  // row g (+8): all 4 threads' words
-      row_term[mi][h] = uint32_t(kg) * Lw * La - 2u * Lw * pa_v + (kMagic ? 0x4B400000u : 0u);
+      const uint32_t pa_v = uint32_t(pa_rows[mi * 16 + h * 8 + g]);  // row g (+8) of m16 tile mi
+      row_term[mi][h] = (kMagic ? 0x4B400000u : 0u) - 2u * Lw * pa_v;
       srow[mi][h] = float(int(2u * pa_v - La * uint32_t(kg)));  // S[m, g]
     }
-  uint32_t col_term[WN][2];
-#pragma unroll
-  for (int ni = 0; ni < WN; ++ni) {
-    if constexpr (kTc) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        // PB of column 2t + e: pbc's c0 / c1 (pb_slice)
-        uint32_t col_total = 0;
-#pragma unroll
-        for (int i = 0; i < P; ++i) col_total += uint32_t(pbc[i][ni][e]) << i;
-        col_term[ni][e] = 0u - 2u * La * col_total;
-      }
-    } else {
-      // pbc[0][ni][0]: this lane's words of column g; summed over the quad, then columns 2t and 2t + 1
-      // fetched from quads 2t, 2t + 1
-      const int col_total = quad_sum(pbc[0][ni][0]);
-      col_term[ni][0] = 0u - 2u * La * uint32_t(__shfl_sync(0xffffffffu, col_total, (2 * t) * 4));
-      col_term[ni][1] = 0u - 2u * La * uint32_t(__shfl_sync(0xffffffffu, col_total, (2 * t + 1) * 4));
-      pbc[0][ni][0] = 0;
-    }
-  }
 #pragma unroll
   for (int ni = 0; ni < WN; ++ni)
 #pragma unroll
@@ -458,15 +428,12 @@ __device__ __forceinline__ void epilogue(const Problem& p, int grp, int t, int (
           uint32_t tsum = uint32_t(acc[0][mi][ni][c]);
 #pragma unroll
           for (int s = 1; s < NS; ++s) tsum += uint32_t(acc[s][mi][ni][c]) << s;
-          const uint32_t u = 4u * tsum + row_term[mi][h] + col_term[ni][e];  // I (+ magic), mod 2^32
-          const float ival = kMagic ? __fsub_rn(__int_as_float(int(u)), 12582912.0f) : float(int(u));
-          out[mi][ni][c] = fmaf(sc[ni][e], ival, fmaf(zc[ni][e], srow[mi][h], out[mi][ni][c]));
+          const uint32_t u = 4u * tsum + row_term[mi][h];  // J (+ magic), mod 2^32
+          const float jval = kMagic ? __fsub_rn(__int_as_float(int(u)), 12582912.0f) : float(int(u));
+          out[mi][ni][c] = fmaf(sc[ni][e], jval, fmaf(zc[ni][e], srow[mi][h], out[mi][ni][c]));
         }
-#pragma unroll
-  for (int mi = 0; mi < WM; ++mi) pa[mi][0] = pa[mi][1] = 0;
 }
 
-// One CTA: a BM x BN block of y. Grid: x over N tiles, y over M tiles.
 template <int P, int Q, bool K128>
 __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
     gemm_binary_kernel(const Problem p) {
@@ -482,14 +449,7 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
   const int wm0 = warp_m * WM * 16, wn0 = warp_n * WN * 8;  // warp tile origin inside the CTA tile
 
   int acc[NS][WM][WN][4];  // popc(A_j & B_i) summed over pairs with i + j = s, current group
-  float out[WM][WN][4];    // sum over finished groups of s * I + z * S
-  int pa[WM][2];           // this thread's words of PA for rows g, g+8 of each m16 tile (current group)
-  constexpr bool kTc = tc_col_sums(P, Q, K128);
-  // kTc: popc(B_i) of the C fragment's columns 2t, 2t+1 (c0, c1), current group (pb_slice); else
-  // pbc[0][ni][0] is this thread's words of PB for column g of each n8 tile (current group)
-  int pbc[kTc ? P : 1][WN][4];
-#pragma unroll
-  for (int ni = 0; ni < WN; ++ni) pbc[0][ni][0] = 0;
+  float out[WM][WN][4];    // sum over finished groups of s * J + z * S
 #pragma unroll
   for (int mi = 0; mi < WM; ++mi)
 #pragma unroll
@@ -500,8 +460,6 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
 #pragma unroll
         for (int s = 0; s < NS; ++s) acc[s][mi][ni][c] = 0;
       }
-#pragma unroll
-  for (int mi = 0; mi < WM; ++mi) pa[mi][0] = pa[mi][1] = 0;
 
   // Multi-stage cp.async pipeline (kPipe buffers): stage st + kPipe - 1 is requested while stage st
   // is computed; one barrier per stage (it also guarantees that the buffer refilled next was
@@ -516,7 +474,7 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
     const uint32_t addr = smem_base + uint32_t(buf * TL::kStageBytes);
     if (StageCopier<P, Q>::kUsable && p.vec16) copier.copy_planes(p, addr, stage);
     else load_stage<P, Q>(smem(buf), p, m0, n0, stage);
-    copier.copy_sz(p, addr, stage);
+    copier.copy_group_terms(p, addr, stage);
   };
 #pragma unroll
   for (int s0 = 0; s0 < kPipe - 1; ++s0) {
@@ -536,6 +494,7 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
     const uint32_t sa_addr = smem_base + uint32_t((st % kPipe) * TL::kStageBytes);  // shared addresses (bytes)
     const uint32_t sb_addr = sa_addr + uint32_t(TL::kAWords * 4);
     const float* ssz = reinterpret_cast<const float*>(sa + TL::kAWords + TL::kBWords) + wn0 * 2;  // this warp's columns
+    const int* spa = reinterpret_cast<const int*>(sa + TL::kAWords + TL::kBWords + TL::kSzWords) + wm0;  // ... rows
     const int g_first = grp;  // group of the stage's first word (load_stage staged its (s, z) first)
     // k slices of this stage: 256 bits each (K128 = false), or 128 bits each (K128 = true)
     constexpr int kSliceWords = K128 ? 4 : 8;
@@ -559,15 +518,8 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
           const int row = wm0 + mi * 16 + lm_row_a;
           const int chunk = K128 ? sl : 2 * sl + lm_hi_a;
           const uint32_t addr = sa_addr + uint32_t((j * TL::BM * kStageWords + swz(row, 4 * chunk)) * 4);
-          if constexpr (K128) {
-            ldsm_x2(addr, af[j][mi][0], af[j][mi][1]);
-            pa[mi][0] += __popc(af[j][mi][0]) << j;
-            pa[mi][1] += __popc(af[j][mi][1]) << j;
-          } else {
-            ldsm_x4(addr, af[j][mi][0], af[j][mi][1], af[j][mi][2], af[j][mi][3]);
-            pa[mi][0] += (__popc(af[j][mi][0]) + __popc(af[j][mi][2])) << j;
-            pa[mi][1] += (__popc(af[j][mi][1]) + __popc(af[j][mi][3])) << j;
-          }
+          if constexpr (K128) ldsm_x2(addr, af[j][mi][0], af[j][mi][1]);
+          else ldsm_x4(addr, af[j][mi][0], af[j][mi][1], af[j][mi][2], af[j][mi][3]);
         }
 #pragma unroll
       for (int i = 0; i < P; ++i) {
@@ -599,33 +551,17 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
           }
         }
       }
-      // Row/column popcounts: computed here on the fly from the fragments each thread already
-      // holds (its own words of rows g, g+8 and column g; reduced over the quad at group end):
-      // no extra pass over memory and nothing precomputed at load time.
       // slices never straddle a group (groups are whole slices), so the group ends exactly at group_end
       const int w_hi = w_lo + kSliceWords;
       const bool closes = w_hi == group_end || w_hi >= p.W;
-      if constexpr (!kTc) {
-#pragma unroll
-        for (int i = 0; i < P; ++i)
-#pragma unroll
-          for (int ni = 0; ni < WN; ++ni) {
-            if constexpr (K128) pbc[0][ni][0] += __popc(bf[i][ni][0]) << i;
-            else pbc[0][ni][0] += (__popc(bf[i][ni][0]) + __popc(bf[i][ni][1])) << i;
-          }
-      }
-      if (fresh) {
-        mma_slice<P, Q, WM, WN, K128, true>(acc, af, bf);
-        if constexpr (kTc) pb_slice<P, WN, K128, true>(pbc, bf);
-      } else {
-        mma_slice<P, Q, WM, WN, K128, false>(acc, af, bf);
-        if constexpr (kTc) pb_slice<P, WN, K128, false>(pbc, bf);
-      }
+      if (fresh) mma_slice<P, Q, WM, WN, K128, true>(acc, af, bf);
+      else mma_slice<P, Q, WM, WN, K128, false>(acc, af, bf);
       fresh = closes;
       if (closes) {
         const float* sz_cols = ssz + (grp - g_first) * TL::BN * 2;
-        if (p.magic) epilogue<P, Q, true, kTc>(p, grp, t, acc, out, pa, pbc, sz_cols);
-        else epilogue<P, Q, false, kTc>(p, grp, t, acc, out, pa, pbc, sz_cols);
+        const int* pa_rows = spa + (grp - g_first) * TL::BM;
+        if (p.magic) epilogue<P, Q, true>(p, grp, g, t, acc, out, sz_cols, pa_rows);
+        else epilogue<P, Q, false>(p, grp, g, t, acc, out, sz_cols, pa_rows);
         ++grp;
         group_end += p.group_words;
       }
@@ -633,7 +569,15 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
   }
   cp_async_wait<0>();
 
-  // y = s_x * out, rows g / g+8 and columns 2t / 2t+1 of each fragment
+  // y = s_x * (out + col_bias), rows g / g+8 and columns 2t / 2t+1 of each fragment
+  float cb[WN][2];
+#pragma unroll
+  for (int ni = 0; ni < WN; ++ni)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int col = n0 + wn0 + ni * 8 + 2 * t + e;
+      cb[ni][e] = col < p.N ? p.col_bias[col] : 0.f;
+    }
 #pragma unroll
   for (int mi = 0; mi < WM; ++mi)
 #pragma unroll
@@ -646,7 +590,7 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = n0 + wn0 + ni * 8 + 2 * t + e;
-          if (col < p.N) store_elem(p.out, int64_t(row) * p.N + col, sx * out[mi][ni][h * 2 + e], p.dtype);
+          if (col < p.N) store_elem(p.out, int64_t(row) * p.N + col, sx * (out[mi][ni][h * 2 + e] + cb[ni][e]), p.dtype);
         }
     }
 }

@@ -40,13 +40,15 @@ at::Tensor dequantize_a16(const at::Tensor& qweight, const at::Tensor& scales, i
 std::tuple<at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x, int64_t a_bits);
 
 // WpAq product on binary tensor cores (bipolar_gemm_binary.cu, mma .b1 AND.popc):
-//   y[M, N] = a_scales[m] * sum_g (scales[n, g] * I[m, n, g] + zeros[n, g] * S[m, g]),
-// I / S the per-group bipolar integer products / activation sums from the bit planes.
-//   a_planes int32 [q, M, ceil(K/32)], a_scales fp32 [M], qweight int32 [p, N, ceil(K/32)],
-//   scales [N, G] fp16 / bf16 / fp32 (the output dtype), zeros like scales or none,
-//   group_size -1 or a multiple of 128.
-at::Tensor gemm_binary(const at::Tensor& a_planes, const at::Tensor& a_scales, const at::Tensor& qweight,
-                       const at::Tensor& scales, const std::optional<at::Tensor>& zeros, int64_t k,
-                       int64_t group_size);
+//   y[M, N] = a_scales[m] * (sum_g (s[n, g] * J[m, n, g] + z[n, g] * S[m, g]) + col_bias[n]),
+// J / S from the bit planes and a_sums (binary_group_sums of a_planes); sz ((s, z) pairs, fp32
+// [G, N rounded up to even, 2]) and col_bias (fp32 [N]) prepared from the weights at load time.
+at::Tensor gemm_binary(const at::Tensor& a_planes, const at::Tensor& a_scales, const at::Tensor& a_sums,
+                       const at::Tensor& qweight, const at::Tensor& sz, const at::Tensor& col_bias, int64_t k,
+                       int64_t group_size, at::ScalarType out_dtype);
+
+// Per-group code sums of bit planes [bits, R, ceil(K/32)] -> int32 [G, R rounded up to 4]:
+// out[g, r] = sum_j 2^j popc(plane_j[r, words of group g]) (padding rows 0).
+at::Tensor binary_group_sums(const at::Tensor& planes, int64_t k, int64_t group_size);
 
 }  // namespace bipolar

@@ -17,11 +17,14 @@ TORCH_LIBRARY(bipolar_kernels, m) {
   // Per-token symmetric bipolar quantization: x fp16/bf16 [M, K] -> (planes int32 [a_bits, M, ceil(K/32)]
   // in the checkpoint bit-plane layout, scales fp32 [M]).
   m.def("quantize_activations(Tensor x, int a_bits) -> (Tensor, Tensor)");
-  // y[M, N] = a_scales[m] * sum_g (scales[n,g] * I[m,n,g] + zeros[n,g] * S[m,g]) on binary tensor cores
-  // (mma .b1 AND.popc): a_planes int32 [q, M, W], a_scales fp32 [M], qweight int32 [p, N, W],
-  // scales/zeros [N, G] (zeros optional), group_size -1 or a multiple of 128. Output dtype = scales.dtype.
-  m.def("gemm_binary(Tensor a_planes, Tensor a_scales, Tensor qweight, Tensor scales, Tensor? zeros, int k, "
-        "int group_size) -> Tensor");
+  // y[M, N] = a_scales[m] * (sum_g (s[n,g] * J[m,n,g] + z[n,g] * S[m,g]) + col_bias[n]) on binary tensor
+  // cores (mma .b1 AND.popc): a_planes int32 [q, M, W], a_scales fp32 [M], a_sums int32 [G, M4]
+  // (binary_group_sums), qweight int32 [p, N, W], sz fp32 [G, N2, 2] and col_bias fp32 [N] (prepared from
+  // the weights), group_size -1 or a multiple of 128.
+  m.def("gemm_binary(Tensor a_planes, Tensor a_scales, Tensor a_sums, Tensor qweight, Tensor sz, Tensor col_bias, "
+        "int k, int group_size, ScalarType out_dtype) -> Tensor");
+  // Per-group code sums of bit planes [bits, R, W] -> int32 [G, R rounded up to 4]
+  m.def("binary_group_sums(Tensor planes, int k, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bipolar_kernels, CUDA, m) {
@@ -29,6 +32,7 @@ TORCH_LIBRARY_IMPL(bipolar_kernels, CUDA, m) {
   m.impl("dequantize_a16", &bipolar::dequantize_a16);
   m.impl("quantize_activations", &bipolar::quantize_activations);
   m.impl("gemm_binary", &bipolar::gemm_binary);
+  m.impl("binary_group_sums", &bipolar::binary_group_sums);
 }
 
 // The module itself is empty: importing it only loads the shared library, whose static

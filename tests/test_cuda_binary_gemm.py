@@ -1,10 +1,12 @@
-"""GPU tests of the WpAq path on binary tensor cores: bipolar_kernels::quantize_activations and
-bipolar_kernels::gemm_binary (csrc/bipolar_act_quant.cu, csrc/bipolar_gemm_binary*.cu), the op
+"""GPU tests of the WpAq path on binary tensor cores: bipolar_kernels::quantize_activations,
+bipolar_kernels::binary_group_sums and bipolar_kernels::gemm_binary (csrc/bipolar_act_quant.cu,
+csrc/bipolar_gemm_binary*.cu) with the load-time prepare_binary_weights, the op
 bipolar::linear_binary_cuda and the backend CudaBinaryGemmKernel.
 
 * Activation quantization must equal vllm_bipolar.format (quantize_activations + pack_codes) bit
   for bit, computed by the format on the same (CUDA) device.
-* The GEMM's integer machinery is checked exactly: fp32 `scales` (the op's debug/test dtype) with
+* Per-group code sums (binary_group_sums) equal the sums of the codes, padding rows 0.
+* The GEMM's integer machinery is checked exactly: fp32 output (the op's debug/test dtype) with
   small integer scales/offsets and unit activation scales make every kernel step exact, so the
   output must equal the float64 sum of per-group integer products (and, on small cases,
   vllm_bipolar.format.bitplane_integer_products / bitplane_value_sums).
@@ -32,7 +34,7 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # for `python te
 import vllm_bipolar.format as fmt  # noqa: E402  (the package __init__ imports neither vLLM nor _C)
 from conftest import load_kernel_ops  # noqa: E402
 
-OPS, WHY = (load_kernel_ops("gemm_binary", "quantize_activations") if torch.cuda.is_available()
+OPS, WHY = (load_kernel_ops("gemm_binary", "quantize_activations", "binary_group_sums") if torch.cuda.is_available()
             else (None, "no CUDA device"))
 if OPS is not None and torch.cuda.get_device_capability()[0] < 8:
     OPS, WHY = None, "binary tensor cores need compute capability >= 8.0"
@@ -58,6 +60,16 @@ def num_groups(k, g):
 def group_slices(k, g):
     size = k if g == -1 else g
     return [slice(s, min(k, s + size)) for s in range(0, k, size)]
+
+
+def gemm_binary(a_planes, a_scales, qweight, scales, zeros, k, g):
+    """The GEMM from checkpoint tensors: the weights prepared as at load time, PA from the planes;
+    output dtype = scales' dtype (fp32: the exact debug path)."""
+    from vllm_bipolar.kernels.cuda_binary_gemm import prepare_binary_weights
+
+    sz, col_bias = prepare_binary_weights(qweight, scales, zeros, k, g, a_planes.shape[0])
+    sums = OPS.binary_group_sums(a_planes, k, g)
+    return OPS.gemm_binary(a_planes, a_scales, sums, qweight, sz, col_bias, k, g, scales.dtype)
 
 
 # ---- activation quantization -----------------------------------------------------------------------
@@ -104,23 +116,46 @@ def test_quantize_activations_row_strided_and_empty():
     assert planes.shape == (2, 0, 2) and scales.shape == (0,)
 
 
+def test_binary_group_sums():
+    """Per-group code sums of random planes (activation and weight shapes), padding rows zero."""
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(torch.seed())
+    for bits in (1, 3, 8):
+        for rows, k in [(1, 576), (17, 1536), (255, 4096), (6, 100)]:
+            codes = torch.randint(0, 2 ** bits, (rows, k), device=DEV, generator=gen).to(torch.uint8)
+            planes = fmt.pack_codes(codes, bits)
+            for g in GROUP_SIZES:
+                sums = OPS.binary_group_sums(planes, k, g)
+                rs = (rows + 3) // 4 * 4
+                assert sums.dtype == torch.int32 and sums.shape == (num_groups(k, g), rs)
+                ref = torch.stack([codes[:, sl].to(torch.int64).sum(1) for sl in group_slices(k, g)])
+                assert torch.equal(sums[:, :rows].to(torch.int64), ref), f"bits={bits} rows={rows} k={k} g={g}"
+                assert (sums[:, rows:] == 0).all()
+
+
 # ---- exact integer machinery (fp32 debug output) -----------------------------------------------------
 def random_planes(rows, k, bits, gen):
     codes = torch.randint(0, 2 ** bits, (rows, k), device=DEV, generator=gen).to(torch.uint8)
     return codes, fmt.pack_codes(codes, bits)
 
 
-def exact_reference(vx, vw, scales, zeros, k, g):
-    """float64 y = sum_g s * I_g + z * S_g, and sum_g |s I_g| + |z S_g| (for the exactness bound)."""
+def exact_reference(vx, vw, scales, zeros, k, g, a_bits):
+    """float64 y = sum_g s * I_g + z * S_g, and a bound on the magnitudes the kernel's fp32 sums see
+    (for the exactness bound): it adds s * J_g + z * S_g per group, J = I - C with the column term
+    C_g = -La * sum_k v_w (summed over the groups into col_bias), so sum_g |s| (|I_g| + 2 |C_g|) + |z S_g|."""
     y = torch.zeros(vx.shape[0], vw.shape[0], dtype=torch.float64, device=DEV)
     mag = torch.zeros_like(y)
+    la = (1 << a_bits) - 1
     for gi, sl in enumerate(group_slices(k, g)):
         ig = vx[:, sl] @ vw[:, sl].T
-        term = ig * scales[:, gi].to(torch.float64)[None]
+        s = scales[:, gi].to(torch.float64)[None]
+        term = ig * s
+        mag += (ig.abs() + 2 * la * vw[:, sl].sum(1)[None].abs()) * s.abs()
         if zeros is not None:
-            term = term + vx[:, sl].sum(1, keepdim=True) * zeros[:, gi].to(torch.float64)[None]
+            zterm = vx[:, sl].sum(1, keepdim=True) * zeros[:, gi].to(torch.float64)[None]
+            term = term + zterm
+            mag += zterm.abs()
         y += term
-        mag += term.abs()
     return y, mag
 
 
@@ -141,12 +176,12 @@ def test_gemm_binary_integer_exact(w_bits, a_bits):
                 scales = torch.randint(-1, 3, (n, ng), device=DEV, generator=gen).float()
                 zeros = torch.randint(-1, 2, (n, ng), device=DEV, generator=gen).float()
                 for zs in (zeros, None):
-                    ref, mag = exact_reference(vx, vw, scales, zs, k, g)
+                    ref, mag = exact_reference(vx, vw, scales, zs, k, g, a_bits)
                     # fp32 sums of integers are exact below 2^24; beyond, allow the fp32 rounding
                     bound = torch.where(mag < 2 ** 24, torch.zeros_like(mag), mag * 2.0 ** -22)
                     for m in MS:
                         ones = torch.ones(m, device=DEV)
-                        y = OPS.gemm_binary(a_planes[:, :m].contiguous(), ones, qweight, scales, zs, k, g)
+                        y = gemm_binary(a_planes[:, :m].contiguous(), ones, qweight, scales, zs, k, g)
                         assert y.dtype == torch.float32 and y.shape == (m, n)
                         err = (y.to(torch.float64) - ref[:m]).abs()
                         bad = err > bound[:m]
@@ -175,9 +210,9 @@ def test_gemm_binary_matches_bitplane_integer_products(w_bits, a_bits, group_siz
     for gi in range(ng):
         onehot = torch.zeros(n, ng, device=DEV)
         onehot[:, gi] = 1
-        y = OPS.gemm_binary(a_planes, ones, qweight, onehot, None, k, group_size)
+        y = gemm_binary(a_planes, ones, qweight, onehot, None, k, group_size)
         assert torch.equal(y.to(torch.int64), ints[:, :, gi]), f"group {gi}: integer products differ"
-        y = OPS.gemm_binary(a_planes, ones, qweight, torch.zeros_like(onehot), onehot, k, group_size)
+        y = gemm_binary(a_planes, ones, qweight, torch.zeros_like(onehot), onehot, k, group_size)
         assert torch.equal(y.to(torch.int64), sums[:, gi, None].expand(m, n)), f"group {gi}: value sums differ"
 
 
@@ -191,13 +226,14 @@ def make_layer(n, k, bits, group_size, symmetric, dtype):
 
 
 def term_magnitude(x, w_ref, zeros, k, group_size, a_bits):
-    """s_x * sum_k |v_x| (|w| + 2 |z|): bounds sum_g |s I_g| + |z S_g| (|s v| <= |w| + |z|)."""
+    """s_x * sum_k (|v_x| + 2 La) (|w| + 2 |z|): bounds sum_g |s I_g| + |z S_g| (|s v| <= |w| + |z|) plus
+    the column terms |s C_g| = La |sum_k s v_w| the kernel adds and takes away again (J = I - C, col_bias)."""
     codes, sx = fmt.quantize_activations(x, a_bits)
     vx = fmt.codes_to_values(codes, a_bits).to(torch.float64).abs()
     wz = w_ref.abs()
     if zeros is not None:
         wz = wz + 2 * fmt.expand_groups(zeros.to(torch.float64).abs(), k, group_size)
-    return sx.to(torch.float64)[:, None] * (vx @ wz.T)
+    return sx.to(torch.float64)[:, None] * (vx @ wz.T + 2 * ((1 << a_bits) - 1) * wz.sum(1)[None])
 
 
 def linear_reference(x, w_ref, a_bits):
@@ -224,7 +260,7 @@ def test_linear_binary_matches_reference(w_bits, a_bits, dtype, symmetric, group
             bound = ULP[dtype] * ref.abs() + (ng + 4) * 2.0 ** -23 * mag + 1e-30
             for m in MS:
                 planes, sx = OPS.quantize_activations(x[:m], a_bits)
-                y = OPS.gemm_binary(planes, sx, qweight, scales, zeros, k, group_size)
+                y = gemm_binary(planes, sx, qweight, scales, zeros, k, group_size)
                 what = f"W{w_bits}A{a_bits} {dtype} sym={symmetric} g={group_size} K={k} N={n} M={m} seed={seed}"
                 assert y.dtype == dtype and y.shape == (m, n), what
                 assert torch.isfinite(y).all(), what
@@ -276,7 +312,10 @@ def test_custom_op_and_backend():
     bias = torch.randn(n, device=DEV, dtype=torch.float16)
     y = kern.apply_weights(layer, x, bias)
     assert y.shape == (5, 3, n) and y.dtype == torch.float16
-    y2 = ops.linear_binary_cuda(x.reshape(-1, k), qweight, scales, zeros, k, g, a_bits) + bias
+    y_lin = ops.linear_binary_cuda(x.reshape(-1, k), qweight, layer.binary_sz, layer.binary_col_bias, k, g, a_bits)
+    assert torch.equal(y_lin, gemm_binary(*OPS.quantize_activations(x.reshape(-1, k), a_bits), qweight, scales,
+                                          zeros, k, g))
+    y2 = y_lin + bias
     assert torch.equal(y.reshape(-1, n), y2)
     ref, mag = linear_reference(x.reshape(-1, k), w_ref, a_bits)
     ref = ref + bias.double()
@@ -289,9 +328,13 @@ def test_cuda_graph_capture():
     qweight, scales, zeros, _ = make_layer(n, k, 2, g, False, torch.bfloat16)
     static_x = torch.randn(17, k, device=DEV, dtype=torch.bfloat16)
 
+    from vllm_bipolar import ops
+    from vllm_bipolar.kernels.cuda_binary_gemm import prepare_binary_weights
+
+    sz, col_bias = prepare_binary_weights(qweight, scales, zeros, k, g, 2)
+
     def run():
-        planes, sx = OPS.quantize_activations(static_x, 2)
-        return OPS.gemm_binary(planes, sx, qweight, scales, zeros, k, g)
+        return ops.linear_binary_cuda(static_x, qweight, sz, col_bias, k, g, 2)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -309,29 +352,44 @@ def test_cuda_graph_capture():
 
 
 def test_argument_checks():
+    from vllm_bipolar.kernels.cuda_binary_gemm import prepare_binary_weights
+
     k, n = 512, 8
     _, a_planes = random_planes(4, k, 2, None)
     _, qweight = random_planes(n, k, 2, None)
     sx = torch.ones(4, device=DEV)
     sc = torch.ones(n, 4, device=DEV, dtype=torch.float16)
+    sums = OPS.binary_group_sums(a_planes, k, 128)
+    sz, cb = prepare_binary_weights(qweight, sc, None, k, 128, 2)
+    good = (a_planes, sx, sums, qweight, sz, cb, k, 128, torch.float16)
+    assert gemm_binary(a_planes, sx, qweight, sc, None, k, 128).shape == (4, n)
     cases = [
-        ((a_planes, sx, qweight, sc, None, k, 64), "multiple of 128"),
-        ((a_planes, sx, qweight[:, :, :-1].contiguous(), sc, None, k, 128), "ceil(k/32)"),
-        ((a_planes, sx[:3], qweight, sc, None, k, 128), "a_scales"),
-        ((a_planes, sx, qweight, sc[:, :2].contiguous(), None, k, 128), "[N, G]"),
-        ((a_planes, sx, qweight, sc, sc.float(), k, 128), "dtype of scales"),
+        ((a_planes, sx, sums, qweight, sz, cb, k, 64, torch.float16), "multiple of 128"),
+        ((a_planes, sx, sums, qweight[:, :, :-1].contiguous(), sz, cb, k, 128, torch.float16), "ceil(k/32)"),
+        ((a_planes, sx[:3], sums, qweight, sz, cb, k, 128, torch.float16), "a_scales"),
+        ((a_planes, sx, sums[:, :2].contiguous(), qweight, sz, cb, k, 128, torch.float16), "binary_group_sums"),
+        ((a_planes, sx, sums, qweight, sz[:2].contiguous(), cb, k, 128, torch.float16), "prepare_binary_weights"),
+        ((a_planes, sx, sums, qweight, sz, cb.half(), k, 128, torch.float16), "col_bias"),
+        ((a_planes, sx, sums, qweight, sz, cb, k, 128, torch.int32), "out_dtype"),
     ]
     for args, msg in cases:
+        assert len(args) == len(good)
         with pytest.raises(RuntimeError, match=None) as info:
             OPS.gemm_binary(*args)
         assert msg in str(info.value), f"expected {msg!r} in: {str(info.value).splitlines()[0]}"
+    for args, msg in [((qweight, sc[:, :2], None), "[N, G]"), ((qweight, sc, sc.float()), "dtype of scales")]:
+        with pytest.raises(ValueError, match=None) as info:
+            prepare_binary_weights(*args, k, 128, 2)
+        assert msg in str(info.value)
     with pytest.raises(RuntimeError, match="a_bits"):
         OPS.quantize_activations(torch.randn(2, 64, device=DEV, dtype=torch.float16), 9)
+    with pytest.raises(RuntimeError, match="multiple of 128"):
+        OPS.binary_group_sums(a_planes, k, 96)
 
 
 # ---- timing ---------------------------------------------------------------------------------------
 def bench(m=2048, n=4096, k=4096, w_bits=2, a_bits=2, g=128, iters=50):
-    """Median of `iters` CUDA-event timings: quantize + gemm_binary, gemm_binary alone, fp16 matmul."""
+    """Median of `iters` CUDA-event timings: linear_binary_cuda (quantize, sums, gemm), gemm_binary alone, fp16."""
     dtype = torch.float16
     codes = torch.randint(0, 2 ** w_bits, (n, k), device=DEV).to(torch.uint8)
     qweight = fmt.pack_codes(codes, w_bits)
@@ -339,7 +397,12 @@ def bench(m=2048, n=4096, k=4096, w_bits=2, a_bits=2, g=128, iters=50):
     zeros = (torch.randn(n, num_groups(k, g), device=DEV) * 0.01).to(dtype)
     x = torch.randn(m, k, device=DEV, dtype=dtype)
     w = torch.randn(n, k, device=DEV, dtype=dtype)
+    from vllm_bipolar import ops
+    from vllm_bipolar.kernels.cuda_binary_gemm import prepare_binary_weights
+
+    sz, col_bias = prepare_binary_weights(qweight, scales, zeros, k, g, a_bits)
     planes, sx = OPS.quantize_activations(x, a_bits)
+    sums = OPS.binary_group_sums(planes, k, g)
 
     def timeit(fn):
         for _ in range(5):
@@ -354,13 +417,13 @@ def bench(m=2048, n=4096, k=4096, w_bits=2, a_bits=2, g=128, iters=50):
             times.append(a.elapsed_time(b))
         return sorted(times)[len(times) // 2] * 1e3  # us
 
-    t_full = timeit(lambda: OPS.gemm_binary(*OPS.quantize_activations(x, a_bits), qweight, scales, zeros, k, g))
-    t_gemm = timeit(lambda: OPS.gemm_binary(planes, sx, qweight, scales, zeros, k, g))
+    t_full = timeit(lambda: ops.linear_binary_cuda(x, qweight, sz, col_bias, k, g, a_bits))
+    t_gemm = timeit(lambda: OPS.gemm_binary(planes, sx, sums, qweight, sz, col_bias, k, g, dtype))
     t_quant = timeit(lambda: OPS.quantize_activations(x, a_bits))
     t_fp16 = timeit(lambda: torch.matmul(x, w.T))
     ops_ = 2.0 * m * n * k
     print(f"W{w_bits}A{a_bits} g{g} M={m} N={n} K={k} ({torch.cuda.get_device_name()}), median of {iters}:")
-    print(f"  quantize+gemm_binary {t_full:8.1f} us   gemm_binary {t_gemm:8.1f} us ({ops_ / t_gemm / 1e6:.0f} "
+    print(f"  linear_binary_cuda   {t_full:8.1f} us   gemm_binary {t_gemm:8.1f} us ({ops_ / t_gemm / 1e6:.0f} "
           f"effective TOPS)   quantize {t_quant:6.1f} us")
     print(f"  torch fp16 matmul    {t_fp16:8.1f} us ({ops_ / t_fp16 / 1e6:.0f} TFLOPS)   speedup "
           f"{t_fp16 / t_full:.2f}x (with quantize), {t_fp16 / t_gemm:.2f}x (gemm only)")

@@ -87,19 +87,22 @@ def _(x, qweight, scales, n, k, group_shift):
 
 
 @torch.library.custom_op("bipolar::linear_binary_cuda", mutates_args=())
-def linear_binary_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+def linear_binary_cuda(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, col_bias: torch.Tensor,
                        k: int, group_size: int, a_bits: int) -> torch.Tensor:
     """WpAq bipolar linear on binary tensor cores, x [M, K] -> [M, N] (x.dtype).
 
-    Quantizes the activations per token into bit planes, then the AND-popcount GEMM: one opaque op
-    for the layer, so torch.compile sees neither the planes nor the activation scales.
+    Quantizes the activations per token into bit planes, sums their codes per group, then the
+    AND-popcount GEMM: one opaque op for the layer, so torch.compile sees neither the planes nor the
+    activation scales. ``sz`` / ``col_bias``: the weights' prepared terms
+    (``kernels.cuda_binary_gemm.prepare_binary_weights``, built once at load time).
     """
     planes, sx = torch.ops.bipolar_kernels.quantize_activations(x, a_bits)
-    return torch.ops.bipolar_kernels.gemm_binary(planes, sx, qweight, scales, zeros, k, group_size)
+    sums = torch.ops.bipolar_kernels.binary_group_sums(planes, k, group_size)
+    return torch.ops.bipolar_kernels.gemm_binary(planes, sx, sums, qweight, sz, col_bias, k, group_size, x.dtype)
 
 
 @linear_binary_cuda.register_fake
-def _(x, qweight, scales, zeros, k, group_size, a_bits):
+def _(x, qweight, sz, col_bias, k, group_size, a_bits):
     return x.new_empty((x.shape[0], qweight.shape[1]))
 
 
@@ -122,8 +125,12 @@ def _register_kernel_fakes() -> None:
                 x.new_empty((x.shape[0],), dtype=torch.float32))
 
     @torch.library.register_fake("bipolar_kernels::gemm_binary")
-    def _(a_planes, a_scales, qweight, scales, zeros, k, group_size):
-        return scales.new_empty((a_planes.shape[1], qweight.shape[1]))
+    def _(a_planes, a_scales, a_sums, qweight, sz, col_bias, k, group_size, out_dtype):
+        return a_scales.new_empty((a_planes.shape[1], qweight.shape[1]), dtype=out_dtype)
 
+    @torch.library.register_fake("bipolar_kernels::binary_group_sums")
+    def _(planes, k, group_size):
+        groups = 1 if group_size == -1 else -(-k // group_size)
+        return planes.new_empty((groups, (planes.shape[1] + 3) // 4 * 4), dtype=torch.int32)
 
 _register_kernel_fakes()

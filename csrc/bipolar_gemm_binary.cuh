@@ -107,10 +107,7 @@ struct Tile {
   static constexpr int WN = kShifts <= 3 ? 4 : (kShifts <= 11 ? 2 : 1);
   // m16 tiles per warp: 2, unless the registers or two pipeline stages in 48 KiB (W1A6) forbid it
   static constexpr int WM = (kShifts <= 6 && 2 * (Q * 64 + P * 16 * WN) * 16 * 4 <= 48 * 1024) ? 2 : 1;
-  // 2 x 2 warps per CTA; 4 x 2 for W1A1 (CTA tile 128 x 64), whose single accumulator leaves the registers
-  // for it: a b1 MMA does 16-32x the work of an f16 one per operand byte, so with 64 x 64 tiles the plane
-  // copies (128 bytes of L2 traffic per m16n8k256) would need more L2 bandwidth than the H100 has.
-  static constexpr int kWarpsM = kShifts == 1 ? 4 : 2, kWarpsN = 2;
+  static constexpr int kWarpsM = 2, kWarpsN = 2;
   static constexpr int BM = 16 * WM * kWarpsM;
   static constexpr int BN = 8 * WN * kWarpsN;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
@@ -133,9 +130,9 @@ struct Tile {
   static constexpr int kStageBytes = kStage * 4;
   static constexpr int kPipe = (4 * kStageBytes <= kMaxSmemBytes) ? 4 : ((3 * kStageBytes <= kMaxSmemBytes) ? 3 : 2);
   static constexpr int kSmemBytes = kPipe * kStageBytes;
-  // CTAs per SM the register budget is held to (launch bounds): 16 warps (<= 128 registers) for W1A1, whose
-  // tile fits that without spilling; two accumulators and more spill there.
-  static constexpr int kMinBlocks = kShifts == 1 ? 512 / kThreads : 1;
+  // CTAs per SM the register budget is held to (launch bounds): 4 (<= 128 registers) for W1A1, whose
+  // tile fits that without spilling (164 registers unbounded); two accumulators and more spill there.
+  static constexpr int kMinBlocks = kShifts == 1 ? 4 : 1;
   static_assert(2 * kStageBytes <= kMaxSmemBytes, "two pipeline stages must fit kMaxSmemBytes");
 };
 

@@ -89,12 +89,20 @@ def prepare_binary_weights(qweight: torch.Tensor, scales: torch.Tensor, zeros: t
             raise ValueError(f"{name} must have the dtype of scales ({scales.dtype}), got {t.dtype}")
         if t.device != qweight.device:
             raise ValueError(f"{name} is on {t.device} but qweight is on {qweight.device}")
-    pb = torch.ops.bipolar_kernels.binary_group_sums(qweight, k, group_size)[:, :n].to(torch.float64)  # [G, N]
+    pb = torch.ops.bipolar_kernels.binary_group_sums(qweight, k, group_size)[:, :n]  # [G, N]
+    return binary_weight_terms(pb, scales, zeros, k, group_size, w_bits, a_bits)
+
+
+def binary_weight_terms(pb: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, k: int, group_size: int,
+                        w_bits: int, a_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sz, col_bias) of :func:`prepare_binary_weights` from PB, the weight code sums per group [G, N] (any
+    device: plain torch, so that the CPU tests check the decomposition the kernel relies on)."""
+    g, n = pb.shape
     size = k if group_size == -1 else group_size
-    kg = (k - torch.arange(g, device=qweight.device, dtype=torch.float64) * size).clamp(max=size)  # real K_g
-    wsum = 2 * pb - kg[:, None] * ((1 << w_bits) - 1)
+    kg = (k - torch.arange(g, device=pb.device, dtype=torch.float64) * size).clamp(max=size)  # real K_g
+    wsum = 2 * pb.to(torch.float64) - kg[:, None] * ((1 << w_bits) - 1)  # sum of the weight values per group
     col_bias = (-((1 << a_bits) - 1) * (scales.t().to(torch.float64) * wsum).sum(0)).to(torch.float32)
-    sz = torch.zeros(g, (n + 1) // 2 * 2, 2, device=qweight.device, dtype=torch.float32)
+    sz = torch.zeros(g, (n + 1) // 2 * 2, 2, device=pb.device, dtype=torch.float32)
     sz[:, :n, 0] = scales.t()
     if zeros is not None:
         sz[:, :n, 1] = zeros.t()

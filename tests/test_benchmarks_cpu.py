@@ -204,3 +204,20 @@ def test_compare_runs_table_and_best_setting(tmp_path, capsys):
     assert compare_runs.main([str(slow), str(fast), "--best-by", "M=16"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"best: {slow}"
     assert compare_runs.main([str(slow), str(fast), "--best-by", "M=64"]) == 1
+
+
+def test_torch_path_rows(tmp_path, capsys):
+    """benchmarks/torch_path.py: one row per (shape, bits, M) with kernels.py's keys, so compare_runs reads it."""
+    from benchmarks import compare_runs, torch_path
+
+    out = tmp_path / "tp.json"
+    assert torch_path.main(["--shapes", "40x96", "--m", "1", "3", "--bits", "2", "5", "--iters", "1",
+                            "--group-size", "32", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["M"], r["w_bits"]) for r in rows] == [(1, 2), (3, 2), (1, 5), (3, 5)]
+    for r in rows:
+        assert (r["N"], r["K"], r["a_bits"], r["group_size"]) == (40, 96, 16, 32)
+        assert r["us"] > 0 and r["dequantize_us"] > 0 and r["bf16_us"] > 0 and r["commit"] and r["device"]
+    capsys.readouterr()
+    assert compare_runs.main([str(out)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1 + len(rows)

@@ -8,8 +8,8 @@ import torch
 
 from vllm_bipolar.format import (bipolar_linear, bitplane_integer_products, bitplane_matmul,
                                  bitplane_value_sums, codes_to_values, dequantize, dequantize_packed,
-                                 fake_quantize_activations, max_level, pack_codes, popcount32,
-                                 quantize_activations, quantize_weight, unpack_codes, values_to_codes)
+                                 expand_groups, fake_quantize_activations, max_level, pack_codes, popcount32,
+                                 quantize_activations, quantize_weight, unpack_bits, unpack_codes, values_to_codes)
 from vllm_bipolar.format.quantize import num_groups
 
 BITS = range(1, 9)
@@ -47,6 +47,30 @@ def test_pack_unpack_round_trip(bits, k, n):
     if k % 32:
         last = packed[..., -1].to(torch.int64) & 0xFFFFFFFF
         assert torch.all((last >> (k % 32)) == 0)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8])
+@pytest.mark.parametrize("k,group_size", [(576, 128), (576, -1), (100, 128), (1536, 32), (200, 64), (33, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_dequantize_is_the_definition(bits, k, group_size, dtype):
+    """dequantize (broadcast over group views) equals z + s * v with per-column expanded scales, bit for bit,
+    and unpack_bits the literal bit-by-bit reading; whole and partial last groups."""
+    n = 7
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
+    ng = num_groups(k, group_size)
+    scales = torch.rand(n, ng) * 0.1
+    zeros = torch.randn(n, ng) * 0.1
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    for z in (zeros, None):
+        v = codes.to(cdt) * 2 - max_level(bits)
+        w = v * expand_groups(scales.to(cdt), k, group_size)
+        if z is not None:
+            w = w + expand_groups(z.to(cdt), k, group_size)
+        got = dequantize(codes, scales, z, bits, group_size, dtype)
+        assert got.dtype == dtype and torch.equal(got, w.to(dtype))
+    words = pack_codes(codes, bits)[0]
+    naive = torch.stack([(words[:, j // 32].to(torch.int64) >> (j % 32)) & 1 for j in range(k)], 1).to(torch.uint8)
+    assert torch.equal(unpack_bits(words, k), naive)
 
 
 @pytest.mark.parametrize("bits", BITS)

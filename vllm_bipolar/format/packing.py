@@ -56,38 +56,46 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-def _byte_lut(device: torch.device) -> torch.Tensor:
-    """[256, 8] uint8: bit j of byte value b."""
-    b = torch.arange(256, dtype=torch.int32, device=device)
-    return ((b[:, None] >> torch.arange(8, dtype=torch.int32, device=device)) & 1).to(torch.uint8)
+def _byte_spread_lut(device: torch.device) -> torch.Tensor:
+    """[256] int64: byte value b spread to 8 bytes, byte j (little-endian) = bit j of b."""
+    b = torch.arange(256, dtype=torch.int64, device=device)
+    j = torch.arange(8, dtype=torch.int64, device=device)
+    return (((b[:, None] >> j) & 1) << (8 * j)).sum(1)
 
 
 _LUT_CACHE: dict[torch.device, torch.Tensor] = {}
 
 
+def _spread_bytes(words: torch.Tensor) -> torch.Tensor:
+    """int32 [..., W] -> int64 [..., 4 W]: one int64 per byte of the words, holding its 8 bits as 8 bytes."""
+    lut = _LUT_CACHE.get(words.device)
+    if lut is None:
+        lut = _LUT_CACHE[words.device] = _byte_spread_lut(words.device)
+    return lut[words.contiguous().view(torch.uint8).to(torch.int64)]
+
+
 def unpack_bits(words: torch.Tensor, k: int) -> torch.Tensor:
     """int32 [..., ceil(K/32)] -> uint8 0/1 [..., K] (bit j of word w -> column 32 w + j).
 
-    Goes through bytes and a 256-entry table: one gather per byte instead of 32 shifts per word.
-    The byte view relies on little-endian storage (x86-64, AArch64, CUDA).
+    Goes through bytes and a 256-entry table: one gather per byte (8 columns at once, as the 8 bytes
+    of an int64) instead of 32 shifts per word. The byte views rely on little-endian storage (x86-64,
+    AArch64, CUDA).
     """
-    lut = _LUT_CACHE.get(words.device)
-    if lut is None:
-        lut = _LUT_CACHE[words.device] = _byte_lut(words.device)
-    by = words.contiguous().view(torch.uint8).to(torch.int64)  # [..., 4 W]
-    bits = lut[by]  # [..., 4 W, 8]
-    return bits.flatten(-2)[..., :k]
+    return _spread_bytes(words).view(torch.uint8)[..., :k]
 
 
 def unpack_codes(qweight: torch.Tensor, k: int) -> torch.Tensor:
-    """Bit planes int32 [bits, N, ceil(K/32)] -> codes uint8 [N, K]."""
+    """Bit planes int32 [bits, N, ceil(K/32)] -> codes uint8 [N, K].
+
+    The planes' spread bytes are combined 8 columns per int64 operation (plane p shifted by p: each
+    byte stays below 256, so no carry crosses into the next column).
+    """
     if qweight.dim() != 3 or qweight.dtype != torch.int32:
         raise ValueError(f"unpack_codes expects int32 [bits, N, words], got {qweight.dtype} {tuple(qweight.shape)}")
-    bits = qweight.shape[0]
-    codes = unpack_bits(qweight[0], k)
-    for p in range(1, bits):
-        codes = codes | (unpack_bits(qweight[p], k) << p)
-    return codes
+    codes = _spread_bytes(qweight[0])
+    for p in range(1, qweight.shape[0]):
+        codes |= _spread_bytes(qweight[p]) << p
+    return codes.view(torch.uint8)[..., :k]
 
 
 def popcount32(x: torch.Tensor) -> torch.Tensor:

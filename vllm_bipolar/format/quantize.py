@@ -205,14 +205,32 @@ def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
                group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """codes [N, K] -> z + s * v as ``dtype`` (computed in float32, or float64 if asked)."""
-    k = codes.shape[1]
+    """codes [N, K] -> z + s * v as ``dtype`` (computed in float32, or float64 if asked).
+
+    v = 2 code - L is exact; then one rounding for s * v and one for + z. The scales are broadcast over
+    [N, G, group] views (whole groups, then the partial last one) rather than expanded to [N, K].
+    """
+    n, k = codes.shape
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    v = (codes.to(cdt) * 2 - max_level(bits))
-    w = v * expand_groups(scales.to(cdt), k, group_size)
-    if zeros is not None:
-        w = w + expand_groups(zeros.to(cdt), k, group_size)
-    return w.to(dtype)
+    v = codes.to(cdt).mul_(2).sub_(max_level(bits))
+    s = scales.to(cdt)
+    z = None if zeros is None else zeros.to(cdt)
+    out = torch.empty((n, k), dtype=cdt, device=codes.device)
+    size = effective_group(k, group_size)
+    whole = k // size
+
+    def fill(lo: int, hi: int, g0: int, g1: int) -> None:
+        shape = (n, g1 - g0, (hi - lo) // (g1 - g0))
+        o = out[:, lo:hi].view(shape)
+        torch.mul(v[:, lo:hi].view(shape), s[:, g0:g1, None], out=o)
+        if z is not None:
+            o.add_(z[:, g0:g1, None])
+
+    if whole:
+        fill(0, whole * size, 0, whole)
+    if whole * size < k:
+        fill(whole * size, k, whole, whole + 1)
+    return out.to(dtype)
 
 
 def quantize_activations(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

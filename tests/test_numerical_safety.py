@@ -140,3 +140,38 @@ def test_cuda_activation_quantizer_zero_token(dtype, bits):
     codes_ref, s_ref = quantize_activations(x.cpu(), bits)
     assert torch.equal(sx.cpu(), s_ref), (sx, s_ref)
     assert torch.equal(planes.cpu(), pack_codes(codes_ref, bits))
+
+
+@pytest.mark.parametrize("w_bits,a_bits,group_size,symmetric", CASES)
+def test_torch_dense_equals_torch_backend(w_bits, a_bits, group_size, symmetric):
+    """torch_dense (dequantized once at load) gives the torch backend's outputs bit for bit, holds only the dense
+    weight in the activation dtype, and is chosen only when forced."""
+    import os
+
+    from vllm_bipolar.kernels import choose_kernel
+    from vllm_bipolar.kernels.torch_dense import TorchDenseKernel
+    from vllm_bipolar.kernels.torch_reference import TorchReferenceKernel
+
+    gen_seed = torch.seed()
+    outs = {}
+    for kern in (TorchReferenceKernel, TorchDenseKernel):
+        layer, cfg, _ = make_layer(w_bits, a_bits, group_size, symmetric, torch.bfloat16, "cpu",
+                                   torch.Generator().manual_seed(gen_seed))
+        kern(cfg).process_weights_after_loading(layer)
+        if kern is TorchDenseKernel:
+            assert layer.qweight is None and layer.scales is None and layer.zeros is None
+            assert layer.weight.shape == (N, K) and layer.weight.dtype == torch.bfloat16
+        x = torch.randn(5, 3, K, generator=torch.Generator().manual_seed(gen_seed)).to(torch.bfloat16)
+        bias = torch.randn(N, generator=torch.Generator().manual_seed(gen_seed)).to(torch.bfloat16)
+        outs[kern.name] = kern(cfg).apply_weights(layer, x, bias)
+    assert outs["torch_dense"].shape == (5, 3, N)
+    assert torch.equal(outs["torch_dense"], outs["torch"])
+    env = os.environ.pop("VLLM_BIPOLAR_KERNEL", None)
+    try:
+        assert choose_kernel(cfg, torch.device("cpu")) is TorchReferenceKernel
+        os.environ["VLLM_BIPOLAR_KERNEL"] = "torch_dense"
+        assert choose_kernel(cfg, torch.device("cpu")) is TorchDenseKernel
+    finally:
+        os.environ.pop("VLLM_BIPOLAR_KERNEL", None)
+        if env is not None:
+            os.environ["VLLM_BIPOLAR_KERNEL"] = env

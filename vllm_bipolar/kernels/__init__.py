@@ -15,11 +15,14 @@ from .base import BipolarLinearKernel
 from .cuda_binary_gemm import CudaBinaryGemmKernel
 from .cuda_gemm_a16 import CudaGemmA16Kernel
 from .layer_config import BipolarLayerConfig
+from .torch_dense import TorchDenseKernel
 from .torch_reference import TorchReferenceKernel
 
 # The weight-only kernels come first for every a_bits: measured faster than the binary tensor-core
-# kernels at every shape (see cuda_gemm_a16.py); those stay available through VLLM_BIPOLAR_KERNEL.
-KERNELS: list[type[BipolarLinearKernel]] = [CudaGemmA16Kernel, CudaBinaryGemmKernel, TorchReferenceKernel]
+# kernels at every shape (see cuda_gemm_a16.py); those stay available through VLLM_BIPOLAR_KERNEL, and so
+# does torch_dense (after torch, which runs anything: never chosen automatically; 16 bits per weight).
+KERNELS: list[type[BipolarLinearKernel]] = [CudaGemmA16Kernel, CudaBinaryGemmKernel, TorchReferenceKernel,
+                                            TorchDenseKernel]
 FORCE_ENV = "VLLM_BIPOLAR_KERNEL"
 
 

@@ -143,35 +143,38 @@ def test_cuda_activation_quantizer_zero_token(dtype, bits):
 
 
 @pytest.mark.parametrize("w_bits,a_bits,group_size,symmetric", CASES)
-def test_torch_dense_equals_torch_backend(w_bits, a_bits, group_size, symmetric):
-    """torch_dense (dequantized once at load) gives the torch backend's outputs bit for bit, holds only the dense
-    weight in the activation dtype, and is chosen only when forced."""
-    import os
-
-    from vllm_bipolar.kernels import choose_kernel
+def test_torch_dense_equals_torch_backend(w_bits, a_bits, group_size, symmetric, monkeypatch):
+    """torch_dense (dequantized once at load) gives the torch backend's outputs bit for bit with
+    torch.nn.functional.linear, and within bf16 rounding of them through vLLM's CPU GEMM (where vLLM is
+    installed); it holds no bit planes, and is chosen only when forced."""
+    from vllm_bipolar.kernels import choose_kernel, torch_dense
     from vllm_bipolar.kernels.torch_dense import TorchDenseKernel
     from vllm_bipolar.kernels.torch_reference import TorchReferenceKernel
 
-    gen_seed = torch.seed()
-    outs = {}
-    for kern in (TorchReferenceKernel, TorchDenseKernel):
+    seed = torch.seed()
+    x = torch.randn(5, 3, K, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+    def run(kern, vllm_gemm=True):
         layer, cfg, _ = make_layer(w_bits, a_bits, group_size, symmetric, torch.bfloat16, "cpu",
-                                   torch.Generator().manual_seed(gen_seed))
-        kern(cfg).process_weights_after_loading(layer)
-        if kern is TorchDenseKernel:
-            assert layer.qweight is None and layer.scales is None and layer.zeros is None
-            assert layer.weight.shape == (N, K) and layer.weight.dtype == torch.bfloat16
-        x = torch.randn(5, 3, K, generator=torch.Generator().manual_seed(gen_seed)).to(torch.bfloat16)
-        bias = torch.randn(N, generator=torch.Generator().manual_seed(gen_seed)).to(torch.bfloat16)
-        outs[kern.name] = kern(cfg).apply_weights(layer, x, bias)
-    assert outs["torch_dense"].shape == (5, 3, N)
-    assert torch.equal(outs["torch_dense"], outs["torch"])
-    env = os.environ.pop("VLLM_BIPOLAR_KERNEL", None)
-    try:
-        assert choose_kernel(cfg, torch.device("cpu")) is TorchReferenceKernel
-        os.environ["VLLM_BIPOLAR_KERNEL"] = "torch_dense"
-        assert choose_kernel(cfg, torch.device("cpu")) is TorchDenseKernel
-    finally:
-        os.environ.pop("VLLM_BIPOLAR_KERNEL", None)
-        if env is not None:
-            os.environ["VLLM_BIPOLAR_KERNEL"] = env
+                                   torch.Generator().manual_seed(seed))
+        with monkeypatch.context() as mp:
+            if not vllm_gemm:
+                mp.setattr(torch_dense, "vllm_cpu_linear", lambda layer: None)
+            kern(cfg).process_weights_after_loading(layer)
+        return layer, cfg, kern(cfg).apply_weights(layer, x, bias)
+
+    _, cfg, ref = run(TorchReferenceKernel)
+    layer, _, y = run(TorchDenseKernel, vllm_gemm=False)
+    assert layer.qweight is None and layer.scales is None and layer.zeros is None
+    assert layer.weight.shape == (N, K) and layer.weight.dtype == torch.bfloat16 and layer.bipolar_dense_linear is None
+    assert y.shape == (5, 3, N) and torch.equal(y, ref)
+    layer, _, y = run(TorchDenseKernel)
+    if layer.bipolar_dense_linear is not None:  # vLLM's CPU platform: its prepacked GEMM
+        assert y.shape == (5, 3, N) and y.dtype == torch.bfloat16
+        assert ((y.double() - ref.double()).abs() <= 2 ** -6 * ref.double().abs() + 1e-2 * ref.double().abs().max()).all()
+        assert TorchDenseKernel(cfg).apply_weights(layer, x[:0], bias).shape == (0, 3, N)  # empty batch
+    monkeypatch.delenv("VLLM_BIPOLAR_KERNEL", raising=False)
+    assert choose_kernel(cfg, torch.device("cpu")) is TorchReferenceKernel
+    monkeypatch.setenv("VLLM_BIPOLAR_KERNEL", "torch_dense")
+    assert choose_kernel(cfg, torch.device("cpu")) is TorchDenseKernel

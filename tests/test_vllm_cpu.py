@@ -21,13 +21,13 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "The best way to lea
            "Water boils at"]
 
 
-def run_vllm(model, *extra: str, tmp_path, max_tokens=16) -> list[dict]:
-    out = tmp_path / f"gen-{abs(hash((str(model),) + extra))}.json"
+def run_vllm(model, *extra: str, tmp_path, max_tokens=16, env_extra=None) -> list[dict]:
+    out = tmp_path / f"gen-{abs(hash((str(model),) + extra + tuple(sorted((env_extra or {}).items()))))}.json"
     cmd = [sys.executable, "-m", "quant_tools.generate", str(model), "--max-tokens", str(max_tokens),
            "--json", str(out), *extra]
     for p in PROMPTS:
         cmd += ["--prompt", p]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **(env_extra or {}))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text()), proc.stdout + proc.stderr
@@ -64,14 +64,35 @@ def test_w8_matches_unquantized(smollm2_dir, reference, tmp_path):
     assert exact >= 2, "W8 should reproduce most generations exactly"
 
 
-def test_w4_mse_knows_paris(smollm2_dir, tmp_path):
+@pytest.fixture(scope="module")
+def w4_model(smollm2_dir):
+    return converted(smollm2_dir, "smollm2-w4a16-g128-mse", "--w-bits", "4", "--group-size", "128",
+                     "--method", "mse")
+
+
+@pytest.fixture(scope="module")
+def w4_torch(w4_model, tmp_path_factory):
     # Default mode (torch.compile on): the custom op's fake implementation is exercised.
-    model = converted(smollm2_dir, "smollm2-w4a16-g128-mse", "--w-bits", "4", "--group-size", "128",
-                      "--method", "mse")
-    results, log = run_vllm(model, "--quantization", "bipolar", tmp_path=tmp_path)
+    return run_vllm(w4_model, "--quantization", "bipolar", tmp_path=tmp_path_factory.mktemp("w4"))
+
+
+def test_w4_mse_knows_paris(w4_torch):
+    results, log = w4_torch
     assert "quantization=bipolar" in log
     assert "Paris" in results[0]["text"], results[0]["text"]
     assert all(len(r["token_ids"]) == 16 for r in results)
+
+
+def test_w4_torch_dense_backend(w4_model, w4_torch, tmp_path):
+    """VLLM_BIPOLAR_KERNEL=torch_dense: dequantized at load, vLLM's CPU GEMM; the torch backend's generations
+    (greedy; vLLM's GEMM rounds its sums differently, so a near tie may go the other way)."""
+    results, log = run_vllm(w4_model, "--quantization", "bipolar", tmp_path=tmp_path,
+                            env_extra={"VLLM_BIPOLAR_KERNEL": "torch_dense"})
+    assert "kernel backend 'torch_dense'" in log, log[-3000:]
+    assert "Paris" in results[0]["text"], results[0]["text"]
+    assert all(len(r["token_ids"]) == 16 for r in results)
+    same = sum(a["token_ids"] == b["token_ids"] for a, b in zip(w4_torch[0], results))
+    assert same >= 2, [(a["text"], b["text"]) for a, b in zip(w4_torch[0], results)]
 
 
 def test_w4a8_generates(smollm2_dir, tmp_path):

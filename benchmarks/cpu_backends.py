@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -62,13 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print("RESULT " + json.dumps(one(args.one, args.batches, args.gen)), flush=True)
         return 0
-    from kernels import git_commit
-
     import torch
+    from torch_path import run_meta, write_rows
 
-    commit = git_commit()
-    command = " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
-    device = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    device, commit, command = run_meta(argv)
     engines = [(args.bipolar, b) for b in args.backends] + ([(args.unquantized, "unquantized")] if args.unquantized else [])
     rows = []
     print(f"{'backend':>12} {'batch':>5} {'tok/s':>8} {'load s':>7}  answer")
@@ -93,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                          "tokens_per_s": run["tokens_per_s"], "load_s": res["load_s"], "answer": res["answer"],
                          "token_ids": run["token_ids"], "device": device, "threads": torch.get_num_threads(),
                          "commit": commit, "command": command})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_rows(args.out, rows)
     return 0
 
 

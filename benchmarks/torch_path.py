@@ -33,6 +33,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from kernels import git_commit  # noqa: E402
 
 
+def run_meta(argv: list[str] | None) -> tuple[str, str, str]:
+    """(device, commit, command) recorded beside CPU results."""
+    device = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return device, git_commit(), " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def median_us(fn, iters: int) -> float:
     fn()
     times = []
@@ -56,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16
-    device = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-    commit, command = git_commit(), " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
+    device, commit, command = run_meta(argv)
     print(f"# {device}, torch {torch.__version__}, commit {commit}")
     print(f"{'M':>5} {'N':>6} {'K':>6} {'W':>2} {'bipolar us':>11} {'dequant us':>11} {'bf16 us':>9} {'x bf16':>7}")
     rows = []
@@ -78,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"M": m, "N": n, "K": k, "w_bits": bits, "a_bits": 16, "group_size": args.group_size,
                              "us": us, "dequantize_us": deq, "bf16_us": ref, "device": device,
                              "threads": torch.get_num_threads(), "commit": commit, "command": command})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_rows(args.out, rows)
     return 0
 
 

@@ -51,8 +51,9 @@ struct Problem {
   const float* col_bias;     // [N] sum_g s[n,g] C[n,g] (prepare_binary_weights)
   const uint32_t* b;         // weight planes [P, N, W] (checkpoint layout, format version 1)
   const float* sz;           // (s, z) per group and column, fp32 [G, sz_stride, 2] (z = 0 when symmetric):
-                             // the op's copy of scales / zeros [N, G], group-major so that a pipeline
-                             // stage brings the (s, z) of its groups and BN columns in 16-byte pieces
+                             // scales / zeros [N, G] copied at load time (prepare_binary_weights),
+                             // group-major so that a pipeline stage brings the (s, z) of its groups
+                             // and BN columns in 16-byte pieces
   int sz_stride;             // columns per group row of sz (N rounded up to even: rows 16-byte aligned)
   void* out;                 // [M, N] of `dtype`
   int M, N, K, W, G;         // W = ceil(K / 32) words per row, G groups

@@ -57,3 +57,22 @@ def test_kernel_terms_recompose_the_product(w_bits, a_bits, group_size):
         mag += s.abs()[None] * (ints[:, :, gi].abs() + 2 * c.abs()[None]).double() + (z[None] * vsums[:, gi, None]).abs()
     y += col_bias.double()[None]
     assert ((y - ref).abs() <= 2.0 ** -22 * mag + 1e-12).all()
+
+
+def test_prepare_binary_weights_names_bad_inputs():
+    """The argument errors come before any kernel runs (so they are checked on the CPU too)."""
+    from vllm_bipolar.kernels.cuda_binary_gemm import prepare_binary_weights
+
+    k, n = 512, 8
+    qweight = pack_codes(torch.randint(0, 4, (n, k)).to(torch.uint8), 2)
+    sc = torch.ones(n, 4, dtype=torch.float16)
+    cases = [
+        ((qweight[0], sc, None), "[w_bits, N, ceil(K/32)]"),
+        ((qweight, sc[:, :3], None), "[N, G] = [8, 4]"),
+        ((qweight, sc, sc.float()), "dtype of scales"),
+        ((qweight, sc.to(torch.int32), None), "float16, bfloat16"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError) as info:
+            prepare_binary_weights(*args, k, 128, 4)
+        assert msg in str(info.value), str(info.value)

@@ -12,6 +12,8 @@ matmul). Only when forced: ``VLLM_BIPOLAR_KERNEL=torch_dense``.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..format.quantize import fake_quantize_activations
@@ -19,6 +21,8 @@ from ..format.reference import dequantize_packed
 from ..format.spec import A16
 from .base import BipolarLinearKernel, replace_parameter
 from .layer_config import BipolarLayerConfig
+
+logger = logging.getLogger("vllm.bipolar")  # under "vllm": printed by vLLM's logging config (no vLLM import here)
 
 
 class TorchDenseKernel(BipolarLinearKernel):
@@ -67,5 +71,12 @@ def vllm_cpu_linear(layer: torch.nn.Module):
         return None
     if not current_platform.is_cpu():
         return None
-    dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
-    return layer.cpu_linear
+    weight = layer.weight
+    try:
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+        return layer.cpu_linear
+    except (TypeError, RuntimeError) as e:  # another vLLM release's signature, or its GEMM refusing the weight
+        logger.warning("bipolar: torch_dense falls back to torch.nn.functional.linear (vLLM's CPU GEMM "
+                       "dispatch failed: %s)", e)
+        layer.weight = weight
+        return None

@@ -198,6 +198,25 @@ def test_bitplane_matmul_is_exact(w_bits, a_bits, symmetric, group_size, k):
     assert torch.allclose(y, ref, rtol=1e-10, atol=1e-10 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_runtime_linear_in_row_blocks(m, monkeypatch):
+    """bipolar_linear dequantizes large layers a block of output rows at a time (a partial last block, bias
+    sliced with it): the same result as one matmul with the whole dequantized weight (fp32: the GEMM's sums
+    may be ordered differently, so equal to the float64 rounding error)."""
+    import vllm_bipolar.format.reference as reference
+
+    n, k, gs = 203, 300, 128
+    monkeypatch.setattr(reference, "DEQUANT_CHUNK_ELEMS", 64 * k)  # blocks of 64 rows: 4 blocks, the last of 11
+    q = quantize_weight(torch.randn(n, k), 4, gs, False, "rtn", dtype=torch.float32)
+    qweight = pack_codes(q.codes, 4)
+    x, bias = torch.randn(m, k), torch.randn(n)
+    y = bipolar_linear(x, qweight, q.scales, q.zeros, bias, k, gs, 16)
+    ref = x.double() @ dequantize_packed(qweight, q.scales, q.zeros, k, gs, torch.float64).T + bias.double()
+    assert y.shape == (m, n)
+    assert ((y.double() - ref).abs() <= 1e-5 * (x.double().abs() @ dequantize_packed(
+        qweight, q.scales, q.zeros, k, gs, torch.float64).abs().T + bias.double().abs())).all()
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("a_bits", [16, 4])
 @pytest.mark.parametrize("symmetric", [True, False])

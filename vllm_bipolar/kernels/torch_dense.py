@@ -6,8 +6,9 @@ unquantized model, holding the weight in the activation dtype (16 bits per weigh
 small on disk and in transfer, not in memory). Inside vLLM on CPU the dense weight goes through vLLM's
 own CPU GEMM dispatch (the prepacked oneDNN / AMX kernels its unquantized layers use, 1.4x faster than
 ``torch.nn.functional.linear`` on SmolLM2 here); elsewhere ``torch.nn.functional.linear``, whose outputs
-are those of the ``torch`` backend bit for bit (the same dequantized weight, activation quantization and
-matmul). Only when forced: ``VLLM_BIPOLAR_KERNEL=torch_dense``.
+are those of the ``torch`` backend bit for bit on layers it dequantizes whole (the same dequantized
+weight, activation quantization and matmul; on larger layers, which the ``torch`` backend multiplies in
+row blocks, up to the order of the GEMM's sums). Only when forced: ``VLLM_BIPOLAR_KERNEL=torch_dense``.
 """
 
 from __future__ import annotations

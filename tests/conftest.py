@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llama checkpoints and the real SmolLM2-135M-Instruct checkpoint."""
+"""Shared fixtures: tiny random checkpoints (Llama and the other supported architectures) and the real SmolLM2-135M-Instruct checkpoint."""
 
 from __future__ import annotations
 
@@ -36,26 +36,41 @@ def load_kernel_ops(*names: str) -> tuple[object | None, str]:
     return (ops(), "") if ops() is not None else (None, f"bipolar_kernels lacks one of {list(names)}")
 
 
-def make_tiny_llama(path: Path, hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=300,
-                    dtype=torch.bfloat16, max_shard_size=None) -> Path:
-    """A random Llama saved as a Hugging Face checkpoint (safetensors), with a copied tokenizer-less config."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def make_tiny_model(path: Path, model_type: str = "llama", hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2,
+                    vocab=300, dtype=torch.bfloat16, max_shard_size=None, **config) -> Path:
+    """A random decoder of ``model_type`` (a transformers model type: llama, mistral, qwen2, qwen3) saved as
+    a Hugging Face checkpoint (safetensors). ``config`` overrides or adds config keys (e.g.
+    ``tie_word_embeddings=True``, ``head_dim=32``, ``initializer_range=0.25``). Biases, which transformers
+    initialises to zero, get random values too (std ``initializer_range``), so that a layer's bias path is
+    exercised."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                      max_position_embeddings=256, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).to(dtype)
+    cfg = AutoConfig.for_model(model_type, **{
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+        "max_position_embeddings": 256, "tie_word_embeddings": False, **config})
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, cfg.initializer_range)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
     return path
 
 
-def make_tiny_llama_with_calibration(path: Path, smollm2_dir: Path, **kwargs) -> tuple[Path, Path]:
-    """make_tiny_llama at ``path`` with SmolLM2's tokenizer files (vocab 49152) copied in, and a small
-    WikiText-style calibration text beside it: (model dir, text file)."""
+def make_tiny_llama(path: Path, **kwargs) -> Path:
+    """make_tiny_model of a Llama."""
+    return make_tiny_model(path, "llama", **kwargs)
+
+
+def make_tiny_model_with_calibration(path: Path, smollm2_dir: Path, **kwargs) -> tuple[Path, Path]:
+    """make_tiny_model (a Llama unless ``model_type`` says otherwise) at ``path`` with SmolLM2's tokenizer
+    files (vocab 49152) copied in, and a small WikiText-style calibration text beside it: (model dir, text
+    file)."""
     import shutil
 
-    path = make_tiny_llama(path, vocab=49152, **kwargs)
+    path = make_tiny_model(path, **{"vocab": 49152, **kwargs})
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (smollm2_dir / f).is_file():
             shutil.copy(smollm2_dir / f, path / f)

@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_tiny_llama_with_calibration
+from conftest import make_tiny_model_with_calibration
 
 from quant_tools.convert import main as convert_main
 from quant_tools.rotation import hadamard_any, paley_hadamard, random_hadamard
@@ -170,7 +170,7 @@ def test_random_hadamard_is_a_seeded_orthogonal_matrix():
 
 @pytest.fixture(scope="module")
 def tiny_tok(tmp_path_factory, smollm2_dir):
-    return make_tiny_llama_with_calibration(tmp_path_factory.mktemp("lev") / "tiny", smollm2_dir, hidden=96, heads=3,
+    return make_tiny_model_with_calibration(tmp_path_factory.mktemp("lev") / "tiny", smollm2_dir, hidden=96, heads=3,
                                             kv_heads=1, intermediate=192, dtype=torch.float32)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_llama_with_calibration
+from conftest import make_tiny_llama, make_tiny_model_with_calibration
 
 from quant_tools.calibrate import allocate_bits, average_bits
 from quant_tools.convert import main as convert_main
@@ -229,7 +229,7 @@ def test_calibration_and_evaluation_parts_are_disjoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_with_tokenizer(tmp_path_factory, smollm2_dir):
-    return make_tiny_llama_with_calibration(tmp_path_factory.mktemp("tok") / "tiny", smollm2_dir)
+    return make_tiny_model_with_calibration(tmp_path_factory.mktemp("tok") / "tiny", smollm2_dir)
 
 
 def _load_dir(path: Path) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_llama, make_tiny_llama_with_calibration
+from conftest import make_tiny_llama, make_tiny_model_with_calibration
 from quant_tools.calibrate import CalibOptions, calibration_windows
 from quant_tools.convert import main as convert_main
 from quant_tools.fake_eval import install_runtime_hooks, load_model, read_tensors
@@ -22,7 +22,7 @@ from quant_tools.tune import main as tune_main
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_dir):
-    return make_tiny_llama_with_calibration(tmp_path_factory.mktemp("tune") / "tiny", smollm2_dir, hidden=96,
+    return make_tiny_model_with_calibration(tmp_path_factory.mktemp("tune") / "tiny", smollm2_dir, hidden=96,
                                             heads=3, kv_heads=1, intermediate=192, dtype=torch.float32)
 
 

@@ -48,15 +48,16 @@ def test_kernel_terms_recompose_the_product(w_bits, a_bits, group_size):
         pa = ca[:, sl].sum(1)
         j = 4 * t - 2 * lw * pa[:, None]
         c = int(kg[gi]) * lw * la - 2 * la * pb[gi]
-        assert torch.equal(j + c[None], ints[:, :, gi]), f"group {gi}: I != J + C"
-        assert int(j.abs().max()) <= 2 * int(kg[gi]) * lw * la
-        assert torch.equal(2 * pa - la * int(kg[gi]), vsums[:, gi])
+        seed = f"seed {gen.initial_seed()}"
+        assert torch.equal(j + c[None], ints[:, :, gi]), f"group {gi}: I != J + C ({seed})"
+        assert int(j.abs().max()) <= 2 * int(kg[gi]) * lw * la, seed
+        assert torch.equal(2 * pa - la * int(kg[gi]), vsums[:, gi]), seed
         s, z = sz[gi, :n, 0].double(), sz[gi, :n, 1].double()
         y += s[None] * j.double() + z[None] * vsums[:, gi, None].double()
         ref += scales[:, gi].double()[None] * ints[:, :, gi].double() + zeros[:, gi].double()[None] * vsums[:, gi, None]
         mag += s.abs()[None] * (ints[:, :, gi].abs() + 2 * c.abs()[None]).double() + (z[None] * vsums[:, gi, None]).abs()
     y += col_bias.double()[None]
-    assert ((y - ref).abs() <= 2.0 ** -22 * mag + 1e-12).all()
+    assert ((y - ref).abs() <= 2.0 ** -22 * mag + 1e-12).all(), f"seed {gen.initial_seed()}"
 
 
 def test_prepare_binary_weights_names_bad_inputs():

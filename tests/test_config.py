@@ -88,3 +88,24 @@ def test_shard_names():
         "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
     assert shard_names("model.layers.0.mlp.gate_up_proj") == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
     assert shard_names("model.layers.0.mlp.down_proj") == ["model.layers.0.mlp.down_proj"]
+
+
+def test_kernel_fakes_skip_ops_an_older_extension_lacks(monkeypatch):
+    """With a CUDA extension built from older sources (some bipolar_kernels ops missing), importing the
+    plugin's ops must not fail: the fakes of missing ops are skipped (the CUDA backends then say "rebuild
+    it" in can_implement) and the pure-torch backend keeps working."""
+    import torch
+
+    from vllm_bipolar import ops
+
+    names = ("gemm_a16", "dequantize_a16", "quantize_activations", "gemm_binary", "binary_group_sums")
+    if any(hasattr(torch.ops.bipolar_kernels, n) for n in names):
+        pytest.skip("the CUDA extension is loaded here: its fakes are registered already")
+    monkeypatch.setattr(ops, "cuda_extension_available", lambda: True)
+    ops._register_kernel_fakes()  # raised "operator ... does not exist" before the fakes were guarded
+    x = torch.randn(3, 64)
+    from vllm_bipolar.format import pack_codes
+
+    qweight = pack_codes(torch.randint(0, 4, (5, 64), dtype=torch.uint8), 2)
+    y = ops.linear(x, qweight, torch.rand(5, 1), None, None, 64, -1, 16)
+    assert y.shape == (3, 5) and torch.isfinite(y).all()

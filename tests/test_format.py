@@ -73,6 +73,35 @@ def test_dequantize_is_the_definition(bits, k, group_size, dtype):
     assert torch.equal(unpack_bits(words, k), naive)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dequantize_leaves_float_codes_alone(dtype):
+    """Codes given as floats of the compute dtype are not rewritten in place (v = 2 code - L on a copy)."""
+    codes = torch.randint(0, 8, (5, 70)).to(dtype)
+    before = codes.clone()
+    scales, zeros = torch.rand(5, 3), torch.randn(5, 3)
+    got = dequantize(codes, scales, zeros, 3, 32, dtype)
+    assert torch.equal(codes, before)
+    assert torch.equal(got, dequantize(before.to(torch.uint8), scales, zeros, 3, 32, dtype))
+
+
+@pytest.mark.parametrize("n,k,group_size", [(600, 1800, 128), (333, 4000, -1), (5, 300000, 256)])
+def test_blocked_dequantize_is_the_whole(n, k, group_size, monkeypatch):
+    """dequantize_packed_blocked (torch_dense's load path: row blocks of about DEQUANT_CHUNK_ELEMS weights)
+    gives the whole dequantize_packed bit for bit, including a last partial block and single-row blocks."""
+    from vllm_bipolar.format import reference
+
+    monkeypatch.setattr(reference, "DEQUANT_CHUNK_ELEMS", 1 << 16)  # several blocks at test sizes
+    bits = 3
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
+    qweight = pack_codes(codes, bits)
+    ng = num_groups(k, group_size)
+    scales, zeros = (torch.rand(n, ng) * 0.1).to(torch.bfloat16), (torch.randn(n, ng) * 0.1).to(torch.bfloat16)
+    assert len(reference.row_blocks(n, k)) > 1
+    for z in (zeros, None):
+        got = reference.dequantize_packed_blocked(qweight, scales, z, k, group_size, torch.bfloat16)
+        assert torch.equal(got, dequantize_packed(qweight, scales, z, k, group_size, torch.bfloat16))
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_values_are_the_odd_grid(bits):
     codes = torch.arange(2**bits, dtype=torch.uint8)

@@ -110,25 +110,32 @@ def _register_kernel_fakes() -> None:
     if not cuda_extension_available():
         return
 
-    @torch.library.register_fake("bipolar_kernels::gemm_a16")
+    def fake(name: str):
+        # An extension built from older sources lacks the newer ops: registering a fake for a missing op
+        # would raise here and break every backend; its kernels say "rebuild it" in can_implement instead.
+        if hasattr(torch.ops.bipolar_kernels, name):
+            return torch.library.register_fake(f"bipolar_kernels::{name}")
+        return lambda fn: fn
+
+    @fake("gemm_a16")
     def _(x, qweight, scales, n, k, group_shift):
         return x.new_empty((x.shape[0], n))
 
-    @torch.library.register_fake("bipolar_kernels::dequantize_a16")
+    @fake("dequantize_a16")
     def _(qweight, scales, n, k, group_shift):
         return scales.new_empty((n, k))
 
-    @torch.library.register_fake("bipolar_kernels::quantize_activations")
+    @fake("quantize_activations")
     def _(x, a_bits):
         words = (x.shape[1] + 31) // 32
         return (x.new_empty((a_bits, x.shape[0], words), dtype=torch.int32),
                 x.new_empty((x.shape[0],), dtype=torch.float32))
 
-    @torch.library.register_fake("bipolar_kernels::gemm_binary")
+    @fake("gemm_binary")
     def _(a_planes, a_scales, a_sums, qweight, sz, col_bias, k, group_size, out_dtype):
         return a_scales.new_empty((a_planes.shape[1], qweight.shape[1]), dtype=out_dtype)
 
-    @torch.library.register_fake("bipolar_kernels::binary_group_sums")
+    @fake("binary_group_sums")
     def _(planes, k, group_size):
         groups = 1 if group_size == -1 else -(-k // group_size)
         return planes.new_empty((groups, (planes.shape[1] + 3) // 4 * 4), dtype=torch.int32)

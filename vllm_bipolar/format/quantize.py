@@ -212,7 +212,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     """
     n, k = codes.shape
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    v = codes.to(cdt).mul_(2).sub_(max_level(bits))
+    v = codes.to(cdt, copy=True).mul_(2).sub_(max_level(bits))  # a copy even when codes are cdt already
     s = scales.to(cdt)
     z = None if zeros is None else zeros.to(cdt)
     out = torch.empty((n, k), dtype=cdt, device=codes.device)

@@ -93,6 +93,30 @@ def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
 DEQUANT_CHUNK_ELEMS = 1 << 20
 
 
+def row_blocks(n: int, k: int) -> list[slice]:
+    """Output-row slices of about DEQUANT_CHUNK_ELEMS weights each, covering 0..n."""
+    rows = max(1, DEQUANT_CHUNK_ELEMS // max(k, 1))
+    return [slice(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+
+
+def dequantize_packed_rows(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, k: int,
+                           group_size: int, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+    """dequantize_packed of output rows ``rows`` only (bit-identical to those rows of the whole)."""
+    return dequantize_packed(qweight[:, rows], scales[rows], None if zeros is None else zeros[rows], k, group_size,
+                             dtype)
+
+
+def dequantize_packed_blocked(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, k: int,
+                              group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """dequantize_packed into one [N, K] ``dtype`` tensor, a row block at a time: the float32 intermediates
+    stay at a block's size (about 10 bytes per weight of a whole layer otherwise)."""
+    n = qweight.shape[1]
+    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    for rows in row_blocks(n, k):
+        out[rows] = dequantize_packed_rows(qweight, scales, zeros, k, group_size, rows, dtype)
+    return out
+
+
 def bipolar_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    zeros: torch.Tensor | None, bias: torch.Tensor | None, k: int, group_size: int,
                    a_bits: int) -> torch.Tensor:
@@ -106,14 +130,12 @@ def bipolar_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if a_bits != A16:
         x2 = fake_quantize_activations(x2, a_bits)
     n = qweight.shape[1]
-    rows = max(1, DEQUANT_CHUNK_ELEMS // max(k, 1))
-    if rows >= n:
+    blocks = row_blocks(n, k)
+    if len(blocks) == 1:
         y = torch.nn.functional.linear(x2, dequantize_packed(qweight, scales, zeros, k, group_size, x.dtype), bias)
     else:  # a block of output rows at a time: the dense block stays in cache, and no full dense copy is made
         y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
-        for r0 in range(0, n, rows):
-            sl = slice(r0, r0 + rows)
-            w = dequantize_packed(qweight[:, sl], scales[sl], None if zeros is None else zeros[sl], k, group_size,
-                                  x.dtype)
+        for sl in blocks:
+            w = dequantize_packed_rows(qweight, scales, zeros, k, group_size, sl, x.dtype)
             y[:, sl] = torch.nn.functional.linear(x2, w, None if bias is None else bias[sl])
     return y.reshape(*lead, y.shape[-1])

@@ -31,8 +31,13 @@ class CudaBinaryGemmKernel(BipolarLinearKernel):
         why = cuda_half_reason(config, device)
         if why is not None:
             return False, why
-        if not hasattr(torch.ops.bipolar_kernels, "gemm_binary"):
-            return False, "the built extension lacks bipolar_kernels::gemm_binary; rebuild it"
+        missing = [op for op in ("quantize_activations", "binary_group_sums", "gemm_binary")
+                   if not hasattr(torch.ops.bipolar_kernels, op)]
+        if not missing and len(torch.ops.bipolar_kernels.gemm_binary.default._schema.arguments) != 9:
+            missing = ["the 9-argument gemm_binary"]
+        if missing:
+            return False, (f"the built extension is older than this plugin (lacks {', '.join(missing)}); rebuild "
+                           "it: pip install --no-build-isolation -e .")
         if config.weight_only:
             return False, "binary tensor-core kernel needs quantized activations (a_bits 1..8), got a_bits=16"
         major, minor = torch.cuda.get_device_capability(device)

@@ -18,7 +18,7 @@ import logging
 import torch
 
 from ..format.quantize import fake_quantize_activations
-from ..format.reference import dequantize_packed
+from ..format.reference import dequantize_packed_blocked
 from ..format.spec import A16
 from .base import BipolarLinearKernel, replace_parameter
 from .layer_config import BipolarLayerConfig
@@ -36,7 +36,8 @@ class TorchDenseKernel(BipolarLinearKernel):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         c = self.config
         zeros = None if layer.zeros is None else layer.zeros.data
-        weight = dequantize_packed(layer.qweight.data, layer.scales.data, zeros, c.k, c.group_size, c.act_dtype)
+        weight = dequantize_packed_blocked(layer.qweight.data, layer.scales.data, zeros, c.k, c.group_size,
+                                           c.act_dtype)
         replace_parameter(layer, "weight", weight)
         for name in ("qweight", "scales", "zeros"):
             replace_parameter(layer, name, None)

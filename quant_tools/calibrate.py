@@ -21,6 +21,7 @@ evaluation tasks read only the second half. A file without WikiText article head
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import re
@@ -45,10 +46,21 @@ from .lm_eval_tasks.wikitext_local import calibration_text, detokenize, split_ar
 CALIBRATED_METHODS = {"gptq": ("bipolar", True), "gptq_int": ("int", False)}
 DEFAULT_BIT_SET = (2, 3, 4, 8)
 EXTRAPOLATE_ABOVE = 5  # --avg-bits measures widths up to this and extrapolates wider ones
+# Linears that share an input (one Hessian, one unit of the bit allocation), per decoder layer.
 UNITS = (("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
          ("o", ("self_attn.o_proj",)),
          ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
          ("down", ("mlp.down_proj",)))
+# The same units where the checkpoint stores q/k/v and gate/up fused (Phi-3).
+FUSED_UNITS = (("qkv", ("self_attn.qkv_proj",)),
+               ("o", ("self_attn.o_proj",)),
+               ("gate_up", ("mlp.gate_up_proj",)),
+               ("down", ("mlp.down_proj",)))
+
+
+def layer_units(layer: torch.nn.Module) -> tuple:
+    """UNITS or FUSED_UNITS, as the decoder layer (a transformers module) has its linears."""
+    return FUSED_UNITS if hasattr(layer.self_attn, "qkv_proj") else UNITS
 
 
 class CalibrationError(ValueError):
@@ -100,8 +112,17 @@ def calibration_windows(tokenizer_dir: Path, opts: CalibOptions, samples: int | 
     return torch.stack([ids[s:s + opts.seqlen] for s in starts.tolist()])
 
 
+def attention_implementation(cfg) -> str:
+    """transformers' attention for a faithful float32 forward of ``cfg``'s model: "eager" where the model
+    soft-caps its attention logits (Gemma 2; transformers' sdpa path drops the cap), else "sdpa"."""
+    return "eager" if getattr(cfg, "attn_logit_softcapping", None) else "sdpa"
+
+
 class LayerStream:
-    """A Llama-family model whose decoder layers are loaded from the checkpoint one at a time."""
+    """A decoder (Llama, Mistral, Qwen2/3, Gemma 1/2/3) whose layers are loaded from the checkpoint one at a
+    time, each run as the model runs it: causal attention, limited to the layer's sliding window where it
+    has one (Mistral; the sliding layers of Gemma 2 / 3 and Qwen2 / 3) and the window is shorter than the
+    sequence."""
 
     def __init__(self, ckpt, transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -109,13 +130,19 @@ class LayerStream:
         self.ckpt = ckpt
         self.transform = transform
         cfg = AutoConfig.from_pretrained(str(ckpt.path))
-        cfg._attn_implementation = "sdpa"
+        cfg._attn_implementation = attention_implementation(cfg)
         self.config = cfg
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
         self.layers = model.model.layers
         self.norm = model.model.norm
         self.rotary = type(model.model.rotary_emb)(config=cfg)
+        # Gemma 3 keeps one rotary table per attention type (sliding / full), chosen by each layer's type.
+        self.rotary_by_layer_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        # Gemma models multiply the embeddings by sqrt(hidden size) and Gemma 2 soft-caps the logits.
+        self.embed_scale = cfg.hidden_size ** 0.5 if cfg.model_type in ("gemma", "gemma2", "gemma3_text") else 1.0
+        self.logit_softcap = getattr(cfg, "final_logit_softcapping", None)
+        self._head: torch.Tensor | None = None
         names = set(ckpt.names())
         self.base = "model." if any(n.startswith("model.layers.") for n in names) else ""
 
@@ -129,7 +156,20 @@ class LayerStream:
         return f"{self.base}layers.{i}"
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.embedding(ids, self.tensor(f"{self.base}embed_tokens.weight"))
+        e = torch.nn.functional.embedding(ids, self.tensor(f"{self.base}embed_tokens.weight"))
+        return e * self.embed_scale if self.embed_scale != 1.0 else e
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of final hidden states ``h`` [..., d]: the model's own final norm, the lm_head
+        (the embedding where they are tied) and its logit soft-cap, if any."""
+        if self._head is None:
+            name = "lm_head.weight" if "lm_head.weight" in self.ckpt.weight_map else f"{self.base}embed_tokens.weight"
+            self.norm.to_empty(device="cpu")
+            self.norm.load_state_dict({k: self.tensor(f"{self.base}norm.{k}") for k in self.norm.state_dict()})
+            self.norm.float()
+            self._head = self.tensor(name)
+        z = self.norm(h) @ self._head.T
+        return z if self.logit_softcap is None else torch.tanh(z / self.logit_softcap) * self.logit_softcap
 
     def load(self, i: int) -> torch.nn.Module:
         layer = self.layers[i]
@@ -142,18 +182,29 @@ class LayerStream:
     def unload(self, i: int) -> None:
         self.layers[i].to("meta")
 
-    def position_embeddings(self, x: torch.Tensor):
-        pos = torch.arange(x.shape[1])[None, :]
-        return pos, self.rotary(x, pos)
+    def sliding_window(self, layer: torch.nn.Module) -> int | None:
+        attn = layer.self_attn
+        if hasattr(attn, "sliding_window"):  # None on full-attention layers
+            return attn.sliding_window
+        return getattr(self.config, "sliding_window", None) if self.config.model_type == "mistral" else None
+
+    def call(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One decoder layer on hidden states ``x`` [B, T, d] (positions 0..T-1)."""
+        t = x.shape[1]
+        pos = torch.arange(t)[None, :]
+        pe = self.rotary(x, pos, layer.self_attn.layer_type) if self.rotary_by_layer_type else self.rotary(x, pos)
+        # No mask: sdpa's causal attention over the whole sequence. Eager attention (Gemma 2) masks only
+        # what it is given, so it always gets the causal mask.
+        mask, window = None, self.sliding_window(layer)
+        if (window is not None and window < t) or self.config._attn_implementation == "eager":
+            i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+            keep = (j <= i) & (i - j < (window or t))
+            mask = torch.zeros(t, t, dtype=x.dtype).masked_fill_(~keep, float("-inf"))[None, None]
+        y = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+        return y[0] if isinstance(y, tuple) else y
 
     def run(self, layer: torch.nn.Module, xs: torch.Tensor, batch: int) -> torch.Tensor:
-        outs = []
-        for b in range(0, xs.shape[0], batch):
-            x = xs[b:b + batch]
-            pos, pe = self.position_embeddings(x)
-            y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
-            outs.append(y[0] if isinstance(y, tuple) else y)
-        return torch.cat(outs)
+        return torch.cat([self.call(layer, xs[b:b + batch]) for b in range(0, xs.shape[0], batch)])
 
 
 def _submodule(layer: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -183,7 +234,7 @@ def _install_runtime_hooks(layer, prefix: str, spec: BipolarQuantSpec, quantized
     what the kernels see."""
     clip = spec.a_clip_ratio if spec.clips_activations() else None
     handles = []
-    for _, members in UNITS:
+    for _, members in layer_units(layer):
         for rel in members:
             name = f"{prefix}.{rel}"
             if name not in quantized:
@@ -300,7 +351,7 @@ def calibrated_layers(stream: LayerStream, spec: BipolarQuantSpec, method: str, 
             t0 = time.time()
             prefix = stream.layer_prefix(i)
             layer = stream.load(i)
-            units = [(u, m) for u, m in UNITS if f"{prefix}.{m[0]}" in quantized]
+            units = [(u, m) for u, m in layer_units(layer) if f"{prefix}.{m[0]}" in quantized]
             fp_inputs = None
             if opts.fp_targets:  # the full-precision model's inputs of each unit, batch by batch
                 fp_runtime = _install_runtime_hooks(layer, prefix, spec, quantized, act_quant=False)
@@ -340,16 +391,9 @@ CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 def _next_token_loss(stream: LayerStream, h: torch.Tensor, ids: torch.Tensor) -> float:
     """Mean next-token cross entropy of final hidden states ``h`` [B, T, d] (final norm + lm_head)."""
-    base = stream.base
-    head_name = "lm_head.weight" if "lm_head.weight" in stream.ckpt.weight_map else f"{base}embed_tokens.weight"
-    w_head = stream.tensor(head_name)
-    g_norm = stream.tensor(f"{base}norm.weight")
-    eps = getattr(stream.config, "rms_norm_eps", 1e-6)
     total = 0.0
     for b in range(h.shape[0]):
-        x = h[b]
-        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g_norm
-        logits = xn[:-1] @ w_head.T
+        logits = stream.logits(h[b][:-1])
         total += float(torch.nn.functional.cross_entropy(logits, ids[b, 1:], reduction="sum"))
     return total / ids[:, 1:].numel()
 
@@ -387,8 +431,6 @@ def output_fisher(stream: LayerStream, spec: BipolarQuantSpec, quantized: set[st
     output channel (diagonal Fisher information of the outputs), by a streamed backward pass:
     the forward keeps only each layer's input hidden state, the backward reloads one layer at a
     time, recomputes it and propagates the gradient (gradient checkpointing per layer)."""
-    cfg = stream.config
-    base = stream.base
     with torch.no_grad():
         hs = [stream.embed(ids)]
         for i in range(len(stream.layers)):
@@ -398,16 +440,10 @@ def output_fisher(stream: LayerStream, spec: BipolarQuantSpec, quantized: set[st
             for hnd in runtime:
                 hnd.remove()
             stream.unload(i)
-    head_name = "lm_head.weight" if "lm_head.weight" in stream.ckpt.weight_map else f"{base}embed_tokens.weight"
-    w_head = stream.tensor(head_name)
-    g_norm = stream.tensor(f"{base}norm.weight")
-    eps = getattr(cfg, "rms_norm_eps", 1e-6)
     h_last = hs[-1].detach().requires_grad_(True)
     n_tokens = ids[:, 1:].numel()
     for b in range(0, ids.shape[0], 2):  # a few sequences at a time: the logits are vocab-wide
-        x = h_last[b:b + 2]
-        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g_norm
-        logits = xn[:, :-1] @ w_head.T
+        logits = stream.logits(h_last[b:b + 2, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                  ids[b:b + 2, 1:].reshape(-1), reduction="sum") / n_tokens
         loss.backward()
@@ -417,7 +453,7 @@ def output_fisher(stream: LayerStream, spec: BipolarQuantSpec, quantized: set[st
         prefix = stream.layer_prefix(i)
         layer = stream.load(i)
         handles = _install_runtime_hooks(layer, prefix, spec, quantized, act_quant=False)
-        for _, members in UNITS:
+        for _, members in layer_units(layer):
             for rel in members:
                 name = f"{prefix}.{rel}"
 
@@ -430,9 +466,7 @@ def output_fisher(stream: LayerStream, spec: BipolarQuantSpec, quantized: set[st
         new_grad = torch.zeros_like(hs[i])
         for b in range(0, ids.shape[0], batch):
             x = hs[i][b:b + batch].detach().requires_grad_(True)
-            pos, pe = stream.position_embeddings(x)
-            y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
-            y = y[0] if isinstance(y, tuple) else y
+            y = stream.call(layer, x)
             y.backward(grad[b:b + batch])
             new_grad[b:b + batch] = x.grad
         for hnd in handles:
@@ -479,7 +513,7 @@ def sensitivity_profile(stream: LayerStream, spec: BipolarQuantSpec, method: str
             prefix = stream.layer_prefix(i)
             layer = stream.load(i)
             runtime = _install_runtime_hooks(layer, prefix, spec, quantized)
-            units = [(u, m) for u, m in UNITS if f"{prefix}.{m[0]}" in quantized]
+            units = [(u, m) for u, m in layer_units(layer) if f"{prefix}.{m[0]}" in quantized]
             stats, handles = _collect_hessians(layer, units)
             xs_next = stream.run(layer, xs, opts.batch)
             for hnd in handles + runtime:
@@ -538,7 +572,7 @@ class HeldModel:
                 prefix = stream.layer_prefix(i)
                 layer = stream.load(i)
                 self.layers.append(layer)
-                units = [(u, m) for u, m in UNITS if f"{prefix}.{m[0]}" in quantized]
+                units = [(u, m) for u, m in layer_units(layer) if f"{prefix}.{m[0]}" in quantized]
                 self.runtime += _install_runtime_hooks(layer, prefix, spec, quantized)
                 stats, handles = _collect_hessians(layer, units)
                 xs = stream.run(layer, xs, opts.batch)
@@ -557,17 +591,11 @@ class HeldModel:
                         self.quant[name][bits] = res.dequant
                 log(f"measure: quantized layer {i}")
             del xs
-            base = stream.base
-            head_name = "lm_head.weight" if "lm_head.weight" in stream.ckpt.weight_map else f"{base}embed_tokens.weight"
-            self.w_head = stream.tensor(head_name)
-            self.g_norm = stream.tensor(f"{base}norm.weight")
-            self.eps = getattr(stream.config, "rms_norm_eps", 1e-6)
             self.ref = [self._logprobs(self.hs[-1][b]) for b in range(loss_ids.shape[0])] if measure == "kl" else None
             self.base = self.score(self.hs[-1])
 
     def _logprobs(self, x: torch.Tensor) -> torch.Tensor:
-        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.g_norm
-        return torch.log_softmax((xn[:-1] @ self.w_head.T).double(), -1)  # float64: KL is a small difference
+        return torch.log_softmax(self.stream.logits(x[:-1]).double(), -1)  # float64: KL is a small difference
 
     @torch.no_grad()
     def score(self, h: torch.Tensor) -> float:

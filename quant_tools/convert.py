@@ -30,9 +30,17 @@ from vllm_bipolar.format.spec import DEFAULT_PACKED_MODULES, DEFAULT_SKIP, MAX_B
 from .checkpoint import (SUPPORTED_DTYPES, CheckpointError, HFCheckpoint, ShardedWriter, atomic_output_dir,
                          copy_aux_files)
 
-# Architectures whose decoder linears vLLM builds from the q/k/v/o and gate/up/down modules below.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Architectures whose decoder linears vLLM builds from the q/k/v/o and gate/up/down modules below (Phi-3
+# stores q/k/v and gate/up fused; vLLM splits them at load).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")
+# Those whose residual stream --rotate can rotate: RMSNorm as x / rms(x) * w (w folded into the next
+# linears), no norm on a block's output, separate q/k/v. Gemma's norms scale by (1 + w), its lm_head is the
+# embedding (vLLM cannot load the separate rotated head that folding the final norm needs), and Gemma 2 / 3
+# normalise the attention and MLP outputs before adding them to the residual, which no rotation commutes
+# with. Phi-3 could be rotated (its v rows sit inside the fused qkv_proj); that is not implemented.
+ROTATABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 _DECODER_WEIGHT = re.compile(r"^(?P<module>(?:model\.)?layers\.\d+\.(?:.+\.)?(?P<leaf>[A-Za-z0-9_]+))\.weight$")
 
 
@@ -222,6 +230,14 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
     if cal.rotate:
         from .rotation import ONLINE_HADAMARD, ResidualRotation
 
+        archs = ckpt.config.get("architectures") or []
+        if not any(a in ROTATABLE_ARCHITECTURES for a in archs):
+            raise ConvertError(f"--rotate is not available for {archs}: it is implemented for "
+                               f"{list(ROTATABLE_ARCHITECTURES)} only (Gemma's norms do not let a rotation of the "
+                               "residual stream be folded into the weights; Phi-3's fused q/k/v is not handled); "
+                               "convert without --rotate (--method gptq with a smaller --group-size is the accuracy "
+                               "lever there)")
+
         spec = dataclasses.replace(spec, online_hadamard=ONLINE_HADAMARD, rotation=cal.rotation)
         try:
             rotation = ResidualRotation(ckpt.config, ckpt.get, seed=cal.seed,
@@ -331,8 +347,7 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
 
 def _auto_bits(stream, spec, method, opts, ids, to_quantize, cal, src_path, log):
     """--avg-bits: measure each unit's loss estimate per width, then allocate (quant_tools.calibrate)."""
-    from .calibrate import (allocate_bits, average_bits, calibration_windows, load_or_profile, measured_sensitivity,
-                            sensitivity_profile)
+    from .calibrate import (allocate_bits, average_bits, calibration_windows, load_or_profile, sensitivity_profile)
 
     # The profile covers the whole --bit-set (so one profile serves every --w-bits floor); the
     # allocation uses the widths >= --w-bits.
@@ -379,7 +394,7 @@ def _measured_bits(stream, spec, method, opts, ids, loss_ids, to_quantize, full_
     """--sensitivity-measure loss|kl (+ --sensitivity-refine): (layer_bits or None, units). The profile
     and the refinement's history are cached in --sensitivity (the refinement under its own key: it
     depends on --avg-bits, the allowed widths and --min-bits)."""
-    from .calibrate import HeldModel, allocate_bits, read_profile, refine_allocation, write_profile
+    from .calibrate import HeldModel, read_profile, refine_allocation, write_profile
 
     saved = read_profile(cal.sensitivity, key)
     units = saved.get("units")

@@ -29,7 +29,7 @@ from vllm_bipolar.format import BipolarQuantSpec, dequantize_packed
 from vllm_bipolar.format.spec import A16
 from vllm_bipolar.format.transforms import hadamard_block
 
-from .calibrate import _component_match, runtime_input
+from .calibrate import _component_match, attention_implementation, runtime_input
 from .lm_eval_tasks.wikitext_local import calibration_text, detokenize, evaluation_articles
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -42,8 +42,8 @@ def mix_sources(path: str | Path, mix: list[tuple[str, str]]) -> dict[str, Path]
     n_layers = cfg["num_hidden_layers"]
     out = {}
     for i in range(n_layers):
-        for rel in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        for rel in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj",
+                    "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj", "mlp.down_proj"):
             name = f"model.layers.{i}.{rel}"
             out[name] = Path(path)
             for pat, src in mix:
@@ -76,7 +76,7 @@ def load_model(path: str | Path, mix: list[tuple[str, str]] | None = None):
     cfg = AutoConfig.from_pretrained(str(path))
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attention_implementation(cfg)
     model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
     tensors = read_tensors(path)
     sources = mix_sources(path, mix) if mix else {}

@@ -130,6 +130,23 @@ def make_module(n: int, k: int, w_bits: int, group_size: int, symmetric: bool, d
     return CkptModule(pack_codes(q.codes, w_bits), q.scales, q.zeros, dense)
 
 
+def fuse(*modules: CkptModule) -> CkptModule:
+    """One checkpoint module made of ``modules`` stacked along N, as Phi-3 stores qkv_proj / gate_up_proj."""
+    zeros = None if modules[0].zeros is None else torch.cat([m.zeros for m in modules], 0)
+    return CkptModule(torch.cat([m.qweight for m in modules], 1), torch.cat([m.scales for m in modules], 0), zeros,
+                      torch.cat([m.dense for m in modules], 0))
+
+
+def load_shards(layer: torch.nn.Module, shards: list[tuple[CkptModule, object]], on_disk: str) -> None:
+    """Load (module, shard id) pairs one by one ("split", as Llama stores them) or stacked into one
+    checkpoint module loaded without a shard id ("fused", as Phi-3 stores them: vLLM splits it)."""
+    if on_disk == "fused":
+        load_module(layer, fuse(*(m for m, _ in shards)))
+    else:
+        for module, shard_id in shards:
+            load_module(layer, module, shard_id)
+
+
 def load_module(layer: torch.nn.Module, module: CkptModule, *shard_id) -> None:
     """What vLLM's model loader does for one checkpoint module: param.weight_loader(param, t[, shard_id])."""
     params = dict(layer.named_parameters())
@@ -191,10 +208,11 @@ TP_SIZES = [pytest.param(1, id="tp1"), pytest.param(2, id="tp2")]
 
 
 # ---- 1 + 2: sharded loading and per-rank forward -------------------------------------------------
+@pytest.mark.parametrize("on_disk", ["split", "fused"])
 @pytest.mark.parametrize("tp", TP_SIZES)
 @pytest.mark.parametrize("num_kv_heads", [2, 1], ids=["kv2", "kv1"])
 @pytest.mark.parametrize("w_bits,group_size,symmetric,dtype", QUANT_CASES)
-def test_qkv_parallel(w_bits, group_size, symmetric, num_kv_heads, tp, dtype, gen, set_tp):
+def test_qkv_parallel(w_bits, group_size, symmetric, num_kv_heads, tp, dtype, on_disk, gen, set_tp):
     cfg = make_config(w_bits, group_size, symmetric)
     q = make_module(NUM_HEADS * HEAD_DIM, HIDDEN, w_bits, group_size, symmetric, dtype, gen)
     k = make_module(num_kv_heads * HEAD_DIM, HIDDEN, w_bits, group_size, symmetric, dtype, gen)
@@ -210,8 +228,7 @@ def test_qkv_parallel(w_bits, group_size, symmetric, num_kv_heads, tp, dtype, ge
                                   quant_config=cfg, prefix=QKV_PREFIX)
         assert isinstance(layer.quant_method, BipolarLinearMethod)
         assert layer.quant_method.prefix == QKV_PREFIX and layer.quant_method.w_bits == w_bits
-        for module, shard_id in ((q, "q"), (k, "k"), (v, "v")):
-            load_module(layer, module, shard_id)
+        load_shards(layer, [(q, "q"), (k, "k"), (v, "v")], on_disk)
         kv_src = rank if num_kv_heads >= tp else rank // (tp // num_kv_heads)  # index in units of kv_rows
         exp, dense = expected_column([(q, rank * q_rows, q_rows), (k, kv_src * kv_rows, kv_rows),
                                       (v, kv_src * kv_rows, kv_rows)])
@@ -223,9 +240,10 @@ def test_qkv_parallel(w_bits, group_size, symmetric, num_kv_heads, tp, dtype, ge
         assert torch.equal(outs[0][:, q_rows:], outs[1][:, q_rows:])
 
 
+@pytest.mark.parametrize("on_disk", ["split", "fused"])
 @pytest.mark.parametrize("tp", TP_SIZES)
 @pytest.mark.parametrize("w_bits,group_size,symmetric,dtype", QUANT_CASES)
-def test_merged_column_parallel(w_bits, group_size, symmetric, tp, dtype, gen, set_tp):
+def test_merged_column_parallel(w_bits, group_size, symmetric, tp, dtype, on_disk, gen, set_tp):
     cfg = make_config(w_bits, group_size, symmetric)
     gate = make_module(INTERMEDIATE, HIDDEN, w_bits, group_size, symmetric, dtype, gen)
     up = make_module(INTERMEDIATE, HIDDEN, w_bits, group_size, symmetric, dtype, gen)
@@ -236,8 +254,7 @@ def test_merged_column_parallel(w_bits, group_size, symmetric, tp, dtype, gen, s
         layer = MergedColumnParallelLinear(HIDDEN, [INTERMEDIATE, INTERMEDIATE], bias=False, params_dtype=dtype,
                                            quant_config=cfg, prefix=GATE_UP_PREFIX)
         assert isinstance(layer.quant_method, BipolarLinearMethod)
-        load_module(layer, gate, 0)
-        load_module(layer, up, 1)
+        load_shards(layer, [(gate, 0), (up, 1)], on_disk)
         exp, dense = expected_column([(gate, rank * rows, rows), (up, rank * rows, rows)])
         assert_params_equal(layer, exp, gen, f"gate_up tp={tp} rank={rank}")
         out = run_forward(layer, x)

@@ -82,7 +82,8 @@ class BipolarConfig(QuantizationConfig):
 
 # ---- checkpoint check at engine start (safetensors headers only: no tensor data is read) ------------
 _FLOAT_DTYPES = ("F16", "BF16", "F32")
-LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                 "gate_up_proj")
 
 
 def _read_header(path: Path) -> dict[str, dict]:

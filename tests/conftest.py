@@ -49,6 +49,8 @@ def make_tiny_model(path: Path, model_type: str = "llama", hidden=64, intermedia
         "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
         "max_position_embeddings": 256, "tie_word_embeddings": False, **config})
+    if getattr(cfg, "pad_token_id", None) is not None and cfg.pad_token_id >= vocab:  # Phi-3's 32000
+        cfg.pad_token_id = None
     model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():

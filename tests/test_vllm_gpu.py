@@ -2,7 +2,9 @@
 
 A small random Llama with a self-made word-level tokenizer (no hub, no large files), converted to
 bipolar W4A16: greedy tokens from the default engine (CUDA kernels, torch.compile, CUDA graphs)
-equal those of the pure-torch backend in eager mode, except after a tie of the reference.
+equal those of the pure-torch backend in eager mode, except after a tie of the reference. The same
+for a Gemma 2 (soft-capped attention, post-norms) and a Phi-3 (q/k/v and gate/up fused in the
+checkpoint, split by vLLM at load, then repacked for the kernels).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, make_tiny_llama
+from conftest import REPO, make_tiny_model
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
@@ -28,15 +30,20 @@ def make_tokenizer(path):
     return make_word_tokenizer(path)
 
 
-@pytest.fixture(scope="module")
-def w4_model(tmp_path_factory):
+# model type -> config keys particular to it (Gemma models tie their head; head_dim 64 = 512 / 8 heads).
+MODEL_TYPES = {"llama": {}, "gemma2": {"head_dim": 64, "tie_word_embeddings": True}, "phi3": {}}
+
+
+@pytest.fixture(scope="module", params=list(MODEL_TYPES))
+def w4_model(request, tmp_path_factory):
     from quant_tools.convert import main
 
     root = tmp_path_factory.mktemp("gpu")
     src = root / "tiny"
     src.mkdir()
     vocab = make_tokenizer(src)
-    make_tiny_llama(src, hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=2, vocab=vocab)
+    make_tiny_model(src, request.param, hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=2, vocab=vocab,
+                    **MODEL_TYPES[request.param])
     cfg = json.loads((src / "config.json").read_text())
     cfg.update(bos_token_id=1, eos_token_id=2)
     (src / "config.json").write_text(json.dumps(cfg))

@@ -35,11 +35,11 @@ from .checkpoint import (SUPPORTED_DTYPES, CheckpointError, HFCheckpoint, Sharde
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")
 # Those whose residual stream --rotate can rotate: RMSNorm as x / rms(x) * w (w folded into the next
-# linears), no norm on a block's output, separate q/k/v. Gemma's norms scale by (1 + w), its lm_head is the
-# embedding (vLLM cannot load the separate rotated head that folding the final norm needs), and Gemma 2 / 3
-# normalise the attention and MLP outputs before adding them to the residual, which no rotation commutes
-# with. Phi-3 could be rotated (its v rows sit inside the fused qkv_proj); that is not implemented.
-ROTATABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# linears) and no norm on a block's output. Gemma's norms scale by (1 + w), its lm_head is the embedding
+# (vLLM cannot load the separate rotated head that folding the final norm needs), and Gemma 2 / 3 normalise
+# the attention and MLP outputs before adding them to the residual, which no rotation commutes with.
+ROTATABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Phi3ForCausalLM")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 _DECODER_WEIGHT = re.compile(r"^(?P<module>(?:model\.)?layers\.\d+\.(?:.+\.)?(?P<leaf>[A-Za-z0-9_]+))\.weight$")
 
@@ -234,7 +234,7 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
         if not any(a in ROTATABLE_ARCHITECTURES for a in archs):
             raise ConvertError(f"--rotate is not available for {archs}: it is implemented for "
                                f"{list(ROTATABLE_ARCHITECTURES)} only (Gemma's norms do not let a rotation of the "
-                               "residual stream be folded into the weights; Phi-3's fused q/k/v is not handled); "
+                               "residual stream be folded into the weights); "
                                "convert without --rotate (--method gptq with a smaller --group-size is the accuracy "
                                "lever there)")
 

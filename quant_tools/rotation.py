@@ -110,6 +110,8 @@ class ResidualRotation:
         self.d = config["hidden_size"]
         heads = config["num_attention_heads"]
         self.head_dim = config.get("head_dim") or self.d // heads
+        # Phi-3's fused qkv_proj: rows [q | k | v]; the v rows are the last kv_heads * head_dim.
+        self.v_rows = (config.get("num_key_value_heads") or heads) * self.head_dim
         if self.head_dim & (self.head_dim - 1):
             raise ValueError(f"--rotate needs a power-of-two head size, this model's is {self.head_dim}")
         if kind not in ROTATIONS:
@@ -122,7 +124,7 @@ class ResidualRotation:
         self.seed = seed
 
     def _norm(self, head: str, linear_leaf: str) -> torch.Tensor:
-        which = "input_layernorm" if linear_leaf in ("q_proj", "k_proj", "v_proj") else "post_attention_layernorm"
+        which = "input_layernorm" if linear_leaf in ("q_proj", "k_proj", "v_proj", "qkv_proj") else "post_attention_layernorm"
         return self.get(f"{head}.{which}.weight").to(torch.float64)
 
     def _heads(self, w: torch.Tensor, rows: bool) -> torch.Tensor:
@@ -148,11 +150,13 @@ class ResidualRotation:
         head, rest = m.group("head"), m.group("rest")
         leaf, _, kind = rest.rpartition(".")
         leaf = leaf.rsplit(".", 1)[-1]
-        if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj"):
             if kind == "weight":
                 x = (x * self._norm(head, leaf)[None, :]) @ self.q
             if leaf == "v_proj":
                 x = self._heads(x, rows=True)
+            elif leaf == "qkv_proj":
+                x = torch.cat([x[:-self.v_rows], self._heads(x[-self.v_rows:], rows=True)])
             return x
         if leaf in ("o_proj", "down_proj"):
             if kind == "weight":

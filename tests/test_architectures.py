@@ -43,7 +43,7 @@ ARCHITECTURES = {
     "phi3": ("Phi3ForCausalLM", {}),  # qkv_proj and gate_up_proj in the checkpoint: vLLM splits them at load
 }
 SHAPE = {"hidden": 128, "intermediate": 224, "heads": 4, "kv_heads": 2, "initializer_range": 0.25}
-ROTATABLE = ("llama", "mistral", "qwen2", "qwen3")
+ROTATABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 # (name, converter arguments, logprob tolerance: largest difference, median difference). A16: the same
 # float32 math in another order. A8 (per-token activation codes): an activation an ulp from a rounding
@@ -59,11 +59,11 @@ CASES = [
                    "--calib-samples", "4", "--calib-seqlen", "64"], A8_TOL),
 ]
 # Calibration and activation quantization run on Llama in the SmolLM2 tests; here on the architectures
-# where they meet biases, tied embeddings, q/k norms (rotated: Qwen2 / Qwen3), Gemma's layers (calibrated
-# layer by layer through each model's own modules: Gemma 2 / 3, without rotation) and fused linears (Phi-3).
+# where they meet biases, tied embeddings, q/k norms, fused linears (rotated: Qwen2 / Qwen3 / Phi-3) and
+# Gemma's layers (calibrated layer by layer through each model's own modules: Gemma 2 / 3, no rotation).
 RUNS = [(m, c) for m in ARCHITECTURES for c in CASES
-        if c[0] == "w4a16-g32-mse" or (c[0] == "w4a8-rot-gptq" and m in ("qwen2", "qwen3"))
-        or (c[0] == "w4a8-gptq" and m in ("gemma2", "gemma3_text", "phi3"))]
+        if c[0] == "w4a16-g32-mse" or (c[0] == "w4a8-rot-gptq" and m in ("qwen2", "qwen3", "phi3"))
+        or (c[0] == "w4a8-gptq" and m in ("gemma2", "gemma3_text"))]
 
 
 def test_every_supported_architecture_is_covered():
@@ -184,3 +184,52 @@ def test_rotate_is_refused_where_it_is_not_implemented(model_type, sources, tmp_
     assert ARCHITECTURES[model_type][0] in err
     assert not dst.exists()
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "hadamard"])
+@pytest.mark.parametrize("model_type", ROTATABLE)
+def test_rotation_leaves_the_function_unchanged(model_type, kind, sources):
+    """--rotate's offline rewrite (quant_tools.rotation) plus the run-time Hadamard on down_proj's input
+    computes the same logits as the original model, in float32, for every architecture it accepts: norm
+    weights (made non-trivial here) folded into q/k/v (fused or not) and gate/up, q/k/v biases kept with
+    their rows, v heads rotated inside a fused qkv_proj, a tied head written untied."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quant_tools.rotation import ResidualRotation
+    from vllm_bipolar.format.transforms import block_hadamard, hadamard_block
+
+    src, _ = sources[model_type]
+    state = load_file(src / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    gen = torch.Generator().manual_seed(torch.seed())
+    for name in state:
+        if name.endswith("norm.weight"):
+            state[name] = 1 + 0.3 * torch.randn(state[name].shape, generator=gen)
+    rot = ResidualRotation(cfg, lambda n: state[n], seed=1, kind=kind)
+    new = {n: rot.transform(n, t).float() for n, t in state.items()}
+    tied = cfg.get("tie_word_embeddings", False)
+    if tied:
+        new["lm_head.weight"] = rot.untied_lm_head().float()
+
+    def model(sd, tie):
+        c = AutoConfig.from_pretrained(src)
+        c.tie_word_embeddings = tie
+        m = AutoModelForCausalLM.from_config(c).float().eval()
+        missing, unexpected = m.load_state_dict(sd, strict=False)
+        assert not unexpected and set(missing) <= ({"lm_head.weight"} if tie else set()), (missing, unexpected)
+        if tie:
+            m.tie_weights()
+        return m
+
+    ref, rotated = model(state, tied), model(new, False)
+    block = hadamard_block(cfg["intermediate_size"])
+    for layer in rotated.model.layers:  # the run-time transform of online_hadamard: ["down_proj"]
+        layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args: (block_hadamard(args[0], block),))
+    ids = torch.randint(0, cfg["vocab_size"], (2, 24), generator=gen)
+    with torch.no_grad():
+        a, b = ref(ids).logits, rotated(ids).logits
+    assert torch.allclose(a, b, atol=2e-4 * a.abs().max().item()), ((a - b).abs().max(), gen.initial_seed())
+    qkv = next(n for n in state if n.endswith("layers.0.self_attn.qkv_proj.weight") or
+               n.endswith("layers.0.self_attn.q_proj.weight"))
+    assert not torch.allclose(state[qkv], new[qkv])  # the rotation did change the weights

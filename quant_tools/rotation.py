@@ -13,7 +13,7 @@ flattened, outlier-free weights and activations:
   lm_head -> (W diag(g_final)) Q with the final norm weight set to 1. A tied lm_head is written
   out as its own tensor (``tie_word_embeddings`` becomes false).
 * Value/output heads: v_proj rows of each kv head -> H_hd W (H_hd the Hadamard matrix of the
-  head size), o_proj columns of each head -> W H_hd: attention is linear in V, so each head's
+  head size: Sylvester, Sylvester x Paley as for 96, else random orthogonal), o_proj columns of each head -> W H_hd^T: attention is linear in V, so each head's
   output arrives rotated and o_proj takes the rotation back. Offline only.
 * down_proj input: W -> W H_b (block Hadamard, ``vllm_bipolar.format.transforms``), with the
   matching x -> x H_b applied at run time (``online_hadamard: ["down_proj"]``), since the SwiGLU
@@ -94,6 +94,18 @@ def random_hadamard(d: int, seed: int) -> torch.Tensor:
     return signs[:, None] * hadamard_any(d)
 
 
+def head_rotation(d: int, seed: int) -> torch.Tensor:
+    """The per-head rotation of v_proj / o_proj (offline only, so any orthogonal matrix is exact): the
+    Sylvester Hadamard matrix for power-of-two head sizes, Sylvester x Paley where one exists (Phi-3-mini's
+    96 = 8 x 12), else a seeded random orthogonal matrix (e.g. 112)."""
+    if d & (d - 1) == 0:
+        return hadamard_matrix(d)
+    try:
+        return hadamard_any(d)
+    except ValueError:
+        return random_orthogonal(d, seed + 1)
+
+
 def random_orthogonal(d: int, seed: int) -> torch.Tensor:
     """A Haar-random orthogonal matrix (float64), reproducible from ``seed``."""
     g = torch.Generator().manual_seed(seed)
@@ -112,12 +124,10 @@ class ResidualRotation:
         self.head_dim = config.get("head_dim") or self.d // heads
         # Phi-3's fused qkv_proj: rows [q | k | v]; the v rows are the last kv_heads * head_dim.
         self.v_rows = (config.get("num_key_value_heads") or heads) * self.head_dim
-        if self.head_dim & (self.head_dim - 1):
-            raise ValueError(f"--rotate needs a power-of-two head size, this model's is {self.head_dim}")
         if kind not in ROTATIONS:
             raise ValueError(f"unknown rotation {kind!r}; expected one of {ROTATIONS}")
         self.q = random_orthogonal(self.d, seed) if kind == "orthogonal" else random_hadamard(self.d, seed)
-        self.h_head = hadamard_matrix(self.head_dim)
+        self.h_head = head_rotation(self.head_dim, seed)
         self.get = get
         self.tied = bool(config.get("tie_word_embeddings", False))
         self.down_is_quantized = down_is_quantized
@@ -128,12 +138,13 @@ class ResidualRotation:
         return self.get(f"{head}.{which}.weight").to(torch.float64)
 
     def _heads(self, w: torch.Tensor, rows: bool) -> torch.Tensor:
-        """Apply H_hd to each head's block of rows (v_proj) or columns (o_proj)."""
+        """Apply H_hd to each head's block of rows (v_proj: v -> H v) or H_hd^T to its columns (o_proj:
+        W H^T H v = W v; H^T = H for Sylvester matrices, not for Paley ones)."""
         hd = self.head_dim
-        if rows:  # weight [kv_heads*hd, d] or bias [kv_heads*hd]: H @ each head's block (H symmetric)
+        if rows:  # weight [kv_heads*hd, d] or bias [kv_heads*hd]: H @ each head's block
             blocks = w.reshape(-1, hd, w.shape[1] if w.dim() == 2 else 1)
             return torch.einsum("ij,bjd->bid", self.h_head, blocks).reshape(w.shape)
-        return (w.reshape(w.shape[0], -1, hd) @ self.h_head).reshape(w.shape)
+        return (w.reshape(w.shape[0], -1, hd) @ self.h_head.T).reshape(w.shape)
 
     def transform(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """The rotated version of checkpoint tensor ``name`` (float64; the caller casts)."""

@@ -186,20 +186,13 @@ def test_rotate_is_refused_where_it_is_not_implemented(model_type, sources, tmp_
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
 
 
-@pytest.mark.parametrize("kind", ["orthogonal", "hadamard"])
-@pytest.mark.parametrize("model_type", ROTATABLE)
-def test_rotation_leaves_the_function_unchanged(model_type, kind, sources):
-    """--rotate's offline rewrite (quant_tools.rotation) plus the run-time Hadamard on down_proj's input
-    computes the same logits as the original model, in float32, for every architecture it accepts: norm
-    weights (made non-trivial here) folded into q/k/v (fused or not) and gate/up, q/k/v biases kept with
-    their rows, v heads rotated inside a fused qkv_proj, a tied head written untied."""
+def assert_rotation_keeps_the_function(src, kind: str) -> None:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from quant_tools.rotation import ResidualRotation
     from vllm_bipolar.format.transforms import block_hadamard, hadamard_block
 
-    src, _ = sources[model_type]
     state = load_file(src / "model.safetensors")
     cfg = json.loads((src / "config.json").read_text())
     gen = torch.Generator().manual_seed(torch.seed())
@@ -233,3 +226,28 @@ def test_rotation_leaves_the_function_unchanged(model_type, kind, sources):
     qkv = next(n for n in state if n.endswith("layers.0.self_attn.qkv_proj.weight") or
                n.endswith("layers.0.self_attn.q_proj.weight"))
     assert not torch.allclose(state[qkv], new[qkv])  # the rotation did change the weights
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "hadamard"])
+@pytest.mark.parametrize("model_type", ROTATABLE)
+def test_rotation_leaves_the_function_unchanged(model_type, kind, sources):
+    """--rotate's offline rewrite (quant_tools.rotation) plus the run-time Hadamard on down_proj's input
+    computes the same logits as the original model, in float32, for every architecture it accepts: norm
+    weights (made non-trivial here) folded into q/k/v (fused or not) and gate/up, q/k/v biases kept with
+    their rows, v heads rotated inside a fused qkv_proj, a tied head written untied."""
+    assert_rotation_keeps_the_function(sources[model_type][0], kind)
+
+
+@pytest.mark.parametrize("model_type,head_dim", [("phi3", 96), ("llama", 112)])
+def test_rotation_with_a_head_size_that_is_not_a_power_of_two(model_type, head_dim, tmp_path):
+    """Phi-3-mini's heads of 96 take a Sylvester x Paley Hadamard matrix (8 x 12); 112, which has none,
+    a random orthogonal one (o_proj takes its transpose back): the function is unchanged either way."""
+    from conftest import make_tiny_model
+
+    from quant_tools.rotation import head_rotation
+
+    h = head_rotation(head_dim, seed=0)
+    assert torch.allclose(h @ h.T, torch.eye(head_dim, dtype=h.dtype), atol=1e-12)
+    src = make_tiny_model(tmp_path / "m", model_type, hidden=2 * head_dim, intermediate=256, heads=2, kv_heads=1,
+                          vocab=300, dtype=torch.float32, initializer_range=0.1)
+    assert_rotation_keeps_the_function(src, "orthogonal")

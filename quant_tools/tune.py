@@ -42,7 +42,7 @@ from vllm_bipolar.format.packing import max_level, unpack_codes
 from vllm_bipolar.format.quantize import effective_group, num_groups
 from vllm_bipolar.format.spec import BipolarConfigError
 
-from .calibrate import CalibOptions, CalibrationError, calibration_windows
+from .calibrate import CalibOptions, CalibrationError, attention_implementation, calibration_windows
 from .checkpoint import CheckpointError, ShardedWriter, atomic_output_dir
 from .convert import DEFAULT_CALIB, _raise_interrupt
 from .fake_eval import install_runtime_hooks, load_model, read_tensors
@@ -146,7 +146,7 @@ def tune(src: str, ckpt: str, dst: str, text: str | Path = DEFAULT_CALIB, sample
          overwrite: bool = False, progress: bool = True, compute: str = "bfloat16") -> dict:
     """Tune CKPT's scales/offsets against SRC; write DST. Returns the record written to tuning.json."""
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     src_p, ckpt_p, dst_p = Path(src).absolute(), Path(ckpt).absolute(), Path(dst).absolute()
     spec = _check_pair(src_p, ckpt_p, dst_p)
@@ -163,7 +163,8 @@ def tune(src: str, ckpt: str, dst: str, text: str | Path = DEFAULT_CALIB, sample
     except (CalibrationError, ValueError) as e:
         raise TuneError(str(e)) from e
 
-    reference = AutoModelForCausalLM.from_pretrained(str(src_p), dtype=torch.float32).eval()
+    attn = attention_implementation(AutoConfig.from_pretrained(str(src_p)))  # eager where logits are soft-capped
+    reference = AutoModelForCausalLM.from_pretrained(str(src_p), dtype=torch.float32, attn_implementation=attn).eval()
     model, _, _ = load_model(ckpt_p)
     tensors = read_tensors(ckpt_p)
     tuned: dict[str, TunedLinear] = {}

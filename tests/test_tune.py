@@ -32,9 +32,12 @@ def _digest(path: Path) -> dict[str, str]:
 
 def _kl(src: Path, ckpt: Path, ids: torch.Tensor) -> float:
     """Mean KL(p_src || p_ckpt) over every position of ``ids``, in float64."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    from quant_tools.calibrate import attention_implementation
+
+    attn = attention_implementation(AutoConfig.from_pretrained(str(src)))  # Gemma 2's soft-cap: eager
+    ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, attn_implementation=attn).eval()
     model, spec, _ = load_model(ckpt)
     hooks = install_runtime_hooks(model, spec)
     with torch.no_grad():
@@ -84,6 +87,25 @@ def test_tune_lowers_the_kl_and_changes_only_scales_and_offsets(tiny, tmp_path, 
     assert changed == {"scales", "zeros"}
     assert json.loads((dst / "config.json").read_text()) == json.loads((ckpt / "config.json").read_text())
     assert (dst / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("model_type,extra", [("gemma2", {"head_dim": 32, "tie_word_embeddings": True}),
+                                              ("phi3", {})])
+def test_tune_other_architectures(model_type, extra, tmp_path, smollm2_dir):
+    """The tuning runs the model's own forward: a Gemma 2 (soft-caps, post-norms, tied head) and a Phi-3
+    (fused qkv_proj / gate_up_proj) tune like the Llama above (KL down, only scales and offsets change)."""
+    src, calib = make_tiny_model_with_calibration(tmp_path / "src", smollm2_dir, model_type=model_type, hidden=64,
+                                                  heads=2, kv_heads=1, intermediate=128, dtype=torch.float32,
+                                                  **extra)
+    ckpt, dst = tmp_path / "ckpt", tmp_path / "tuned"
+    assert convert_main([str(src), str(ckpt), "--method", "rtn", "--w-bits", "2", "--group-size", "32",
+                         "--no-progress"]) == 0
+    assert _tune(src, ckpt, dst, calib) == 0
+    train = calibration_windows(src, CalibOptions(text=calib, samples=6, seqlen=40, seed=0))
+    kl_before, kl_after = _kl(src, ckpt, train), _kl(src, dst, train)
+    assert kl_after < 0.9 * kl_before, (kl_before, kl_after)
+    a, b = read_tensors(ckpt), read_tensors(dst)
+    assert {n.rpartition(".")[2] for n in a if not torch.equal(a[n], b[n])} == {"scales", "zeros"}
 
 
 def test_tune_refuses_bad_inputs_and_writes_nothing(tiny, tmp_path, capsys):

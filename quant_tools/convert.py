@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from vllm_bipolar.format import (A16, BipolarConfigError, BipolarQuantSpec, pack_codes, quantize_weight)
-from vllm_bipolar.format.spec import DEFAULT_PACKED_MODULES, DEFAULT_SKIP, MAX_BITS, METHODS, MIN_BITS
+from vllm_bipolar.format.spec import (DECODER_LINEARS, DEFAULT_PACKED_MODULES, DEFAULT_SKIP, MAX_BITS, METHODS,
+                                      MIN_BITS)
 
 from .checkpoint import (SUPPORTED_DTYPES, CheckpointError, HFCheckpoint, ShardedWriter, atomic_output_dir,
                          copy_aux_files)
@@ -40,7 +41,6 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 # the attention and MLP outputs before adding them to the residual, which no rotation commutes with.
 ROTATABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Phi3ForCausalLM")
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 _DECODER_WEIGHT = re.compile(r"^(?P<module>(?:model\.)?layers\.\d+\.(?:.+\.)?(?P<leaf>[A-Za-z0-9_]+))\.weight$")
 
 
@@ -89,15 +89,15 @@ def linear_modules(ckpt: HFCheckpoint) -> list[str]:
         m = _DECODER_WEIGHT.match(name)
         if not m:
             continue
-        if m.group("leaf") in LINEAR_NAMES:
+        if m.group("leaf") in DECODER_LINEARS:
             modules.append(m.group("module"))
         elif not m.group("leaf").endswith("norm"):
             unknown.append(name)
     if unknown:
         raise ConvertError(f"unsupported layer type(s) in the decoder: {unknown[:5]}; only "
-                           f"{list(LINEAR_NAMES)} linears can be quantized (use a supported architecture)")
+                           f"{list(DECODER_LINEARS)} linears can be quantized (use a supported architecture)")
     if not modules:
-        raise ConvertError(f"{ckpt.path}: found no decoder linear layers (…{LINEAR_NAMES[0]}.weight)")
+        raise ConvertError(f"{ckpt.path}: found no decoder linear layers (…{DECODER_LINEARS[0]}.weight)")
     return modules
 
 

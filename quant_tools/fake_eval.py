@@ -29,7 +29,7 @@ from vllm_bipolar.format import BipolarQuantSpec, dequantize_packed
 from vllm_bipolar.format.spec import A16
 from vllm_bipolar.format.transforms import hadamard_block
 
-from .calibrate import _component_match, attention_implementation, runtime_input
+from .calibrate import FUSED_UNITS, UNITS, _component_match, attention_implementation, runtime_input
 from .lm_eval_tasks.wikitext_local import calibration_text, detokenize, evaluation_articles
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -42,8 +42,7 @@ def mix_sources(path: str | Path, mix: list[tuple[str, str]]) -> dict[str, Path]
     n_layers = cfg["num_hidden_layers"]
     out = {}
     for i in range(n_layers):
-        for rel in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj",
-                    "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        for rel in (rel for _, members in UNITS + FUSED_UNITS for rel in members):
             name = f"model.layers.{i}.{rel}"
             out[name] = Path(path)
             for pat, src in mix:

@@ -120,3 +120,50 @@ def converted(src: Path, name: str, *args: str) -> Path:
         assert main([str(src), str(dst), *args, "--overwrite", "--no-progress"]) == 0
         stamp.write_text(wanted)
     return dst
+
+
+def assert_rotation_keeps_the_function(src: Path, kind: str) -> None:
+    """--rotate's offline rewrite (quant_tools.rotation) of checkpoint ``src``, with its norm weights made
+    non-trivial, plus the run-time Hadamard on down_proj's input gives the original model's logits
+    (float32), and the rotation did change the weights."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quant_tools.rotation import ResidualRotation
+    from vllm_bipolar.format.transforms import block_hadamard, hadamard_block
+
+    state = load_file(src / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    gen = torch.Generator().manual_seed(torch.seed())
+    for name in state:
+        if name.endswith("norm.weight"):
+            state[name] = 1 + 0.3 * torch.randn(state[name].shape, generator=gen)
+    rot = ResidualRotation(cfg, lambda n: state[n], seed=1, kind=kind)
+    new = {n: rot.transform(n, t).float() for n, t in state.items()}
+    tied = cfg.get("tie_word_embeddings", False)
+    if tied:
+        new["lm_head.weight"] = rot.untied_lm_head().float()
+
+    def model(sd, tie):
+        c = AutoConfig.from_pretrained(src)
+        c.tie_word_embeddings = tie
+        m = AutoModelForCausalLM.from_config(c).float().eval()
+        missing, unexpected = m.load_state_dict(sd, strict=False)
+        assert not unexpected and set(missing) <= ({"lm_head.weight"} if tie else set()), (missing, unexpected)
+        if tie:
+            m.tie_weights()
+        return m
+
+    ref, rotated = model(state, tied), model(new, False)
+    block = hadamard_block(cfg["intermediate_size"])
+    for layer in rotated.model.layers:  # the run-time transform of online_hadamard: ["down_proj"]
+        layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args: (block_hadamard(args[0], block),))
+    ids = torch.randint(0, cfg["vocab_size"], (2, 24), generator=gen)
+    with torch.no_grad():
+        a, b = ref(ids).logits, rotated(ids).logits
+    assert torch.allclose(a, b, atol=2e-4 * a.abs().max().item()), ((a - b).abs().max(), gen.initial_seed())
+    qkv = next(n for n in state if n.endswith("layers.0.self_attn.qkv_proj.weight") or
+               n.endswith("layers.0.self_attn.q_proj.weight"))
+    assert not torch.allclose(state[qkv], new[qkv])  # the rotation did change the weights

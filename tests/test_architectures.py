@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, make_tiny_model_with_calibration
+from conftest import REPO, assert_rotation_keeps_the_function, make_tiny_model_with_calibration
 
 pytest.importorskip("vllm")
 
@@ -184,48 +184,6 @@ def test_rotate_is_refused_where_it_is_not_implemented(model_type, sources, tmp_
     assert ARCHITECTURES[model_type][0] in err
     assert not dst.exists()
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
-
-
-def assert_rotation_keeps_the_function(src, kind: str) -> None:
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from quant_tools.rotation import ResidualRotation
-    from vllm_bipolar.format.transforms import block_hadamard, hadamard_block
-
-    state = load_file(src / "model.safetensors")
-    cfg = json.loads((src / "config.json").read_text())
-    gen = torch.Generator().manual_seed(torch.seed())
-    for name in state:
-        if name.endswith("norm.weight"):
-            state[name] = 1 + 0.3 * torch.randn(state[name].shape, generator=gen)
-    rot = ResidualRotation(cfg, lambda n: state[n], seed=1, kind=kind)
-    new = {n: rot.transform(n, t).float() for n, t in state.items()}
-    tied = cfg.get("tie_word_embeddings", False)
-    if tied:
-        new["lm_head.weight"] = rot.untied_lm_head().float()
-
-    def model(sd, tie):
-        c = AutoConfig.from_pretrained(src)
-        c.tie_word_embeddings = tie
-        m = AutoModelForCausalLM.from_config(c).float().eval()
-        missing, unexpected = m.load_state_dict(sd, strict=False)
-        assert not unexpected and set(missing) <= ({"lm_head.weight"} if tie else set()), (missing, unexpected)
-        if tie:
-            m.tie_weights()
-        return m
-
-    ref, rotated = model(state, tied), model(new, False)
-    block = hadamard_block(cfg["intermediate_size"])
-    for layer in rotated.model.layers:  # the run-time transform of online_hadamard: ["down_proj"]
-        layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args: (block_hadamard(args[0], block),))
-    ids = torch.randint(0, cfg["vocab_size"], (2, 24), generator=gen)
-    with torch.no_grad():
-        a, b = ref(ids).logits, rotated(ids).logits
-    assert torch.allclose(a, b, atol=2e-4 * a.abs().max().item()), ((a - b).abs().max(), gen.initial_seed())
-    qkv = next(n for n in state if n.endswith("layers.0.self_attn.qkv_proj.weight") or
-               n.endswith("layers.0.self_attn.q_proj.weight"))
-    assert not torch.allclose(state[qkv], new[qkv])  # the rotation did change the weights
 
 
 @pytest.mark.parametrize("kind", ["orthogonal", "hadamard"])

@@ -17,7 +17,7 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 from .format.safetensors_header import SafetensorsHeaderError, read_safetensors_header
-from .format.spec import QUANT_METHOD, BipolarConfigError, BipolarQuantSpec, shard_names
+from .format.spec import DECODER_LINEARS, QUANT_METHOD, BipolarConfigError, BipolarQuantSpec, shard_names
 
 
 class BipolarConfig(QuantizationConfig):
@@ -82,8 +82,6 @@ class BipolarConfig(QuantizationConfig):
 
 # ---- checkpoint check at engine start (safetensors headers only: no tensor data is read) ------------
 _FLOAT_DTYPES = ("F16", "BF16", "F32")
-LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
-                 "gate_up_proj")
 
 
 def _read_header(path: Path) -> dict[str, dict]:
@@ -166,7 +164,7 @@ def check_checkpoint(model_dir: Path, spec: BipolarQuantSpec) -> None:
                 f"that name (no '{name}.qweight'); remove the entry or correct it (layers look like '{modules[0]}')")
     for n, t in tensors.items():
         m, _, leaf = n.rpartition(".")
-        if leaf == "weight" and m.rpartition(".")[2] in LINEAR_LEAVES and len(t["shape"]) == 2 and not spec.is_skipped(m):
+        if leaf == "weight" and m.rpartition(".")[2] in DECODER_LINEARS and len(t["shape"]) == 2 and not spec.is_skipped(m):
             problems.append(f"{n} is unquantized, but quantization_config quantizes {m} (it is not in "
                             "modules_to_not_convert)")
     if problems:

@@ -29,6 +29,10 @@ METHODS = QUANTIZERS + ("gptq", "gptq_int")
 # randomized Hadamard)
 ROTATIONS = ("orthogonal", "hadamard")
 DEFAULT_SKIP = ("lm_head",)
+# Leaf names of the decoder linears a checkpoint quantizes: q/k/v/o and gate/up/down, or (Phi-3) q/k/v and
+# gate/up stored fused. Shared by the converter and the plugin's checkpoint check.
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                   "gate_up_proj")
 
 # Fused vLLM modules and the checkpoint modules they are made of.
 DEFAULT_PACKED_MODULES = {

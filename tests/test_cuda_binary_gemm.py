@@ -309,6 +309,7 @@ def test_custom_op_and_backend():
     layer.register_parameter("zeros", torch.nn.Parameter(zeros, requires_grad=False))
     kern = CudaBinaryGemmKernel(cfg)
     kern.process_weights_after_loading(layer)
+    assert layer.scales is None and layer.zeros is None  # freed: the kernel reads binary_sz
     bias = torch.randn(n, device=DEV, dtype=torch.float16)
     y = kern.apply_weights(layer, x, bias)
     assert y.shape == (5, 3, n) and y.dtype == torch.float16

@@ -5,7 +5,8 @@ Activations are quantized per token into bit planes on the fly; the product is p
 matrix products (mma.sync .b1 AND.popc, sm_80+) plus popcount corrections and per-group scales /
 offsets in the epilogue (DESIGN.md section 2). Reads the checkpoint bit planes as stored; at load
 time it adds what depends on the weights alone (``prepare_binary_weights``): the (s, z) pairs as
-fp32, group-major, and the column term of the popcount correction summed over the groups.
+fp32, group-major (in place of the checkpoint's scales / zeros, which it frees), and the column term of
+the popcount correction summed over the groups.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .base import BipolarLinearKernel, apply_2d, cuda_half_reason, keep_checkpoint_layout
+from .base import BipolarLinearKernel, apply_2d, cuda_half_reason, keep_checkpoint_layout, replace_parameter
 from .layer_config import BipolarLayerConfig
 
 BINARY_MMA_K = 128  # groups must cover whole m16n8k128 steps (group_size -1 or a multiple of 128)
@@ -57,6 +58,9 @@ class CudaBinaryGemmKernel(BipolarLinearKernel):
         sz, col_bias = prepare_binary_weights(layer.qweight, layer.scales, layer.zeros, c.k, c.group_size, c.a_bits)
         layer.register_buffer("binary_sz", sz, persistent=False)
         layer.register_buffer("binary_col_bias", col_bias, persistent=False)
+        # the kernel reads binary_sz: the checkpoint's (s, z) would be 4 bytes per group and row never read
+        replace_parameter(layer, "scales", None)
+        replace_parameter(layer, "zeros", None)
 
     def apply_weights(self, layer, x, bias=None):
         c = self.config

@@ -1173,8 +1173,7 @@ inline int decode_warps_override() {
 
 constexpr int kSmemPerSm = 228 * 1024;  // H100 / A100 (less on Ada: then fewer CTAs per SM, still correct)
 
-// Decode kernel shapes beside the default, for tuning at M <= 8 and 1-4 bit weights (BIPOLAR_A16_DECODE_VARIANT,
-// read once):
+// Decode kernel shapes beside the default, for tuning at M <= 8 (BIPOLAR_A16_DECODE_VARIANT, read once):
 // 0 the default (two block rows, one chunk in flight), 1 a ring of three chunks (two in flight),
 // 2 four block rows per CTA (64 output columns: the x fragments, the bias mma and the addressing shared
 // by twice the weights), 3 a ring of four chunks (three in flight).
@@ -1214,15 +1213,11 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
 
 template <typename T, int BITS>
 void launch_decode_m8(const Problem& p, cudaStream_t stream) {
-  if constexpr (BITS > 4) {  // variants only where a block's weights are few registers (not instantiated here)
-    launch_decode_tile<T, BITS, 8>(p, stream);
-  } else {
-    switch (decode_variant_override()) {
-      case 1: launch_decode_tile<T, BITS, 8, 2, 0, 3>(p, stream); break;
-      case 2: launch_decode_tile<T, BITS, 8, 4>(p, stream); break;
-      case 3: launch_decode_tile<T, BITS, 8, 2, 0, 4>(p, stream); break;
-      default: launch_decode_tile<T, BITS, 8>(p, stream);
-    }
+  switch (decode_variant_override()) {
+    case 1: launch_decode_tile<T, BITS, 8, 2, 0, 3>(p, stream); break;
+    case 2: launch_decode_tile<T, BITS, 8, 4>(p, stream); break;
+    case 3: launch_decode_tile<T, BITS, 8, 2, 0, 4>(p, stream); break;
+    default: launch_decode_tile<T, BITS, 8>(p, stream);
   }
 }
 

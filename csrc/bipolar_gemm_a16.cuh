@@ -745,7 +745,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kerne
 // 8-15, A = ones) into bsum; at the group's end (or the run's) three FFMA per output fold them into
 // acc. So W is used exactly (not rounded to fp16 / bf16 first), and the fold runs once per group and
 // warp, not once per weight pair.
-template <int BITS, int MT_, int WARPS_, int NB_ = 2, int DEPTH_ = 0, int RING_ = 2>
+template <int BITS, int MT_, int WARPS_, int NB_ = 2>
 struct DecodeConfig {
   static constexpr int MT = MT_;
   static constexpr int TG = MT_ / 8;  // groups of 8 tokens: the mma's N
@@ -753,27 +753,22 @@ struct DecodeConfig {
   static constexpr int WARPS = WARPS_;
   static constexpr int NT = kBlockN * NB_;
   static constexpr int kThreads = kWarpSize * WARPS_;
-  // layout blocks per warp and chunk: DEPTH_, or by default one (two for 1-bit weights). Measured on an
-  // H100: chunks of 8 words per lane and block row (4 blocks at 2 bits), with the 16 warps per SM their
-  // registers allow (commit 3715fe8), were slower at 2-4 bits than these with 24 warps (11008 x 4096 W4,
-  // M = 1: 15.4 against 11.7 us, benchmarks/results/kernels_decode_h100.json): more warps beat deeper chunks.
-  static constexpr int D = DEPTH_ > 0 ? DEPTH_ : (BITS == 1 ? 2 : 1);
-  // chunks held in registers: RING - 1 of them in flight while one is decoded
-  static constexpr int RING = RING_;
+  // layout blocks per warp and chunk (two chunks in registers: one decoded while the next loads):
+  // one, two for 1-bit weights. Measured on an H100: chunks of 8 words per lane and block row (4 blocks
+  // at 2 bits), with the 16 warps per SM their registers allow (commit 3715fe8), were slower at 2-4 bits
+  // than these with 24 warps (11008 x 4096 W4, M = 1: 15.4 against 11.7 us,
+  // benchmarks/results/kernels_decode_h100.json): more warps beat deeper chunks.
+  static constexpr int D = BITS == 1 ? 2 : 1;
   // partial tiles of the final sum, [WARPS][MT][NT + 4]: the + 4 spreads the 4 lanes that share an
   // output row (t = 0..3, tokens 2 t, 2 t + 1) over different banks
   static constexpr int kRedStride = NT + 4;
   static constexpr int kSmemBytes = WARPS_ * MT_ * kRedStride * 4;
   // 24 warps per SM (<= 80 registers a thread): the loads in flight are what keeps HBM busy. 16
-  // tokens (twice the B fragments and accumulators), 5-8 bit weights (their two chunks alone are
-  // 4 BITS registers), four block rows, and rings of more than two chunks (three of 2-bit chunks still
-  // fit 80 registers; checked with ptxas -warn-spills) need more registers: 16 warps.
-  // launch_decode_tile sizes the CTAs by this.
-  static constexpr int kThreadsPerSm =
-      (MT_ == 16 || BITS >= 5 || NB_ > 2 || (RING_ == 3 && BITS != 2) || RING_ > 3) ? 512 : 768;
+  // tokens (twice the B fragments and accumulators) and 5-8 bit weights (their two chunks alone are
+  // 4 BITS registers) need more registers: 16 warps. launch_decode_tile sizes the CTAs by this.
+  static constexpr int kThreadsPerSm = (MT_ == 16 || BITS >= 5) ? 512 : 768;
   static constexpr int kMinBlocks = kThreadsPerSm / kThreads > 0 ? kThreadsPerSm / kThreads : 1;
   static_assert(MT_ == 8 || MT_ == 16, "decode tiles are 8 or 16 tokens");
-  static_assert(RING_ >= 2, "one chunk decoded while the next loads, at least");
   static_assert(kSmemBytes <= 48 * 1024, "no opt-in needed");
 };
 
@@ -956,15 +951,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
     }
   };
 
-  // RING chunks in registers: the next RING - 1 chunks' loads are in flight while one is decoded.
-  Words wr[C::RING];
-  Sz sr[C::RING];
+  // Two chunks in registers: the next one's loads are in flight while this one is decoded.
+  Words wa, wb;
+  Sz sa, sb;
   int kb0 = kb_begin;
   // The first weights are requested while x comes into shared memory and, under PDL (Problem.pdl),
   // before the previous kernel of the stream has finished: weights and scales do not depend on it, x
   // does (griddepcontrol.wait).
-#pragma unroll
-  for (int i = 0; i + 1 < C::RING; ++i) load_chunk(wr[i], sr[i], kb0 + i * D);
+  load_chunk(wa, sa, kb0);
   if (p.pdl) grid_dependency_wait();
   if constexpr (X_SMEM) {
     uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
@@ -982,16 +976,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
       }
     __syncthreads();  // x rows visible to every warp
   }
-  // The ring unrolled: every chunk index is a constant, so the chunks stay in registers.
   while (kb0 < kb_end) {
-#pragma unroll
-    for (int i = 0; i < C::RING; ++i) {
-      constexpr int kAhead = C::RING - 1;
-      load_chunk(wr[(i + kAhead) % C::RING], sr[(i + kAhead) % C::RING], kb0 + kAhead * D);
-      compute_chunk(wr[i], sr[i], kb0);
-      kb0 += D;
-      if (kb0 >= kb_end) break;
-    }
+    load_chunk(wb, sb, kb0 + D);
+    compute_chunk(wa, sa, kb0);
+    kb0 += D;
+    if (kb0 >= kb_end) break;
+    load_chunk(wa, sa, kb0 + D);
+    compute_chunk(wb, sb, kb0);
+    kb0 += D;
   }
   if (p.pdl) grid_dependents_launch();  // the next kernel may start requesting its weights
 
@@ -1173,31 +1165,16 @@ inline int decode_warps_override() {
 
 constexpr int kSmemPerSm = 228 * 1024;  // H100 / A100 (less on Ada: then fewer CTAs per SM, still correct)
 
-// Decode kernel shapes beside the default, for tuning at M <= 8 (BIPOLAR_A16_DECODE_VARIANT, read once):
-// 0 the default (two block rows, one chunk in flight), 1 a ring of three chunks (two in flight),
-// 2 four block rows per CTA (64 output columns: the x fragments, the bias mma and the addressing shared
-// by twice the weights), 3 a ring of four chunks (three in flight).
-inline int decode_variant_override() {
-  static const int v = [] {
-    const char* e = std::getenv("BIPOLAR_A16_DECODE_VARIANT");
-    if (e == nullptr || *e == 0) return 0;
-    const int w = std::atoi(e);
-    TORCH_CHECK(w >= 0 && w <= 3 && e[1] == 0, "BIPOLAR_A16_DECODE_VARIANT must be 0, 1, 2 or 3, got \"", e, "\"");
-    return w;
-  }();
-  return v;
-}
-
-template <typename T, int BITS, int MT, int NB = 2, int DEPTH = 0, int RING = 2>
+template <typename T, int BITS, int MT>
 void launch_decode_tile(const Problem& p, cudaStream_t stream) {
   int warps = decode_warps_override();
   if (warps == 0) {
-    using C16 = DecodeConfig<BITS, MT, 16, NB, DEPTH, RING>;
+    using C16 = DecodeConfig<BITS, MT, 16>;
     const int64_t ctas = p.Np / C16::NT;
     const int x_bytes = decode_x_smem_bytes(p);
     int best = 0, best_resident = 0;
     for (int w = 16; w >= 2 && warps == 0; w /= 2) {
-      const int red_bytes = w * C16::MT * C16::kRedStride * 4;  // DecodeConfig<..., w, ...>::kSmemBytes
+      const int red_bytes = w * C16::MT * C16::kRedStride * 4;  // DecodeConfig<BITS, MT, w>::kSmemBytes
       const int smem = std::max(x_bytes, red_bytes) + 1024;  // + the driver's reserve per CTA
       const int per_sm = std::min(C16::kThreadsPerSm / kWarpSize / w, kSmemPerSm / smem);
       if (ctas <= int64_t(p.sms) * per_sm) warps = w;  // the largest CTA with one wave
@@ -1205,20 +1182,10 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
     }
     if (warps == 0) warps = best;  // several waves: the most warps resident per SM
   }
-  if (warps == 16) launch_decode<T, BITS, DecodeConfig<BITS, MT, 16, NB, DEPTH, RING>>(p, stream);
-  else if (warps == 8) launch_decode<T, BITS, DecodeConfig<BITS, MT, 8, NB, DEPTH, RING>>(p, stream);
-  else if (warps == 4) launch_decode<T, BITS, DecodeConfig<BITS, MT, 4, NB, DEPTH, RING>>(p, stream);
-  else launch_decode<T, BITS, DecodeConfig<BITS, MT, 2, NB, DEPTH, RING>>(p, stream);
-}
-
-template <typename T, int BITS>
-void launch_decode_m8(const Problem& p, cudaStream_t stream) {
-  switch (decode_variant_override()) {
-    case 1: launch_decode_tile<T, BITS, 8, 2, 0, 3>(p, stream); break;
-    case 2: launch_decode_tile<T, BITS, 8, 4>(p, stream); break;
-    case 3: launch_decode_tile<T, BITS, 8, 2, 0, 4>(p, stream); break;
-    default: launch_decode_tile<T, BITS, 8>(p, stream);
-  }
+  if (warps == 16) launch_decode<T, BITS, DecodeConfig<BITS, MT, 16>>(p, stream);
+  else if (warps == 8) launch_decode<T, BITS, DecodeConfig<BITS, MT, 8>>(p, stream);
+  else if (warps == 4) launch_decode<T, BITS, DecodeConfig<BITS, MT, 4>>(p, stream);
+  else launch_decode<T, BITS, DecodeConfig<BITS, MT, 2>>(p, stream);
 }
 
 }  // namespace
@@ -1229,7 +1196,7 @@ void launch_decode_m8(const Problem& p, cudaStream_t stream) {
 template <typename T, int BITS>
 void launch_gemm(const Problem& p, cudaStream_t stream) {
   const bool decode = use_decode_kernel(p.M, p.N, p.decode_max_m);
-  if (decode && p.M <= 8) launch_decode_m8<T, BITS>(p, stream);
+  if (decode && p.M <= 8) launch_decode_tile<T, BITS, 8>(p, stream);
   else if (decode) launch_decode_tile<T, BITS, kDecodeMaxM>(p, stream);
   else if (mid_tile_tokens(p.M) == 16) launch_mid<T, BITS, 2>(p, stream);
   else if (mid_tile_tokens(p.M) == 32) launch_mid<T, BITS, 4>(p, stream);

@@ -31,16 +31,16 @@ from vllm_bipolar.format.spec import (DECODER_LINEARS, DEFAULT_PACKED_MODULES, D
 from .checkpoint import (SUPPORTED_DTYPES, CheckpointError, HFCheckpoint, ShardedWriter, atomic_output_dir,
                          copy_aux_files)
 
-# Architectures whose decoder linears vLLM builds from the q/k/v/o and gate/up/down modules below (Phi-3
-# stores q/k/v and gate/up fused; vLLM splits them at load).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")
-# Those whose residual stream --rotate can rotate: RMSNorm as x / rms(x) * w (w folded into the next
-# linears) and no norm on a block's output. Gemma's norms scale by (1 + w), its lm_head is the embedding
-# (vLLM cannot load the separate rotated head that folding the final norm needs), and Gemma 2 / 3 normalise
-# the attention and MLP outputs before adding them to the residual, which no rotation commutes with.
+# Architectures whose residual stream --rotate can rotate: RMSNorm as x / rms(x) * w (w folded into the next
+# linears) and no norm on a block's output.
 ROTATABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Phi3ForCausalLM")
+# Architectures whose decoder linears vLLM builds from the q/k/v/o and gate/up/down modules below (Phi-3
+# stores q/k/v and gate/up fused; vLLM splits them at load): the rotatable ones and Gemma. Gemma's norms
+# scale by (1 + w), its lm_head is the embedding (vLLM cannot load the separate rotated head that folding
+# the final norm needs), and Gemma 2 / 3 normalise the attention and MLP outputs before adding them to the
+# residual, which no rotation commutes with.
+SUPPORTED_ARCHITECTURES = ROTATABLE_ARCHITECTURES + ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 _DECODER_WEIGHT = re.compile(r"^(?P<module>(?:model\.)?layers\.\d+\.(?:.+\.)?(?P<leaf>[A-Za-z0-9_]+))\.weight$")
 
 

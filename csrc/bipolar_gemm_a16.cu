@@ -74,20 +74,6 @@ int decode_max_m() {
   return v;
 }
 
-// Layout blocks per run of a decode warp: BIPOLAR_A16_DECODE_RUN (0, 2, 4, 8 or 16, read once); unset:
-// kDecodeRunDefault (a16::Problem::decode_run).
-constexpr int kDecodeRunDefault = 0;
-int decode_run() {
-  static const int v = [] {
-    const char* e = std::getenv("BIPOLAR_A16_DECODE_RUN");
-    if (e == nullptr || *e == 0) return kDecodeRunDefault;
-    const int n = std::atoi(e);
-    TORCH_CHECK(n == 0 || n == 2 || n == 4 || n == 8 || n == 16, "BIPOLAR_A16_DECODE_RUN must be 0, 2, 4, 8 or 16, got \"", e, "\"");
-    return n;
-  }();
-  return v;
-}
-
 template <typename T>
 void dispatch(bool dequantize, int bits, const a16::Problem& p, cudaStream_t stream) {
 #define BIPOLAR_CASE(B)                                                        \
@@ -172,7 +158,6 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.smem_optin = device_attribute(kSmemOptin, device);
   p.pdl = use_pdl(device);
   p.decode_max_m = decode_max_m();
-  p.decode_run = decode_run();
   at::Tensor partial;
   if (!a16::use_decode_kernel(p.M, p.N, p.decode_max_m)) {
     p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms, int(bits));

@@ -80,9 +80,6 @@ struct Problem {
   // largest M of the decode kernel when BIPOLAR_A16_DECODE_MAX_M sets it (0, 8 or 16); -1: the rule of
   // use_decode_kernel
   int decode_max_m;
-  // decode kernel: layout blocks per run of a warp (BIPOLAR_A16_DECODE_RUN, an even number; 0: one
-  // contiguous run of K / WARPS blocks per warp, see gemv_a16_kernel)
-  int decode_run;
 };
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
@@ -817,24 +814,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   const uint32_t* scales = static_cast<const uint32_t*>(p.scales) + nb0 * kBlockN + g;  // (s, z) words
   const T* x = static_cast<const T*>(p.x);
   const bool two_groups = p.group_shift < 6;  // group size 32: a 64-channel block has two scale rows
-  // This warp's layout blocks: runs of `run` consecutive blocks (a multiple of D), the CTA's warps side
-  // by side: warp w reads blocks run w .. run w + run - 1, then the same plus run WARPS, and so on.
-  // Runs of a few blocks keep the blocks the CTA requests at one time adjacent in HBM (run x WARPS
-  // blocks of each block row) instead of WARPS pieces far apart; decode_run = 0 gives every warp one
-  // contiguous run of K / WARPS blocks. A run ends a scale group's accumulation (fold), so runs at
-  // least a group long fold no more often than one run per warp.
+  // This warp's run of layout blocks [kb_begin, kb_end): contiguous, so that a scale group's blocks
+  // are folded once.
   const int per_warp = (kblocks + C::WARPS - 1) / C::WARPS;
-  const int run = p.decode_run > 0 ? p.decode_run : (per_warp + D - 1) / D * D;
-  const int run_skip = run * (C::WARPS - 1);  // blocks of the other warps between two runs
-  int run_pos = 0;                            // position in its run of the last block advance() returned
-  // first block of the chunk after the chunk at kb (called in the order of the chunks)
-  auto advance = [&](int kb) {
-    run_pos += D;
-    if (run_pos < run) return kb + D;
-    run_pos = 0;
-    return kb + D + run_skip;
-  };
-  const uint32_t* wbase = p.qweight + size_t(nb0) * row_words;
+  const int kb_begin = min(warp * per_warp, kblocks);
+  const int kb_end = min(kb_begin + per_warp, kblocks);
+  const uint32_t* wbase = p.qweight + size_t(nb0) * row_words + size_t(kb_begin) * kBlockWords;
   // B columns of this lane: tokens g (and g + 8 when TG = 2). A token past M reads row M - 1 instead:
   // its output column is never stored, so no lane needs a zero row or a predicate.
   int xrow[TG];
@@ -863,9 +848,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
 #pragma unroll
     for (int j = 0; j < D; ++j) {
       const int kb = kb0 + j;
-      if (kb < kblocks) {
+      if (kb < kb_end) {
         const uint32_t* srow = scales + ((kb * kBlockK) >> p.group_shift) * p.Np;
-        const uint32_t* wblk = wbase + kb * kBlockWords;
+        const uint32_t* wblk = wbase + (kb - kb_begin) * kBlockWords;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           read_block<BITS>(wblk + b * row_words, lane, words[j][b]);
@@ -902,12 +887,11 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
 #pragma unroll
       for (int e = 0; e < 4; ++e) bsum[q][e] = 0.f;
   };
-  // kb_next: the warp's chunk after this one (a run's end when it is not kb0 + D)
-  auto compute_chunk = [&](const Words& words, const Sz& sz, int kb0, int kb_next) {
+  auto compute_chunk = [&](const Words& words, const Sz& sz, int kb0) {
 #pragma unroll
     for (int j = 0; j < D; ++j) {
       const int kb = kb0 + j;
-      if (kb >= kblocks) break;  // warp-uniform
+      if (kb >= kb_end) break;  // warp-uniform
       // B fragments of the block's 4 k-steps per token group: xb[q][2 s + r] = x words 32 kb + 8 s + 4 r + t
       uint32_t xb[TG][8];
 #pragma unroll
@@ -951,7 +935,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
         // group size 32: channels 0-31 of the block are a group of their own
         if (s == 1 && two_groups) fold(sz[j]);
       }
-      // The group ends with this block (or the warp's run, or K, does): fold. For 32-channel groups, the
+      // The group ends with this block (or the warp's run does): fold. For 32-channel groups, the
       // second half's (s, z) row is the next one, read here (from L2).
       if (two_groups) {
         const uint32_t* srow2 = scales + ((kb * kBlockK + 32) >> p.group_shift) * p.Np;
@@ -961,8 +945,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
 #pragma unroll
           for (int h = 0; h < 2; ++h) sz2[b][h] = __ldg(srow2 + b * kBlockN + 8 * h);
         fold(sz2);
-      } else if (kb + 1 == kblocks || (j == D - 1 && kb_next != kb + 1) ||
-                 (((kb + 1) * kBlockK) >> p.group_shift) != ((kb * kBlockK) >> p.group_shift)) {
+      } else if (kb + 1 == kb_end || (((kb + 1) * kBlockK) >> p.group_shift) != ((kb * kBlockK) >> p.group_shift)) {
         fold(sz[j]);
       }
     }
@@ -971,12 +954,11 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   // Two chunks in registers: the next one's loads are in flight while this one is decoded.
   Words wa, wb;
   Sz sa, sb;
-  int chunk_a = warp * run;  // first block of the chunk in wa
+  int kb0 = kb_begin;
   // The first weights are requested while x comes into shared memory and, under PDL (Problem.pdl),
   // before the previous kernel of the stream has finished: weights and scales do not depend on it, x
   // does (griddepcontrol.wait).
-  load_chunk(wa, sa, chunk_a);
-  int chunk_b = advance(chunk_a);  // ... in wb
+  load_chunk(wa, sa, kb0);
   if (p.pdl) grid_dependency_wait();
   if constexpr (X_SMEM) {
     uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
@@ -994,16 +976,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
       }
     __syncthreads();  // x rows visible to every warp
   }
-  while (chunk_a < kblocks) {
-    load_chunk(wb, sb, chunk_b);
-    const int next_a = advance(chunk_b);
-    compute_chunk(wa, sa, chunk_a, chunk_b);
-    if (chunk_b >= kblocks) break;
-    load_chunk(wa, sa, next_a);
-    chunk_a = next_a;
-    const int next_b = advance(chunk_a);
-    compute_chunk(wb, sb, chunk_b, chunk_a);
-    chunk_b = next_b;
+  while (kb0 < kb_end) {
+    load_chunk(wb, sb, kb0 + D);
+    compute_chunk(wa, sa, kb0);
+    kb0 += D;
+    if (kb0 >= kb_end) break;
+    load_chunk(wa, sa, kb0 + D);
+    compute_chunk(wb, sb, kb0);
+    kb0 += D;
   }
   if (p.pdl) grid_dependents_launch();  // the next kernel may start requesting its weights
 

@@ -74,6 +74,19 @@ int decode_max_m() {
   return v;
 }
 
+// Largest chunk of the decode kernel in layout blocks (a16::decode_chunk_blocks): BIPOLAR_A16_DECODE_CHUNK
+// (1, 2 or 4, read once; for tuning); unset: 4.
+int decode_chunk_max() {
+  static const int v = [] {
+    const char* e = std::getenv("BIPOLAR_A16_DECODE_CHUNK");
+    if (e == nullptr || *e == 0) return 4;
+    const int n = std::atoi(e);
+    TORCH_CHECK(n == 1 || n == 2 || n == 4, "BIPOLAR_A16_DECODE_CHUNK must be 1, 2 or 4, got \"", e, "\"");
+    return n;
+  }();
+  return v;
+}
+
 template <typename T>
 void dispatch(bool dequantize, int bits, const a16::Problem& p, cudaStream_t stream) {
 #define BIPOLAR_CASE(B)                                                        \
@@ -158,6 +171,7 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.smem_optin = device_attribute(kSmemOptin, device);
   p.pdl = use_pdl(device);
   p.decode_max_m = decode_max_m();
+  p.decode_chunk_max = decode_chunk_max();
   at::Tensor partial;
   if (!a16::use_decode_kernel(p.M, p.N, p.decode_max_m)) {
     p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms, int(bits));

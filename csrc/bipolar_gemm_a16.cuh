@@ -80,6 +80,9 @@ struct Problem {
   // largest M of the decode kernel when BIPOLAR_A16_DECODE_MAX_M sets it (0, 8 or 16); -1: the rule of
   // use_decode_kernel
   int decode_max_m;
+  // largest chunk of the decode kernel in layout blocks (decode_chunk_blocks): 4, or 1 / 2 when
+  // BIPOLAR_A16_DECODE_CHUNK sets it (for tuning)
+  int decode_chunk_max;
 };
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
@@ -745,7 +748,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kerne
 // 8-15, A = ones) into bsum; at the group's end (or the run's) three FFMA per output fold them into
 // acc. So W is used exactly (not rounded to fp16 / bf16 first), and the fold runs once per group and
 // warp, not once per weight pair.
-template <int BITS, int MT_, int WARPS_, int NB_ = 2>
+template <int BITS, int MT_, int WARPS_, int D_ = 1, int NB_ = 2>
 struct DecodeConfig {
   static constexpr int MT = MT_;
   static constexpr int TG = MT_ / 8;  // groups of 8 tokens: the mma's N
@@ -753,12 +756,11 @@ struct DecodeConfig {
   static constexpr int WARPS = WARPS_;
   static constexpr int NT = kBlockN * NB_;
   static constexpr int kThreads = kWarpSize * WARPS_;
-  // layout blocks per warp and chunk (two chunks in registers: one decoded while the next loads):
-  // one, two for 1-bit weights. Measured on an H100: chunks of 8 words per lane and block row (4 blocks
-  // at 2 bits), with the 16 warps per SM their registers allow (commit 3715fe8), were slower at 2-4 bits
-  // than these with 24 warps (11008 x 4096 W4, M = 1: 15.4 against 11.7 us,
-  // benchmarks/results/kernels_decode_h100.json): more warps beat deeper chunks.
-  static constexpr int D = BITS == 1 ? 2 : 1;
+  // layout blocks per warp and chunk (two chunks in registers: one decoded while the next loads), chosen
+  // by decode_chunk_blocks; a chunk of D > 1 blocks lies inside one scale group (one (s, z) word per
+  // row), so that its scale words take no more registers than a one-block chunk's.
+  static constexpr int D = D_;
+  static_assert(D_ == 1 || D_ == 2 || D_ == 4, "chunks of 1, 2 or 4 blocks");
   // partial tiles of the final sum, [WARPS][MT][NT + 4]: the + 4 spreads the 4 lanes that share an
   // output row (t = 0..3, tokens 2 t, 2 t + 1) over different banks
   static constexpr int kRedStride = NT + 4;
@@ -815,8 +817,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   const T* x = static_cast<const T*>(p.x);
   const bool two_groups = p.group_shift < 6;  // group size 32: a 64-channel block has two scale rows
   // This warp's run of layout blocks [kb_begin, kb_end): contiguous, so that a scale group's blocks
-  // are folded once.
-  const int per_warp = (kblocks + C::WARPS - 1) / C::WARPS;
+  // are folded once; a multiple of D, so that every chunk starts on a multiple of D and lies inside one
+  // scale group (D divides the group's blocks).
+  const int per_warp = ((kblocks + C::WARPS - 1) / C::WARPS + D - 1) / D * D;
   const int kb_begin = min(warp * per_warp, kblocks);
   const int kb_end = min(kb_begin + per_warp, kblocks);
   const uint32_t* wbase = p.qweight + size_t(nb0) * row_words + size_t(kb_begin) * kBlockWords;
@@ -841,22 +844,23 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   }
 
   // A chunk: D consecutive layout blocks of the warp x NB block rows of weight words, and their (s, z)
-  // words per row half h (the scale row of channels 0-31 of each block).
+  // words per row half h (the scale row of channels 0-31 of the chunk: one group).
   using Words = uint32_t[D][NB][BITS];
-  using Sz = uint32_t[D][NB][2];
+  using Sz = uint32_t[NB][2];
   auto load_chunk = [&](Words& words, Sz& sz, int kb0) {
+    if (kb0 >= kb_end) return;  // warp-uniform
+    const uint32_t* srow = scales + ((kb0 * kBlockK) >> p.group_shift) * p.Np;
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) sz[b][h] = __ldg(srow + b * kBlockN + 8 * h);
 #pragma unroll
     for (int j = 0; j < D; ++j) {
       const int kb = kb0 + j;
       if (kb < kb_end) {
-        const uint32_t* srow = scales + ((kb * kBlockK) >> p.group_shift) * p.Np;
         const uint32_t* wblk = wbase + (kb - kb_begin) * kBlockWords;
 #pragma unroll
-        for (int b = 0; b < NB; ++b) {
-          read_block<BITS>(wblk + b * row_words, lane, words[j][b]);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) sz[j][b][h] = __ldg(srow + b * kBlockN + 8 * h);
-        }
+        for (int b = 0; b < NB; ++b) read_block<BITS>(wblk + b * row_words, lane, words[j][b]);
       }
     }
   };
@@ -933,7 +937,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
           for (int q = 0; q < TG; ++q) E::mma(tsum[b][q], a, xb[q][2 * s], xb[q][2 * s + 1]);
         }
         // group size 32: channels 0-31 of the block are a group of their own
-        if (s == 1 && two_groups) fold(sz[j]);
+        if (s == 1 && two_groups) fold(sz);
       }
       // The group ends with this block (or the warp's run does): fold. For 32-channel groups, the
       // second half's (s, z) row is the next one, read here (from L2).
@@ -946,7 +950,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
           for (int h = 0; h < 2; ++h) sz2[b][h] = __ldg(srow2 + b * kBlockN + 8 * h);
         fold(sz2);
       } else if (kb + 1 == kb_end || (((kb + 1) * kBlockK) >> p.group_shift) != ((kb * kBlockK) >> p.group_shift)) {
-        fold(sz[j]);
+        fold(sz);
       }
     }
   };
@@ -1165,6 +1169,32 @@ inline int decode_warps_override() {
 
 constexpr int kSmemPerSm = 228 * 1024;  // H100 / A100 (less on Ada: then fewer CTAs per SM, still correct)
 
+// Layout blocks per chunk of the decode kernel: enough for 4 words (16 bytes) of weights per lane and block
+// row, 4 blocks at 1 bit and 2 at 2 bits, as one block has from 3 bits up; at most `max_blocks`, and no
+// more than a scale group holds (a chunk has one (s, z) row; 32-channel groups: one block). Why: each
+// warp has about one chunk of loads in flight while it waits, so the bytes of a chunk set the bandwidth
+// (Little's law). Measured on an H100 with one block per chunk at M = 1 (kernels_decode_variants_h100.txt):
+// 4096 -> 11008 outputs added 2.9 TB/s worth of time at W4 (16 bytes per lane and block row), 1.6 TB/s at
+// W2 (8 bytes) and 1.0 TB/s at W1 (8 bytes, as two 4-byte loads of a two-block chunk).
+inline int decode_chunk_blocks(int bits, int group_shift, int max_blocks) {
+  int d = std::min(bits == 1 ? 4 : (bits == 2 ? 2 : 1), max_blocks);
+  const int group_blocks = group_shift < 6 ? 0 : (group_shift >= kNoGroups ? 1 << 20 : 1 << (group_shift - 6));
+  while (d > 1 && d > group_blocks) d /= 2;
+  return d;
+}
+
+template <typename T, int BITS, int MT, int WARPS>
+void launch_decode_chunks(const Problem& p, cudaStream_t stream) {
+  const int d = decode_chunk_blocks(BITS, p.group_shift, p.decode_chunk_max);
+  if constexpr (BITS == 1) {
+    if (d == 4) return launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 4>>(p, stream);
+  }
+  if constexpr (BITS <= 2) {
+    if (d == 2) return launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 2>>(p, stream);
+  }
+  launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 1>>(p, stream);
+}
+
 template <typename T, int BITS, int MT>
 void launch_decode_tile(const Problem& p, cudaStream_t stream) {
   int warps = decode_warps_override();
@@ -1182,10 +1212,10 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
     }
     if (warps == 0) warps = best;  // several waves: the most warps resident per SM
   }
-  if (warps == 16) launch_decode<T, BITS, DecodeConfig<BITS, MT, 16>>(p, stream);
-  else if (warps == 8) launch_decode<T, BITS, DecodeConfig<BITS, MT, 8>>(p, stream);
-  else if (warps == 4) launch_decode<T, BITS, DecodeConfig<BITS, MT, 4>>(p, stream);
-  else launch_decode<T, BITS, DecodeConfig<BITS, MT, 2>>(p, stream);
+  if (warps == 16) launch_decode_chunks<T, BITS, MT, 16>(p, stream);
+  else if (warps == 8) launch_decode_chunks<T, BITS, MT, 8>(p, stream);
+  else if (warps == 4) launch_decode_chunks<T, BITS, MT, 4>(p, stream);
+  else launch_decode_chunks<T, BITS, MT, 2>(p, stream);
 }
 
 }  // namespace

@@ -11,7 +11,10 @@ allocating them fresh (torch.empty) and checking every element. Skips without CU
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,7 +156,7 @@ def test_gemm_a16_exact(bits, dtype):
     gen = torch.Generator(device=DEV)
     seed = torch.seed()
     gen.manual_seed(seed)
-    for k, group_size in ((4096, 128), (1000, 32), (576, -1), (96, 256)):
+    for k, group_size in ((4096, 128), (1000, 32), (576, -1), (96, 256), (1536, 256)):
         n = 1553
         qw, sc, shift, w = exact_layer(n, k, bits, group_size, dtype, gen)
         for m in (1, 3, 16, 17, 80):
@@ -244,6 +247,23 @@ def test_cuda_graph_capture_and_replay():
         graph.replay()
         torch.cuda.synchronize()
         check_gemm(ys, xs, w, "graph replay")
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_decode_chunk_sizes(chunk):
+    """The decode kernel's chunks (1, 2 or 4 layout blocks, a16::decode_chunk_blocks; the default allows 4)
+    change how a warp walks K and folds its scale groups, not the result: with BIPOLAR_A16_DECODE_CHUNK
+    capping them (read once per process: a subprocess), the exact-arithmetic test (K of 2 to 64 blocks,
+    group sizes 32 to per-row) and the model shapes (K up to 224 blocks) pass for every width."""
+    code = ("import test_cuda_kernels as t\n"
+            "for bits in range(1, 9):\n"
+            "    for dtype in t.DTYPES: t.test_gemm_a16_exact(bits, dtype)\n"
+            "for k in (4096, 11008, 14336): t.test_gemm_a16_model_shapes(k)\n")
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, BIPOLAR_A16_DECODE_CHUNK=str(chunk),
+               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tests, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"BIPOLAR_A16_DECODE_CHUNK={chunk}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
 # ---- WpAq layers through the weight-only kernels ---------------------------------------------------

@@ -75,13 +75,13 @@ int decode_max_m() {
 }
 
 // Largest chunk of the decode kernel in layout blocks (a16::decode_chunk_blocks): BIPOLAR_A16_DECODE_CHUNK
-// (1, 2 or 4, read once; for tuning); unset: 4.
+// (1 or 2, read once; for tuning); unset: 2.
 int decode_chunk_max() {
   static const int v = [] {
     const char* e = std::getenv("BIPOLAR_A16_DECODE_CHUNK");
-    if (e == nullptr || *e == 0) return 4;
+    if (e == nullptr || *e == 0) return 2;
     const int n = std::atoi(e);
-    TORCH_CHECK(n == 1 || n == 2 || n == 4, "BIPOLAR_A16_DECODE_CHUNK must be 1, 2 or 4, got \"", e, "\"");
+    TORCH_CHECK(n == 1 || n == 2, "BIPOLAR_A16_DECODE_CHUNK must be 1 or 2, got \"", e, "\"");
     return n;
   }();
   return v;

@@ -80,8 +80,8 @@ struct Problem {
   // largest M of the decode kernel when BIPOLAR_A16_DECODE_MAX_M sets it (0, 8 or 16); -1: the rule of
   // use_decode_kernel
   int decode_max_m;
-  // largest chunk of the decode kernel in layout blocks (decode_chunk_blocks): 4, or 1 / 2 when
-  // BIPOLAR_A16_DECODE_CHUNK sets it (for tuning)
+  // largest chunk of the decode kernel in layout blocks (decode_chunk_blocks): 2, or 1 when
+  // BIPOLAR_A16_DECODE_CHUNK=1 (for tuning)
   int decode_chunk_max;
 };
 
@@ -760,7 +760,7 @@ struct DecodeConfig {
   // by decode_chunk_blocks; a chunk of D > 1 blocks lies inside one scale group (one (s, z) word per
   // row), so that its scale words take no more registers than a one-block chunk's.
   static constexpr int D = D_;
-  static_assert(D_ == 1 || D_ == 2 || D_ == 4, "chunks of 1, 2 or 4 blocks");
+  static_assert(D_ == 1 || D_ == 2, "chunks of 1 or 2 blocks");
   // partial tiles of the final sum, [WARPS][MT][NT + 4]: the + 4 spreads the 4 lanes that share an
   // output row (t = 0..3, tokens 2 t, 2 t + 1) over different banks
   static constexpr int kRedStride = NT + 4;
@@ -1169,28 +1169,27 @@ inline int decode_warps_override() {
 
 constexpr int kSmemPerSm = 228 * 1024;  // H100 / A100 (less on Ada: then fewer CTAs per SM, still correct)
 
-// Layout blocks per chunk of the decode kernel: enough for 4 words (16 bytes) of weights per lane and block
-// row, 4 blocks at 1 bit and 2 at 2 bits, as one block has from 3 bits up; at most `max_blocks`, and no
-// more than a scale group holds (a chunk has one (s, z) row; 32-channel groups: one block). Why: each
-// warp has about one chunk of loads in flight while it waits, so the bytes of a chunk set the bandwidth
-// (Little's law). Measured on an H100 with one block per chunk at M = 1 (kernels_decode_variants_h100.txt):
-// 4096 -> 11008 outputs added 2.9 TB/s worth of time at W4 (16 bytes per lane and block row), 1.6 TB/s at
-// W2 (8 bytes) and 1.0 TB/s at W1 (8 bytes, as two 4-byte loads of a two-block chunk).
-inline int decode_chunk_blocks(int bits, int group_shift, int max_blocks) {
-  int d = std::min(bits == 1 ? 4 : (bits == 2 ? 2 : 1), max_blocks);
-  const int group_blocks = group_shift < 6 ? 0 : (group_shift >= kNoGroups ? 1 << 20 : 1 << (group_shift - 6));
-  while (d > 1 && d > group_blocks) d /= 2;
-  return d;
+// Layout blocks per chunk of the decode kernel: two at 1 and 2 bits (at 2 bits 16 bytes of weights per lane
+// and block row, as one block has at 4 bits), one from 3 bits up; one when the scale groups are shorter than two
+// blocks (a chunk has one (s, z) row), when a warp's run of `per_warp` blocks is odd (a longer, rounded-up
+// run would leave the CTA's last warps idle), or when BIPOLAR_A16_DECODE_CHUNK=1 (`max_blocks`).
+// Measured on an H100, one build, M = 1 / 8 / 16, W1 / W2, group 128, two runs of two-block chunks
+// against one of one-block chunks (kernels_decode_chunks_h100.json): two-block chunks 5-11% faster at M = 8 (11008 x 4096 W1 12.6 -> 11.0 us, W2 12.1 -> 11.2; 4096 x 4096 W1 6.4 -> 5.9)
+// and within noise at M = 1 (11008 x 4096 W2 9.2 / 9.4 us); slower where the runs were rounded up (4096 x
+// 11008, 11 blocks per warp: M = 16 W2 17.8 -> 18.7), hence the rule. Four-block chunks at 1 bit spilled
+// at 80 registers: not built.
+inline int decode_chunk_blocks(int bits, int group_shift, int per_warp, int max_blocks) {
+  const int d = std::min(bits <= 2 ? 2 : 1, max_blocks);
+  const bool one_group = group_shift >= 7;  // groups of 128 channels or more: two blocks share an (s, z) row
+  return d == 2 && one_group && per_warp % 2 == 0 ? 2 : 1;
 }
 
 template <typename T, int BITS, int MT, int WARPS>
 void launch_decode_chunks(const Problem& p, cudaStream_t stream) {
-  const int d = decode_chunk_blocks(BITS, p.group_shift, p.decode_chunk_max);
-  if constexpr (BITS == 1) {
-    if (d == 4) return launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 4>>(p, stream);
-  }
+  const int per_warp = (p.Kp / kBlockK + WARPS - 1) / WARPS;
   if constexpr (BITS <= 2) {
-    if (d == 2) return launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 2>>(p, stream);
+    if (decode_chunk_blocks(BITS, p.group_shift, per_warp, p.decode_chunk_max) == 2)
+      return launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 2>>(p, stream);
   }
   launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 1>>(p, stream);
 }

@@ -1169,15 +1169,16 @@ inline int decode_warps_override() {
 
 constexpr int kSmemPerSm = 228 * 1024;  // H100 / A100 (less on Ada: then fewer CTAs per SM, still correct)
 
-// Layout blocks per chunk of the decode kernel: two at 1 and 2 bits (at 2 bits 16 bytes of weights per lane
-// and block row, as one block has at 4 bits), one from 3 bits up; one when the scale groups are shorter than two
-// blocks (a chunk has one (s, z) row), when a warp's run of `per_warp` blocks is odd (a longer, rounded-up
-// run would leave the CTA's last warps idle), or when BIPOLAR_A16_DECODE_CHUNK=1 (`max_blocks`).
-// Measured on an H100, one build, M = 1 / 8 / 16, W1 / W2, group 128, two runs of two-block chunks
-// against one of one-block chunks (kernels_decode_chunks_h100.json): two-block chunks 5-11% faster at M = 8 (11008 x 4096 W1 12.6 -> 11.0 us, W2 12.1 -> 11.2; 4096 x 4096 W1 6.4 -> 5.9)
-// and within noise at M = 1 (11008 x 4096 W2 9.2 / 9.4 us); slower where the runs were rounded up (4096 x
-// 11008, 11 blocks per warp: M = 16 W2 17.8 -> 18.7), hence the rule. Four-block chunks at 1 bit spilled
-// at 80 registers: not built.
+// Layout blocks per chunk of the decode kernel: two at 1 and 2 bits (at 2 bits 16 bytes of weights per
+// lane and block row, as one block has at 4 bits), one from 3 bits up; one when the scale groups are
+// shorter than two blocks (a chunk has one (s, z) row), when a warp's run of `per_warp` blocks is odd (a
+// longer, rounded-up run would leave the CTA's last warps idle), or when BIPOLAR_A16_DECODE_CHUNK=1
+// (`max_blocks`). Measured on an H100, one build, M = 1 / 8 / 16, W1 / W2, group 128, two runs of
+// two-block chunks against one of one-block chunks (kernels_decode_chunks_h100.json): two-block chunks
+// 5-11% faster at M = 8 (11008 x 4096 W1 12.6 -> 11.0 us, W2 12.1 -> 11.2; 4096 x 4096 W1 6.4 -> 5.9),
+// within noise at M = 1 (11008 x 4096 W2 9.2 / 9.4 us), slower where the runs were rounded up (4096 x
+// 11008, 11 blocks per warp: M = 16 W2 17.8 -> 18.7), hence the rule. Four-block chunks at 1 bit
+// spilled at 80 registers: not built.
 inline int decode_chunk_blocks(int bits, int group_shift, int per_warp, int max_blocks) {
   const int d = std::min(bits <= 2 ? 2 : 1, max_blocks);
   const bool one_group = group_shift >= 7;  // groups of 128 channels or more: two blocks share an (s, z) row

@@ -9,6 +9,9 @@
 # and vLLM then reports "Unknown quantization method: bipolar".
 #
 # Results go to $OUT (the device tool brings that folder back) and benchmarks/results/.
+# The GPU machine's copy of the tree may carry a stale .git: the benchmarks record BIPOLAR_COMMIT, taken
+# here from .gpu/commit when set (write it before the call, `git rev-parse --short HEAD > .gpu/commit`,
+# and carry it).
 # `unset CC CXX`: the extension must be built by the compiler torch was built with (see README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +27,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 unset CC CXX
+if [[ -z "${BIPOLAR_COMMIT:-}" && -s .gpu/commit ]]; then export BIPOLAR_COMMIT="$(cat .gpu/commit)"; fi
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/device.txt"
 t0=$(date +%s)
 if ! TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS=16 python3 setup.py build_ext --inplace \

@@ -249,13 +249,13 @@ def test_cuda_graph_capture_and_replay():
         check_gemm(ys, xs, w, "graph replay")
 
 
-@pytest.mark.parametrize("chunk", [1])
-def test_decode_chunk_sizes(chunk):
+def test_decode_one_block_chunks():
     """The decode kernel's chunks (1 or 2 layout blocks, a16::decode_chunk_blocks; the other tests run the
-    default, which allows 2) change how a warp walks K and folds its scale groups, not the result: with
-    BIPOLAR_A16_DECODE_CHUNK capping them (read once per process: a subprocess), the exact-arithmetic test
-    (K of 2 to 64 blocks, group sizes 32 to per-row) and the model shapes (K up to 224 blocks) pass for
-    every width."""
+    default, which picks 2 at 1-2 bits where it can) change how a warp walks K and folds its scale groups,
+    not the result: with BIPOLAR_A16_DECODE_CHUNK=1 (read once per process: a subprocess), the
+    exact-arithmetic test (K of 2 to 64 blocks, group sizes 32 to per-row) and the model shapes (K up to 224
+    blocks) pass for every width."""
+    chunk = 1
     code = ("import test_cuda_kernels as t\n"
             "for bits in range(1, 9):\n"
             "    for dtype in t.DTYPES: t.test_gemm_a16_exact(bits, dtype)\n"

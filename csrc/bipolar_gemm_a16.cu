@@ -23,6 +23,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 
 namespace bipolar {
@@ -61,29 +62,35 @@ bool use_pdl(int device) {
   return enabled && device_attribute(kMajor, device) >= 9;
 }
 
-// Largest M of the decode kernel: BIPOLAR_A16_DECODE_MAX_M (0, 8 or 16, read once); unset: -1, the
-// rule of a16::use_decode_kernel.
+// An integer tuning switch: environment variable `name`, one of `allowed` (else an error naming them);
+// `unset` when it is absent or empty. The callers read it once (a function-local static).
+int env_choice(const char* name, int unset, std::initializer_list<int> allowed) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == 0) return unset;
+  const int n = std::atoi(e);
+  bool ok = false;
+  std::string choices;
+  int i = 0;
+  for (const int a : allowed) {
+    ok = ok || n == a;
+    choices += (i == 0 ? "" : (i + 1 == int(allowed.size()) ? " or " : ", ")) + std::to_string(a);
+    ++i;
+  }
+  TORCH_CHECK(ok, name, " must be ", choices, ", got \"", e, "\"");
+  return n;
+}
+
+// Largest M of the decode kernel: BIPOLAR_A16_DECODE_MAX_M (0, 8 or 16); unset: -1, the rule of
+// a16::use_decode_kernel.
 int decode_max_m() {
-  static const int v = [] {
-    const char* e = std::getenv("BIPOLAR_A16_DECODE_MAX_M");
-    if (e == nullptr || *e == 0) return -1;
-    const int n = std::atoi(e);
-    TORCH_CHECK(n == 0 || n == 8 || n == 16, "BIPOLAR_A16_DECODE_MAX_M must be 0, 8 or 16, got \"", e, "\"");
-    return n;
-  }();
+  static const int v = env_choice("BIPOLAR_A16_DECODE_MAX_M", -1, {0, 8, 16});
   return v;
 }
 
-// Largest chunk of the decode kernel in layout blocks (a16::decode_chunk_blocks): BIPOLAR_A16_DECODE_CHUNK
-// (1 or 2, read once; for tuning); unset: 2.
+// Largest chunk of the decode kernel in layout blocks (a16::use_two_block_chunks): BIPOLAR_A16_DECODE_CHUNK
+// (1 or 2; for tuning); unset: 2.
 int decode_chunk_max() {
-  static const int v = [] {
-    const char* e = std::getenv("BIPOLAR_A16_DECODE_CHUNK");
-    if (e == nullptr || *e == 0) return 2;
-    const int n = std::atoi(e);
-    TORCH_CHECK(n == 1 || n == 2, "BIPOLAR_A16_DECODE_CHUNK must be 1 or 2, got \"", e, "\"");
-    return n;
-  }();
+  static const int v = env_choice("BIPOLAR_A16_DECODE_CHUNK", 2, {1, 2});
   return v;
 }
 

@@ -80,7 +80,7 @@ struct Problem {
   // largest M of the decode kernel when BIPOLAR_A16_DECODE_MAX_M sets it (0, 8 or 16); -1: the rule of
   // use_decode_kernel
   int decode_max_m;
-  // largest chunk of the decode kernel in layout blocks (decode_chunk_blocks): 2, or 1 when
+  // largest chunk of the decode kernel in layout blocks (use_two_block_chunks): 2, or 1 when
   // BIPOLAR_A16_DECODE_CHUNK=1 (for tuning)
   int decode_chunk_max;
 };
@@ -757,7 +757,7 @@ struct DecodeConfig {
   static constexpr int NT = kBlockN * NB_;
   static constexpr int kThreads = kWarpSize * WARPS_;
   // layout blocks per warp and chunk (two chunks in registers: one decoded while the next loads), chosen
-  // by decode_chunk_blocks; a chunk of D > 1 blocks lies inside one scale group (one (s, z) word per
+  // by use_two_block_chunks; a chunk of D > 1 blocks lies inside one scale group (one (s, z) word per
   // row), so that its scale words take no more registers than a one-block chunk's.
   static constexpr int D = D_;
   static_assert(D_ == 1 || D_ == 2, "chunks of 1 or 2 blocks");
@@ -817,9 +817,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   const T* x = static_cast<const T*>(p.x);
   const bool two_groups = p.group_shift < 6;  // group size 32: a 64-channel block has two scale rows
   // This warp's run of layout blocks [kb_begin, kb_end): contiguous, so that a scale group's blocks
-  // are folded once; a multiple of D, so that every chunk starts on a multiple of D and lies inside one
-  // scale group (D divides the group's blocks).
-  const int per_warp = ((kblocks + C::WARPS - 1) / C::WARPS + D - 1) / D * D;
+  // are folded once. The launch (use_two_block_chunks) picks D = 2 only when D divides per_warp and the
+  // group's blocks, so every chunk starts on a multiple of D and lies inside one scale group.
+  const int per_warp = (kblocks + C::WARPS - 1) / C::WARPS;
   const int kb_begin = min(warp * per_warp, kblocks);
   const int kb_end = min(kb_begin + per_warp, kblocks);
   const uint32_t* wbase = p.qweight + size_t(nb0) * row_words + size_t(kb_begin) * kBlockWords;
@@ -1169,27 +1169,26 @@ inline int decode_warps_override() {
 
 constexpr int kSmemPerSm = 228 * 1024;  // H100 / A100 (less on Ada: then fewer CTAs per SM, still correct)
 
-// Layout blocks per chunk of the decode kernel: two at 1 and 2 bits (at 2 bits 16 bytes of weights per
-// lane and block row, as one block has at 4 bits), one from 3 bits up; one when the scale groups are
-// shorter than two blocks (a chunk has one (s, z) row), when a warp's run of `per_warp` blocks is odd (a
-// longer, rounded-up run would leave the CTA's last warps idle), or when BIPOLAR_A16_DECODE_CHUNK=1
-// (`max_blocks`). Measured on an H100, one build, M = 1 / 8 / 16, W1 / W2, group 128, two runs of
+// Two layout blocks per chunk of the decode kernel at 1 and 2 bits (at 2 bits 16 bytes of weights per lane
+// and block row, as one block has at 4 bits; launch_decode_chunks asks only there), else one: one when the
+// scale groups are shorter than two blocks (a chunk has one (s, z) row), when a warp's run of `per_warp`
+// blocks is odd (a longer, rounded-up run would leave the CTA's last warps idle), or when
+// BIPOLAR_A16_DECODE_CHUNK=1 (`max_blocks`). Measured on an H100, one build, M = 1 / 8 / 16, W1 / W2, group 128, two runs of
 // two-block chunks against one of one-block chunks (kernels_decode_chunks_h100.json): two-block chunks
 // 5-11% faster at M = 8 (11008 x 4096 W1 12.6 -> 11.0 us, W2 12.1 -> 11.2; 4096 x 4096 W1 6.4 -> 5.9),
 // within noise at M = 1 (11008 x 4096 W2 9.2 / 9.4 us), slower where the runs were rounded up (4096 x
 // 11008, 11 blocks per warp: M = 16 W2 17.8 -> 18.7), hence the rule. Four-block chunks at 1 bit
 // spilled at 80 registers: not built.
-inline int decode_chunk_blocks(int bits, int group_shift, int per_warp, int max_blocks) {
-  const int d = std::min(bits <= 2 ? 2 : 1, max_blocks);
+inline bool use_two_block_chunks(int group_shift, int per_warp, int max_blocks) {
   const bool one_group = group_shift >= 7;  // groups of 128 channels or more: two blocks share an (s, z) row
-  return d == 2 && one_group && per_warp % 2 == 0 ? 2 : 1;
+  return max_blocks >= 2 && one_group && per_warp % 2 == 0;
 }
 
 template <typename T, int BITS, int MT, int WARPS>
 void launch_decode_chunks(const Problem& p, cudaStream_t stream) {
-  const int per_warp = (p.Kp / kBlockK + WARPS - 1) / WARPS;
   if constexpr (BITS <= 2) {
-    if (decode_chunk_blocks(BITS, p.group_shift, per_warp, p.decode_chunk_max) == 2)
+    const int per_warp = (p.Kp / kBlockK + WARPS - 1) / WARPS;  // as gemv_a16_kernel splits K
+    if (use_two_block_chunks(p.group_shift, per_warp, p.decode_chunk_max))
       return launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 2>>(p, stream);
   }
   launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 1>>(p, stream);

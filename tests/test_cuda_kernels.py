@@ -250,21 +250,20 @@ def test_cuda_graph_capture_and_replay():
 
 
 def test_decode_one_block_chunks():
-    """The decode kernel's chunks (1 or 2 layout blocks, a16::decode_chunk_blocks; the other tests run the
+    """The decode kernel's chunks (1 or 2 layout blocks, a16::use_two_block_chunks; the other tests run the
     default, which picks 2 at 1-2 bits where it can) change how a warp walks K and folds its scale groups,
     not the result: with BIPOLAR_A16_DECODE_CHUNK=1 (read once per process: a subprocess), the
     exact-arithmetic test (K of 2 to 64 blocks, group sizes 32 to per-row) and the model shapes (K up to 224
     blocks) pass for every width."""
-    chunk = 1
     code = ("import test_cuda_kernels as t\n"
             "for bits in range(1, 9):\n"
             "    for dtype in t.DTYPES: t.test_gemm_a16_exact(bits, dtype)\n"
             "for k in (4096, 11008, 14336): t.test_gemm_a16_model_shapes(k)\n")
     tests = Path(__file__).resolve().parent
-    env = dict(os.environ, BIPOLAR_A16_DECODE_CHUNK=str(chunk),
+    env = dict(os.environ, BIPOLAR_A16_DECODE_CHUNK="1",
                PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", code], cwd=tests, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"BIPOLAR_A16_DECODE_CHUNK={chunk}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"BIPOLAR_A16_DECODE_CHUNK=1:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
 # ---- WpAq layers through the weight-only kernels ---------------------------------------------------

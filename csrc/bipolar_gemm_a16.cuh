@@ -67,9 +67,12 @@ struct Problem {
   void* y;                // [M, N] (gemm) or [N, K] (dequantize)
   int M, N, K, Np, Kp, Gp, group_shift;
   int64_t ldx;
-  // mid-batch kernel (M > kDecodeMaxM) only: K is split into runs of kb_per_split layout blocks; with
-  // more than one run, every run adds its fp32 partial sums into `partial` [M, N] (zeroed), not y.
+  // mid-batch kernel only: K is split into runs of kb_per_split layout blocks (grid.y); with more than
+  // one run, each run's CTA stores its fp32 partial tile in its slice of `partial` [runs, M, N] (not
+  // initialised) and counts itself in `locks` [one int per output tile, zero between calls]; the CTA
+  // that completes a tile's count sums the slices and writes y, then sets the count back to zero.
   float* partial;
+  int* locks;
   int kb_per_split;
   int sms;  // multiprocessors of the device (decode kernel: warps per CTA)
   int smem_optin;  // largest dynamic shared memory of a CTA on the device (opt-in)
@@ -86,7 +89,7 @@ struct Problem {
 };
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
-// (gemm_a16_kb_per_split) since a split needs a workspace.
+// (gemm_a16_kb_per_split) since a split needs a workspace and the caller's locks.
 constexpr int kDecodeMaxM = 16;
 // Decode kernel or mid-batch kernel. M <= 8: decode. M 9..16: decode on layers narrower than 8192
 // outputs, mid-batch kernel on wider ones, where the decode kernel's 16-token CTAs (16 warps per SM)
@@ -118,10 +121,15 @@ constexpr int mid_smem_bytes(int bits, int mt) { return mid_stages(bits, mt) * m
 // Layout blocks per K run of the mid-batch kernel for this problem on a GPU of `sms` SMs: the split
 // (runs of whole stages) with the least time counted in waves of CTAs x blocks per run (plus a
 // prologue / epilogue of about two blocks per CTA, and two for the workspace a split needs).
+// Output tiles (CTAs per K run) of the mid-batch kernel: the locks a K split needs.
+inline int64_t mid_tiles(int M, int Np) {
+  const int mt = mid_tile_tokens(M);
+  return int64_t((Np + kMidTileN - 1) / kMidTileN) * ((M + mt - 1) / mt);
+}
 inline int gemm_a16_kb_per_split(int M, int Np, int Kp, int sms, int bits) {
   const int kblocks = Kp / kBlockK;
   const int mt = mid_tile_tokens(M);
-  const int tiles = ((Np + kMidTileN - 1) / kMidTileN) * ((M + mt - 1) / mt);
+  const int64_t tiles = mid_tiles(M, Np);
   // CTAs an SM holds: by registers and by shared memory
   const int by_smem = (228 * 1024) / (mid_smem_bytes(bits, mt) + 1024);
   const int per_sm = std::max(1, std::min(mid_ctas_per_sm(mt), by_smem));
@@ -148,7 +156,7 @@ template <typename T, int BITS>
 void launch_dequantize(const Problem& p, cudaStream_t stream);
 
 // Largest M one gemm call takes: the mid-batch kernel runs ceil(M / 64) M-tiles on grid.z (<= 65535);
-// kept at 16 rows per tile, with room to spare; the workspace is M x N fp32.
+// kept at 16 rows per tile, with room to spare; a K split's workspace is runs x M x N fp32.
 constexpr int64_t kMaxM = int64_t(65535) * 16;
 
 }  // namespace a16
@@ -538,8 +546,11 @@ __device__ __forceinline__ int swizzle(int m, int c) { return c ^ (m & 7); }
 // * (s, z): the warp's 16 words of each scale row the stage touches (up to 4 at group size 32).
 // One decoded A fragment feeds TG mma (8 tokens each): the decode is paid once per weight and M-tile.
 // M > 8 TG runs more M-tiles (grid.z; the weights come again, from L2). Few column tiles (N = 4096:
-// 32) would leave most SMs idle, so K is split over grid.y: the splits add fp32 partial sums into a
-// zeroed workspace (red.global.add), which the op converts to the output dtype.
+// 32) would leave most SMs idle, so K is split over grid.y: each split stores its fp32 partial tile in
+// a workspace slice, and the last split of a tile to finish (a per-tile counter in `locks`, as Marlin's
+// serial reduction) adds the slices in split order and writes y: one kernel, no zeroed workspace and
+// no conversion kernel after it (those two cost about 0.5 ms of an 8 ms Llama-2-7B decode step at batch
+// 64, benchmarks/results/e2e_profile_b64_h100.json), and the same sum whichever split finishes last.
 template <int BITS, int TG_>
 struct MidConfig {
   static constexpr int TG = TG_;         // token groups of 8 per M-tile
@@ -713,20 +724,43 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kerne
   cp_async_wait<0>();
 
   // C fragment (rows = output columns, columns = tokens): d0, d1 = column nb 16 + g, tokens 2 t + {0, 1};
-  // d2, d3 = column + 8.
-  if (!active) return;
+  // d2, d3 = column + 8. `each_output(f)` calls f(index in [M, N], q, e) for the outputs of this lane.
   T* y = static_cast<T*>(p.y);
+  auto each_output = [&](auto&& f) {
+    if (!active) return;
 #pragma unroll
-  for (int q = 0; q < C::TG; ++q)
+    for (int q = 0; q < C::TG; ++q)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int m = 8 * q + 2 * (lane % 4) + (e % 2);
-      const int n = nb * kBlockN + g + 8 * (e / 2);
-      if (m >= mv || n >= p.N) continue;
-      const size_t i = size_t(m0 + m) * p.N + n;
-      if (p.partial != nullptr) atomicAdd(p.partial + i, acc[q][e]);  // compiles to RED.ADD.F32
-      else y[i] = E::from_float(acc[q][e]);
-    }
+      for (int e = 0; e < 4; ++e) {
+        const int m = 8 * q + 2 * (lane % 4) + (e % 2);
+        const int n = nb * kBlockN + g + 8 * (e / 2);
+        if (m < mv && n < p.N) f(size_t(m0 + m) * p.N + n, q, e);
+      }
+  };
+  if (p.partial == nullptr) {
+    each_output([&](size_t i, int q, int e) { y[i] = E::from_float(acc[q][e]); });
+    return;
+  }
+  // K split: this split's tile -> its slice (L2: __stcg); the stores are made visible device-wide
+  // (__threadfence) before thread 0 counts the CTA in the tile's lock.
+  const size_t slice = size_t(p.M) * p.N;
+  each_output([&](size_t i, int q, int e) { __stcg(p.partial + blockIdx.y * slice + i, acc[q][e]); });
+  __threadfence();
+  __syncthreads();
+  __shared__ int last_split;
+  int* lock = p.locks + blockIdx.z * gridDim.x + blockIdx.x;
+  if (tid == 0) last_split = atomicAdd(lock, 1) == int(gridDim.y) - 1;
+  __syncthreads();
+  if (!last_split) return;
+  // The last split: every other slice is complete; sum all of them in split order (this CTA's own from
+  // its registers, bit-identical to its slice), from L2 (__ldcg: L1 is not coherent across SMs).
+  __threadfence();
+  each_output([&](size_t i, int q, int e) {
+    float v = 0.f;
+    for (int s = 0; s < int(gridDim.y); ++s) v += s == int(blockIdx.y) ? acc[q][e] : __ldcg(p.partial + s * slice + i);
+    y[i] = E::from_float(v);
+  });
+  if (tid == 0) *lock = 0;  // ready for the next call (and the next replay of a CUDA graph)
 }
 
 // ---- the decode kernel (M <= 16) ------------------------------------------------------------------
@@ -773,6 +807,30 @@ struct DecodeConfig {
   static_assert(MT_ == 8 || MT_ == 16, "decode tiles are 8 or 16 tokens");
   static_assert(kSmemBytes <= 48 * 1024, "no opt-in needed");
 };
+
+// The decode kernel's fold of one scale group (gemv_a16_kernel): acc += 2 s (tsum - sum beta x) +
+// (z - L s) sum x per output, then tsum and bsum start the next group at zero. STEP 2 (one token) folds
+// only the elements of even tokens (e = 0, 2: token 2 t, token 0 in the lanes that store it): the odd
+// ones hold copies of token 0 (every B column reads row 0 when M = 1) that are never stored, so they may
+// keep accumulating, and a third of the fold's instructions go.
+template <int STEP, int NB, int TG>
+__device__ __forceinline__ void fold_group(float (&acc)[NB][TG][4], float (&tsum)[NB][TG][4], float (&bsum)[TG][4],
+                                           const float (&s2)[NB][2], const float (&zl)[NB][2]) {
+#pragma unroll
+  for (int b = 0; b < NB; ++b)
+#pragma unroll
+    for (int q = 0; q < TG; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; e += STEP) {
+        const int h = e / 2;
+        acc[b][q][e] = fmaf(s2[b][h], tsum[b][q][e] - bsum[q][e % 2], fmaf(zl[b][h], bsum[q][2 + e % 2], acc[b][q][e]));
+        tsum[b][q][e] = 0.f;
+      }
+#pragma unroll
+  for (int q = 0; q < TG; ++q)
+#pragma unroll
+    for (int e = 0; e < 4; e += STEP) bsum[q][e] = 0.f;
+}
 
 // Programmatic dependent launch (sm_90+): wait for the previous kernel of the stream (its memory
 // visible) / let the next one start its prologue. No-ops when the kernel was launched without PDL.
@@ -866,30 +924,21 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   };
   // acc += 2 s (tsum - sum beta x) + (z - L s) sum x with the (s, z) words of rows g, g + 8 of each
   // block row; then a fresh group.
+  // One token (M = 1): only the accumulator elements of even tokens are folded and reset (fold_group).
+  const bool one_token = TG == 1 && p.M == 1;  // warp-uniform: the branch below costs no divergence
   auto fold = [&](const uint32_t (&sz)[NB][2]) {
+    float s2[NB][2], zl[NB][2];
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
-      float s2[2], zl[2];
+    for (int b = 0; b < NB; ++b)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const T2 v = from_u32<T2>(sz[b][h]);
         const float s = __low2float(v), z = __high2float(v);
-        s2[h] = 2.f * s;
-        zl[h] = fmaf(-kL, s, z);
+        s2[b][h] = 2.f * s;
+        zl[b][h] = fmaf(-kL, s, z);
       }
-#pragma unroll
-      for (int q = 0; q < TG; ++q)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e / 2;
-          acc[b][q][e] = fmaf(s2[h], tsum[b][q][e] - bsum[q][e % 2], fmaf(zl[h], bsum[q][2 + e % 2], acc[b][q][e]));
-          tsum[b][q][e] = 0.f;
-        }
-    }
-#pragma unroll
-    for (int q = 0; q < TG; ++q)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) bsum[q][e] = 0.f;
+    if (one_token) fold_group<2>(acc, tsum, bsum, s2, zl);
+    else fold_group<1>(acc, tsum, bsum, s2, zl);
   };
   auto compute_chunk = [&](const Words& words, const Sz& sz, int kb0) {
 #pragma unroll

@@ -57,7 +57,7 @@ def a16_uses_fused_kernel(m: int) -> bool:
 
 
 def _a16_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int,
-                 group_shift: int) -> torch.Tensor:
+                 group_shift: int, locks: torch.Tensor | None) -> torch.Tensor:
     if not a16_uses_fused_kernel(x.shape[0]):
         w = torch.ops.bipolar_kernels.dequantize_a16(qweight, scales, n, k, group_shift)
         return torch.nn.functional.linear(x, w)
@@ -67,22 +67,25 @@ def _a16_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n
         k += pad
     elif x.data_ptr() % 16 or (x.shape[0] > 1 and x.stride(0) % 8):
         x = x.clone(memory_format=torch.contiguous_format)
-    return torch.ops.bipolar_kernels.gemm_a16(x, qweight, scales, n, k, group_shift)
+    return torch.ops.bipolar_kernels.gemm_a16(x, qweight, scales, n, k, group_shift, locks)
 
 
+# `locks` (a16_layout.split_locks) is written by the kernel but left zero, so the op does not declare it
+# mutated (as vLLM's gptq_marlin_gemm treats its workspace).
 @torch.library.custom_op("bipolar::linear_a16_cuda", mutates_args=())
 def linear_a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int,
-                    group_shift: int) -> torch.Tensor:
+                    group_shift: int, locks: torch.Tensor | None = None) -> torch.Tensor:
     """Weight-only bipolar linear on CUDA (repacked layout, kernels/a16_layout.py), x [M, K] -> [M, N].
 
     The kernel depends on the number of tokens, so it is chosen here, inside an opaque op: a Python
-    branch in the layer would be frozen by torch.compile to whatever M the warm-up used.
+    branch in the layer would be frozen by torch.compile to whatever M the warm-up used. ``locks``: the
+    layer's ``a16_layout.split_locks``, without which the mid-batch kernel does not split K.
     """
-    return _a16_forward(x, qweight, scales, n, k, group_shift)
+    return _a16_forward(x, qweight, scales, n, k, group_shift, locks)
 
 
 @linear_a16_cuda.register_fake
-def _(x, qweight, scales, n, k, group_shift):
+def _(x, qweight, scales, n, k, group_shift, locks=None):
     return x.new_empty((x.shape[0], n))
 
 
@@ -118,7 +121,7 @@ def _register_kernel_fakes() -> None:
         return lambda fn: fn
 
     @fake("gemm_a16")
-    def _(x, qweight, scales, n, k, group_shift):
+    def _(x, qweight, scales, n, k, group_shift, locks=None):
         return x.new_empty((x.shape[0], n))
 
     @fake("dequantize_a16")

@@ -95,6 +95,12 @@ int decode_chunk_max() {
   return v;
 }
 
+// The decode kernel's one-token fold (Problem::one_token_fold): on unless BIPOLAR_A16_ONE_TOKEN_FOLD=0.
+bool one_token_fold() {
+  static const bool v = env_choice("BIPOLAR_A16_ONE_TOKEN_FOLD", 1, {0, 1}) == 1;
+  return v;
+}
+
 template <typename T>
 void dispatch(bool dequantize, int bits, const a16::Problem& p, cudaStream_t stream) {
 #define BIPOLAR_CASE(B)                                                        \
@@ -180,6 +186,7 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.pdl = use_pdl(device);
   p.decode_max_m = decode_max_m();
   p.decode_chunk_max = decode_chunk_max();
+  p.one_token_fold = one_token_fold();
   if (locks.has_value()) {
     TORCH_CHECK(locks->scalar_type() == at::kInt && locks->device() == x.device() && locks->is_contiguous(), op,
                 "locks must be a contiguous int32 tensor on ", x.device(), " (vllm_bipolar.kernels.a16_layout.split_locks), "

@@ -86,6 +86,9 @@ struct Problem {
   // largest chunk of the decode kernel in layout blocks (use_two_block_chunks): 2, or 1 when
   // BIPOLAR_A16_DECODE_CHUNK=1 (for tuning)
   int decode_chunk_max;
+  // decode kernel at M = 1: fold only the even tokens' accumulators (fold_group); false when
+  // BIPOLAR_A16_ONE_TOKEN_FOLD=0 (for A/B timing)
+  bool one_token_fold;
 };
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
@@ -724,7 +727,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kerne
   cp_async_wait<0>();
 
   // C fragment (rows = output columns, columns = tokens): d0, d1 = column nb 16 + g, tokens 2 t + {0, 1};
-  // d2, d3 = column + 8. `each_output(f)` calls f(index in [M, N], q, e) for the outputs of this lane.
+  // d2, d3 = column + 8. `each_output(f)` calls f(index in [M, N], value) for the outputs of this lane.
   T* y = static_cast<T*>(p.y);
   auto each_output = [&](auto&& f) {
     if (!active) return;
@@ -734,17 +737,17 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kerne
       for (int e = 0; e < 4; ++e) {
         const int m = 8 * q + 2 * (lane % 4) + (e % 2);
         const int n = nb * kBlockN + g + 8 * (e / 2);
-        if (m < mv && n < p.N) f(size_t(m0 + m) * p.N + n, q, e);
+        if (m < mv && n < p.N) f(size_t(m0 + m) * p.N + n, acc[q][e]);
       }
   };
   if (p.partial == nullptr) {
-    each_output([&](size_t i, int q, int e) { y[i] = E::from_float(acc[q][e]); });
+    each_output([&](size_t i, float v) { y[i] = E::from_float(v); });
     return;
   }
   // K split: this split's tile -> its slice (L2: __stcg); the stores are made visible device-wide
   // (__threadfence) before thread 0 counts the CTA in the tile's lock.
   const size_t slice = size_t(p.M) * p.N;
-  each_output([&](size_t i, int q, int e) { __stcg(p.partial + blockIdx.y * slice + i, acc[q][e]); });
+  each_output([&](size_t i, float v) { __stcg(p.partial + blockIdx.y * slice + i, v); });
   __threadfence();
   __syncthreads();
   __shared__ int last_split;
@@ -752,14 +755,50 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kerne
   if (tid == 0) last_split = atomicAdd(lock, 1) == int(gridDim.y) - 1;
   __syncthreads();
   if (!last_split) return;
-  // The last split: every other slice is complete; sum all of them in split order (this CTA's own from
-  // its registers, bit-identical to its slice), from L2 (__ldcg: L1 is not coherent across SMs).
+  // The last split: every slice is complete. The CTA's threads sum the tile's slices in split order,
+  // row-major in 4-column pieces (16-byte loads from L2: __ldcg, L1 is not coherent across SMs), each
+  // thread with all its pieces' loads of one slice in flight at once (the first version walked the
+  // fragment's outputs one load after another and took 45 us at M = 64 on 4096 x 4096).
   __threadfence();
-  each_output([&](size_t i, int q, int e) {
-    float v = 0.f;
-    for (int s = 0; s < int(gridDim.y); ++s) v += s == int(blockIdx.y) ? acc[q][e] : __ldcg(p.partial + s * slice + i);
-    y[i] = E::from_float(v);
-  });
+  constexpr int kPieces = C::MT * (C::NT / 4) / C::kThreads;  // 4-column pieces per thread
+  static_assert(kPieces * C::kThreads == C::MT * (C::NT / 4), "whole pieces");
+  const int n_tile = blockIdx.x * C::NT;
+  const bool vec = p.N % 4 == 0;  // rows of the slices and of y start on 16-byte / 8-byte boundaries
+  float4 sum[kPieces];
+#pragma unroll
+  for (int c = 0; c < kPieces; ++c) sum[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int sp = 0; sp < int(gridDim.y); ++sp) {
+#pragma unroll
+    for (int c = 0; c < kPieces; ++c) {
+      const int piece = tid + c * C::kThreads;
+      const int m = piece / (C::NT / 4), n = n_tile + 4 * (piece % (C::NT / 4));
+      if (m >= mv || n >= p.N) continue;
+      const float* src = p.partial + sp * slice + size_t(m0 + m) * p.N + n;
+      if (vec) {
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(src));
+        sum[c].x += v.x, sum[c].y += v.y, sum[c].z += v.z, sum[c].w += v.w;
+      } else {
+        sum[c].x += __ldcg(src);
+        if (n + 1 < p.N) sum[c].y += __ldcg(src + 1);
+        if (n + 2 < p.N) sum[c].z += __ldcg(src + 2);
+        if (n + 3 < p.N) sum[c].w += __ldcg(src + 3);
+      }
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kPieces; ++c) {
+    const int piece = tid + c * C::kThreads;
+    const int m = piece / (C::NT / 4), n = n_tile + 4 * (piece % (C::NT / 4));
+    if (m >= mv || n >= p.N) continue;
+    T* dst = y + size_t(m0 + m) * p.N + n;
+    if (vec) {
+      const uint2 v = make_uint2(as_u32(E::floats2(sum[c].x, sum[c].y)), as_u32(E::floats2(sum[c].z, sum[c].w)));
+      *reinterpret_cast<uint2*>(dst) = v;
+    } else {
+      const float f[4] = {sum[c].x, sum[c].y, sum[c].z, sum[c].w};
+      for (int j = 0; j < 4 && n + j < p.N; ++j) dst[j] = E::from_float(f[j]);
+    }
+  }
   if (tid == 0) *lock = 0;  // ready for the next call (and the next replay of a CUDA graph)
 }
 
@@ -925,7 +964,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   // acc += 2 s (tsum - sum beta x) + (z - L s) sum x with the (s, z) words of rows g, g + 8 of each
   // block row; then a fresh group.
   // One token (M = 1): only the accumulator elements of even tokens are folded and reset (fold_group).
-  const bool one_token = TG == 1 && p.M == 1;  // warp-uniform: the branch below costs no divergence
+  const bool one_token = TG == 1 && p.M == 1 && p.one_token_fold;  // warp-uniform: no divergence
   auto fold = [&](const uint32_t (&sz)[NB][2]) {
     float s2[NB][2], zl[NB][2];
 #pragma unroll

@@ -5,8 +5,8 @@
 // Both read the repacked layout built at load (vllm_bipolar/kernels/a16_layout.py).
 //
 // No host synchronisation, launched on the current stream: the ops can be captured in a CUDA graph.
-// Allocations: the output, and for the mid-batch kernel when it splits K an fp32 workspace
-// [runs, M, N] (from the caching allocator, not initialised). The split also needs the caller's
+// Allocations: the output, and for the mid-batch kernel when it splits K a zeroed fp32 workspace
+// [M, N] (from the caching allocator). The split also needs the caller's
 // `locks` (int32 zeros, one per output tile; a layer keeps its own, as vLLM's Marlin layers keep their
 // workspace): the kernel leaves them zero again. Without locks the mid-batch kernel does not split K.
 
@@ -15,6 +15,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 // c10/cuda headers rather than ATen/cuda/CUDAContext.h: the latter pulls in cuBLAS/cuSPARSE
 // headers, which a CUDA toolkit without the math libraries (and the CI compile check) lacks.
 #include <c10/cuda/CUDAException.h>
@@ -198,9 +199,8 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
     p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms, int(bits));
   }
   at::Tensor partial;
-  const int64_t runs = (p.Kp / kBlockK + p.kb_per_split - 1) / p.kb_per_split;
-  if (runs > 1) {  // K split over CTAs: fp32 partial tiles, summed by the last run of each tile
-    partial = at::empty({runs, m, n}, x.options().dtype(at::kFloat));
+  if (p.kb_per_split < p.Kp / kBlockK) {  // K split over CTAs: fp32 sums, converted by the last run of a tile
+    partial = at::zeros({m, n}, x.options().dtype(at::kFloat));
     p.partial = partial.data_ptr<float>();
     p.locks = locks->data_ptr<int>();
   }

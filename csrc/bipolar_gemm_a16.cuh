@@ -68,9 +68,9 @@ struct Problem {
   int M, N, K, Np, Kp, Gp, group_shift;
   int64_t ldx;
   // mid-batch kernel only: K is split into runs of kb_per_split layout blocks (grid.y); with more than
-  // one run, each run's CTA stores its fp32 partial tile in its slice of `partial` [runs, M, N] (not
-  // initialised) and counts itself in `locks` [one int per output tile, zero between calls]; the CTA
-  // that completes a tile's count sums the slices and writes y, then sets the count back to zero.
+  // one run, each run's CTA adds its fp32 partial tile into `partial` [M, N] (zeroed) and counts itself
+  // in `locks` [one int per output tile, zero between calls]; the CTA that completes a tile's count
+  // converts the tile into y, then sets the count back to zero.
   float* partial;
   int* locks;
   int kb_per_split;
@@ -159,7 +159,7 @@ template <typename T, int BITS>
 void launch_dequantize(const Problem& p, cudaStream_t stream);
 
 // Largest M one gemm call takes: the mid-batch kernel runs ceil(M / 64) M-tiles on grid.z (<= 65535);
-// kept at 16 rows per tile, with room to spare; a K split's workspace is runs x M x N fp32.
+// kept at 16 rows per tile, with room to spare; a K split's workspace is M x N fp32.
 constexpr int64_t kMaxM = int64_t(65535) * 16;
 
 }  // namespace a16
@@ -549,11 +549,10 @@ __device__ __forceinline__ int swizzle(int m, int c) { return c ^ (m & 7); }
 // * (s, z): the warp's 16 words of each scale row the stage touches (up to 4 at group size 32).
 // One decoded A fragment feeds TG mma (8 tokens each): the decode is paid once per weight and M-tile.
 // M > 8 TG runs more M-tiles (grid.z; the weights come again, from L2). Few column tiles (N = 4096:
-// 32) would leave most SMs idle, so K is split over grid.y: each split stores its fp32 partial tile in
-// a workspace slice, and the last split of a tile to finish (a per-tile counter in `locks`, as Marlin's
-// serial reduction) adds the slices in split order and writes y: one kernel, no zeroed workspace and
-// no conversion kernel after it (those two cost about 0.5 ms of an 8 ms Llama-2-7B decode step at batch
-// 64, benchmarks/results/e2e_profile_b64_h100.json), and the same sum whichever split finishes last.
+// 32) would leave most SMs idle, so K is split over grid.y: the splits add their fp32 partial tiles into
+// a zeroed workspace (red.global.add), and the last split of a tile to finish (a per-tile counter in
+// `locks`) converts the tile into y: no conversion kernel after this one (it cost about 0.27 ms of an
+// 8 ms Llama-2-7B decode step at batch 64, benchmarks/results/e2e_profile_b64_h100.json).
 template <int BITS, int TG_>
 struct MidConfig {
   static constexpr int TG = TG_;         // token groups of 8 per M-tile
@@ -744,45 +743,41 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kerne
     each_output([&](size_t i, float v) { y[i] = E::from_float(v); });
     return;
   }
-  // K split: this split's tile -> its slice (L2: __stcg); the stores are made visible device-wide
-  // (__threadfence) before thread 0 counts the CTA in the tile's lock.
-  const size_t slice = size_t(p.M) * p.N;
-  each_output([&](size_t i, float v) { __stcg(p.partial + blockIdx.y * slice + i, v); });
+  // K split: every run adds its tile into the zeroed fp32 workspace (red.global.add: the adds happen in
+  // L2, spread over all CTAs); the adds are made visible device-wide (__threadfence) before thread 0
+  // counts the CTA in the tile's lock, and the run that completes the count converts the tile into y.
+  // (Summing per-run slices in the last run instead kept one SM reading runs x 32 KB: 45 us at M = 64
+  // on 4096 x 4096, 8 runs.)
+  each_output([&](size_t i, float v) { atomicAdd(p.partial + i, v); });  // compiles to RED.ADD.F32
   __threadfence();
   __syncthreads();
-  __shared__ int last_split;
+  __shared__ int last_run;
   int* lock = p.locks + blockIdx.z * gridDim.x + blockIdx.x;
-  if (tid == 0) last_split = atomicAdd(lock, 1) == int(gridDim.y) - 1;
+  if (tid == 0) last_run = atomicAdd(lock, 1) == int(gridDim.y) - 1;
   __syncthreads();
-  if (!last_split) return;
-  // The last split: every slice is complete. The CTA's threads sum the tile's slices in split order,
-  // row-major in 4-column pieces (16-byte loads from L2: __ldcg, L1 is not coherent across SMs), each
-  // thread with all its pieces' loads of one slice in flight at once (the first version walked the
-  // fragment's outputs one load after another and took 45 us at M = 64 on 4096 x 4096).
+  if (!last_run) return;
+  // The last run: the tile is complete in L2. The CTA's threads convert it row-major in 4-column pieces
+  // (16-byte loads from L2: __ldcg, L1 is not coherent across SMs), all of a thread's loads in flight.
   __threadfence();
   constexpr int kPieces = C::MT * (C::NT / 4) / C::kThreads;  // 4-column pieces per thread
   static_assert(kPieces * C::kThreads == C::MT * (C::NT / 4), "whole pieces");
   const int n_tile = blockIdx.x * C::NT;
-  const bool vec = p.N % 4 == 0;  // rows of the slices and of y start on 16-byte / 8-byte boundaries
+  const bool vec = p.N % 4 == 0;  // rows of the workspace and of y start on 16-byte / 8-byte boundaries
   float4 sum[kPieces];
 #pragma unroll
-  for (int c = 0; c < kPieces; ++c) sum[c] = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int sp = 0; sp < int(gridDim.y); ++sp) {
-#pragma unroll
-    for (int c = 0; c < kPieces; ++c) {
-      const int piece = tid + c * C::kThreads;
-      const int m = piece / (C::NT / 4), n = n_tile + 4 * (piece % (C::NT / 4));
-      if (m >= mv || n >= p.N) continue;
-      const float* src = p.partial + sp * slice + size_t(m0 + m) * p.N + n;
-      if (vec) {
-        const float4 v = __ldcg(reinterpret_cast<const float4*>(src));
-        sum[c].x += v.x, sum[c].y += v.y, sum[c].z += v.z, sum[c].w += v.w;
-      } else {
-        sum[c].x += __ldcg(src);
-        if (n + 1 < p.N) sum[c].y += __ldcg(src + 1);
-        if (n + 2 < p.N) sum[c].z += __ldcg(src + 2);
-        if (n + 3 < p.N) sum[c].w += __ldcg(src + 3);
-      }
+  for (int c = 0; c < kPieces; ++c) {
+    const int piece = tid + c * C::kThreads;
+    const int m = piece / (C::NT / 4), n = n_tile + 4 * (piece % (C::NT / 4));
+    sum[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (m >= mv || n >= p.N) continue;
+    const float* src = p.partial + size_t(m0 + m) * p.N + n;
+    if (vec) {
+      sum[c] = __ldcg(reinterpret_cast<const float4*>(src));
+    } else {
+      sum[c].x = __ldcg(src);
+      if (n + 1 < p.N) sum[c].y = __ldcg(src + 1);
+      if (n + 2 < p.N) sum[c].z = __ldcg(src + 2);
+      if (n + 3 < p.N) sum[c].w = __ldcg(src + 3);
     }
   }
 #pragma unroll

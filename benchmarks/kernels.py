@@ -109,8 +109,7 @@ def bipolar_layer(n: int, k: int, w_bits: int, a_bits: int, dtype=torch.float16)
     if a_bits == 16:
         qw, sc, shift = a16_layout.repack(qweight, q.scales, q.zeros, k, GROUP)
         nbytes = qw.numel() * 4 + sc.numel() * sc.element_size()
-        locks = a16_layout.split_locks(n, ops.A16_FUSED_MAX_M, DEV)  # the layer's own, as the backend keeps
-        fwd = lambda x, qw=qw, sc=sc, lk=locks: ops.linear_a16_cuda(x, qw, sc, n, k, shift, lk)  # noqa: E731
+        fwd = lambda x, qw=qw, sc=sc: ops.linear_a16_cuda(x, qw, sc, n, k, shift)  # noqa: E731
         deq = lambda x, qw=qw, sc=sc: torch.nn.functional.linear(  # noqa: E731
             x, torch.ops.bipolar_kernels.dequantize_a16(qw, sc, n, k, shift))
         return fwd, nbytes, deq

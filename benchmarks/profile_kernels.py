@@ -37,8 +37,7 @@ def main() -> int:
     x = torch.randn(args.m, args.k, device="cuda", dtype=dtype)
     if args.a_bits == 16:
         qw, sc, shift = a16_layout.repack(qweight, q.scales, q.zeros, args.k, args.group_size)
-        locks = a16_layout.split_locks(args.n, ops.A16_FUSED_MAX_M, "cuda")
-        fn = lambda: ops.linear_a16_cuda(x, qw, sc, args.n, args.k, shift, locks)  # noqa: E731
+        fn = lambda: ops.linear_a16_cuda(x, qw, sc, args.n, args.k, shift)  # noqa: E731
     else:
         from vllm_bipolar.kernels.cuda_binary_gemm import prepare_binary_weights
 

@@ -6,9 +6,7 @@
 //
 // No host synchronisation, launched on the current stream: the ops can be captured in a CUDA graph.
 // Allocations: the output, and for the mid-batch kernel when it splits K a zeroed fp32 workspace
-// [M, N] (from the caching allocator). The split also needs the caller's
-// `locks` (int32 zeros, one per output tile; a layer keeps its own, as vLLM's Marlin layers keep their
-// workspace): the kernel leaves them zero again. Without locks the mid-batch kernel does not split K.
+// [M, N] (from the caching allocator) that is converted into the output after the kernel.
 
 #include "ops.h"
 #include "bipolar_gemm_a16.cuh"
@@ -156,7 +154,7 @@ int check_weights(const char* op, const at::Tensor& qweight, const at::Tensor& s
 }  // namespace
 
 at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t n, int64_t k,
-                    int64_t group_shift, const std::optional<at::Tensor>& locks) {
+                    int64_t group_shift) {
   const char* op = "bipolar_kernels::gemm_a16: ";
   check_activations(x, op);
   TORCH_CHECK(x.size(1) == k, op, "x has ", x.size(1), " columns but k = ", k);
@@ -188,24 +186,17 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.decode_max_m = decode_max_m();
   p.decode_chunk_max = decode_chunk_max();
   p.one_token_fold = one_token_fold();
-  if (locks.has_value()) {
-    TORCH_CHECK(locks->scalar_type() == at::kInt && locks->device() == x.device() && locks->is_contiguous(), op,
-                "locks must be a contiguous int32 tensor on ", x.device(), " (vllm_bipolar.kernels.a16_layout.split_locks), "
-                "got ", locks->scalar_type(), " on ", locks->device());
-  }
-  p.kb_per_split = p.Kp / kBlockK;
-  if (!a16::use_decode_kernel(p.M, p.N, p.decode_max_m) && locks.has_value() &&
-      a16::mid_tiles(p.M, p.Np) <= locks->numel()) {
-    p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms, int(bits));
-  }
   at::Tensor partial;
-  if (p.kb_per_split < p.Kp / kBlockK) {  // K split over CTAs: fp32 sums, converted by the last run of a tile
-    partial = at::zeros({m, n}, x.options().dtype(at::kFloat));
-    p.partial = partial.data_ptr<float>();
-    p.locks = locks->data_ptr<int>();
+  if (!a16::use_decode_kernel(p.M, p.N, p.decode_max_m)) {
+    p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms, int(bits));
+    if (p.kb_per_split < p.Kp / kBlockK) {  // K split over CTAs: fp32 partial sums, then y
+      partial = at::zeros({m, n}, x.options().dtype(at::kFloat));
+      p.partial = partial.data_ptr<float>();
+    }
   }
   if (x.scalar_type() == at::kHalf) dispatch<__half>(false, bits, p, stream);
   else dispatch<__nv_bfloat16>(false, bits, p, stream);
+  if (partial.defined()) y.copy_(partial);
   return y;
 }
 

@@ -67,12 +67,9 @@ struct Problem {
   void* y;                // [M, N] (gemm) or [N, K] (dequantize)
   int M, N, K, Np, Kp, Gp, group_shift;
   int64_t ldx;
-  // mid-batch kernel only: K is split into runs of kb_per_split layout blocks (grid.y); with more than
-  // one run, each run's CTA adds its fp32 partial tile into `partial` [M, N] (zeroed) and counts itself
-  // in `locks` [one int per output tile, zero between calls]; the CTA that completes a tile's count
-  // converts the tile into y, then sets the count back to zero.
+  // mid-batch kernel (M > kDecodeMaxM) only: K is split into runs of kb_per_split layout blocks; with
+  // more than one run, every run adds its fp32 partial sums into `partial` [M, N] (zeroed), not y.
   float* partial;
-  int* locks;
   int kb_per_split;
   int sms;  // multiprocessors of the device (decode kernel: warps per CTA)
   int smem_optin;  // largest dynamic shared memory of a CTA on the device (opt-in)
@@ -92,7 +89,7 @@ struct Problem {
 };
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
-// (gemm_a16_kb_per_split) since a split needs a workspace and the caller's locks.
+// (gemm_a16_kb_per_split) since a split needs a workspace.
 constexpr int kDecodeMaxM = 16;
 // Decode kernel or mid-batch kernel. M <= 8: decode. M 9..16: decode on layers narrower than 8192
 // outputs, mid-batch kernel on wider ones, where the decode kernel's 16-token CTAs (16 warps per SM)
@@ -124,15 +121,10 @@ constexpr int mid_smem_bytes(int bits, int mt) { return mid_stages(bits, mt) * m
 // Layout blocks per K run of the mid-batch kernel for this problem on a GPU of `sms` SMs: the split
 // (runs of whole stages) with the least time counted in waves of CTAs x blocks per run (plus a
 // prologue / epilogue of about two blocks per CTA, and two for the workspace a split needs).
-// Output tiles (CTAs per K run) of the mid-batch kernel: the locks a K split needs.
-inline int64_t mid_tiles(int M, int Np) {
-  const int mt = mid_tile_tokens(M);
-  return int64_t((Np + kMidTileN - 1) / kMidTileN) * ((M + mt - 1) / mt);
-}
 inline int gemm_a16_kb_per_split(int M, int Np, int Kp, int sms, int bits) {
   const int kblocks = Kp / kBlockK;
   const int mt = mid_tile_tokens(M);
-  const int64_t tiles = mid_tiles(M, Np);
+  const int tiles = ((Np + kMidTileN - 1) / kMidTileN) * ((M + mt - 1) / mt);
   // CTAs an SM holds: by registers and by shared memory
   const int by_smem = (228 * 1024) / (mid_smem_bytes(bits, mt) + 1024);
   const int per_sm = std::max(1, std::min(mid_ctas_per_sm(mt), by_smem));
@@ -159,7 +151,7 @@ template <typename T, int BITS>
 void launch_dequantize(const Problem& p, cudaStream_t stream);
 
 // Largest M one gemm call takes: the mid-batch kernel runs ceil(M / 64) M-tiles on grid.z (<= 65535);
-// kept at 16 rows per tile, with room to spare; a K split's workspace is M x N fp32.
+// kept at 16 rows per tile, with room to spare; the workspace is M x N fp32.
 constexpr int64_t kMaxM = int64_t(65535) * 16;
 
 }  // namespace a16
@@ -549,10 +541,8 @@ __device__ __forceinline__ int swizzle(int m, int c) { return c ^ (m & 7); }
 // * (s, z): the warp's 16 words of each scale row the stage touches (up to 4 at group size 32).
 // One decoded A fragment feeds TG mma (8 tokens each): the decode is paid once per weight and M-tile.
 // M > 8 TG runs more M-tiles (grid.z; the weights come again, from L2). Few column tiles (N = 4096:
-// 32) would leave most SMs idle, so K is split over grid.y: the splits add their fp32 partial tiles into
-// a zeroed workspace (red.global.add), and the last split of a tile to finish (a per-tile counter in
-// `locks`) converts the tile into y: no conversion kernel after this one (it cost about 0.27 ms of an
-// 8 ms Llama-2-7B decode step at batch 64, benchmarks/results/e2e_profile_b64_h100.json).
+// 32) would leave most SMs idle, so K is split over grid.y: the splits add fp32 partial sums into a
+// zeroed workspace (red.global.add), which the op converts to the output dtype.
 template <int BITS, int TG_>
 struct MidConfig {
   static constexpr int TG = TG_;         // token groups of 8 per M-tile
@@ -726,75 +716,20 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kerne
   cp_async_wait<0>();
 
   // C fragment (rows = output columns, columns = tokens): d0, d1 = column nb 16 + g, tokens 2 t + {0, 1};
-  // d2, d3 = column + 8. `each_output(f)` calls f(index in [M, N], value) for the outputs of this lane.
+  // d2, d3 = column + 8.
+  if (!active) return;
   T* y = static_cast<T*>(p.y);
-  auto each_output = [&](auto&& f) {
-    if (!active) return;
 #pragma unroll
-    for (int q = 0; q < C::TG; ++q)
+  for (int q = 0; q < C::TG; ++q)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int m = 8 * q + 2 * (lane % 4) + (e % 2);
-        const int n = nb * kBlockN + g + 8 * (e / 2);
-        if (m < mv && n < p.N) f(size_t(m0 + m) * p.N + n, acc[q][e]);
-      }
-  };
-  if (p.partial == nullptr) {
-    each_output([&](size_t i, float v) { y[i] = E::from_float(v); });
-    return;
-  }
-  // K split: every run adds its tile into the zeroed fp32 workspace (red.global.add: the adds happen in
-  // L2, spread over all CTAs); the adds are made visible device-wide (__threadfence) before thread 0
-  // counts the CTA in the tile's lock, and the run that completes the count converts the tile into y.
-  // (Summing per-run slices in the last run instead kept one SM reading runs x 32 KB: 45 us at M = 64
-  // on 4096 x 4096, 8 runs.)
-  each_output([&](size_t i, float v) { atomicAdd(p.partial + i, v); });  // compiles to RED.ADD.F32
-  __threadfence();
-  __syncthreads();
-  __shared__ int last_run;
-  int* lock = p.locks + blockIdx.z * gridDim.x + blockIdx.x;
-  if (tid == 0) last_run = atomicAdd(lock, 1) == int(gridDim.y) - 1;
-  __syncthreads();
-  if (!last_run) return;
-  // The last run: the tile is complete in L2. The CTA's threads convert it row-major in 4-column pieces
-  // (16-byte loads from L2: __ldcg, L1 is not coherent across SMs), all of a thread's loads in flight.
-  __threadfence();
-  constexpr int kPieces = C::MT * (C::NT / 4) / C::kThreads;  // 4-column pieces per thread
-  static_assert(kPieces * C::kThreads == C::MT * (C::NT / 4), "whole pieces");
-  const int n_tile = blockIdx.x * C::NT;
-  const bool vec = p.N % 4 == 0;  // rows of the workspace and of y start on 16-byte / 8-byte boundaries
-  float4 sum[kPieces];
-#pragma unroll
-  for (int c = 0; c < kPieces; ++c) {
-    const int piece = tid + c * C::kThreads;
-    const int m = piece / (C::NT / 4), n = n_tile + 4 * (piece % (C::NT / 4));
-    sum[c] = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (m >= mv || n >= p.N) continue;
-    const float* src = p.partial + size_t(m0 + m) * p.N + n;
-    if (vec) {
-      sum[c] = __ldcg(reinterpret_cast<const float4*>(src));
-    } else {
-      sum[c].x = __ldcg(src);
-      if (n + 1 < p.N) sum[c].y = __ldcg(src + 1);
-      if (n + 2 < p.N) sum[c].z = __ldcg(src + 2);
-      if (n + 3 < p.N) sum[c].w = __ldcg(src + 3);
+    for (int e = 0; e < 4; ++e) {
+      const int m = 8 * q + 2 * (lane % 4) + (e % 2);
+      const int n = nb * kBlockN + g + 8 * (e / 2);
+      if (m >= mv || n >= p.N) continue;
+      const size_t i = size_t(m0 + m) * p.N + n;
+      if (p.partial != nullptr) atomicAdd(p.partial + i, acc[q][e]);  // compiles to RED.ADD.F32
+      else y[i] = E::from_float(acc[q][e]);
     }
-  }
-#pragma unroll
-  for (int c = 0; c < kPieces; ++c) {
-    const int piece = tid + c * C::kThreads;
-    const int m = piece / (C::NT / 4), n = n_tile + 4 * (piece % (C::NT / 4));
-    if (m >= mv || n >= p.N) continue;
-    T* dst = y + size_t(m0 + m) * p.N + n;
-    if (vec) {
-      const uint2 v = make_uint2(as_u32(E::floats2(sum[c].x, sum[c].y)), as_u32(E::floats2(sum[c].z, sum[c].w)));
-      *reinterpret_cast<uint2*>(dst) = v;
-    } else {
-      const float f[4] = {sum[c].x, sum[c].y, sum[c].z, sum[c].w};
-      for (int j = 0; j < 4 && n + j < p.N; ++j) dst[j] = E::from_float(f[j]);
-    }
-  }
-  if (tid == 0) *lock = 0;  // ready for the next call (and the next replay of a CUDA graph)
 }
 
 // ---- the decode kernel (M <= 16) ------------------------------------------------------------------
@@ -956,10 +891,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
       }
     }
   };
-  // acc += 2 s (tsum - sum beta x) + (z - L s) sum x with the (s, z) words of rows g, g + 8 of each
-  // block row; then a fresh group.
-  // One token (M = 1): only the accumulator elements of even tokens are folded and reset (fold_group).
-  const bool one_token = TG == 1 && p.M == 1 && p.one_token_fold;  // warp-uniform: no divergence
+  // The end of a scale group: 2 s and z - L s from the (s, z) words of rows g, g + 8 of each block row,
+  // then fold_group (with one token, M = 1, only the even tokens' elements; a warp-uniform branch).
+  const bool one_token = TG == 1 && p.M == 1 && p.one_token_fold;
   auto fold = [&](const uint32_t (&sz)[NB][2]) {
     float s2[NB][2], zl[NB][2];
 #pragma unroll

@@ -28,11 +28,9 @@ inline void check_activations(const at::Tensor& x, const char* op) {
 //   qweight  int32 [Np / 16, Kp / 64, 32 * bits]   (Np = n rounded up to 64, Kp = k rounded up to 64)
 //   scales   fp16 / bf16 [Gp, Np, 2]: (s, z) per (group of 2^group_shift channels, row), z = 0 if symmetric
 // gemm_a16: y[M, n] = x[M, k] @ W^T on tensor cores; x fp16 / bf16 with the dtype of scales, rows on
-// 16-byte boundaries; locks (optional): int32 zeros, one per output tile of a K split (the layer's own;
-// left zero), without which the mid-batch kernel does not split K. dequantize_a16: the dense W [n, k]
-// in the dtype of scales.
+// 16-byte boundaries. dequantize_a16: the dense W [n, k] in the dtype of scales.
 at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t n, int64_t k,
-                    int64_t group_shift, const std::optional<at::Tensor>& locks);
+                    int64_t group_shift);
 at::Tensor dequantize_a16(const at::Tensor& qweight, const at::Tensor& scales, int64_t n, int64_t k,
                           int64_t group_shift);
 

@@ -11,10 +11,8 @@
 // with torch.library.register_fake, so that torch.compile can trace the ops without a GPU).
 TORCH_LIBRARY(bipolar_kernels, m) {
   // Weight-only, repacked layout (ops.h, bipolar_gemm_a16.cuh): y[M, n] = x[M, k] @ W^T on tensor
-  // cores, and the dense W[n, k] for the dequantize-then-cuBLAS path of large M. `locks`: int32 zeros,
-  // one per output tile, for the mid-batch kernel's K split (ops.h); the kernel leaves them zero, so,
-  // like the workspace of vLLM's gptq_marlin_gemm, the schema does not mark them as mutated.
-  m.def("gemm_a16(Tensor x, Tensor qweight, Tensor scales, int n, int k, int group_shift, Tensor? locks=None) -> Tensor");
+  // cores, and the dense W[n, k] for the dequantize-then-cuBLAS path of large M.
+  m.def("gemm_a16(Tensor x, Tensor qweight, Tensor scales, int n, int k, int group_shift) -> Tensor");
   m.def("dequantize_a16(Tensor qweight, Tensor scales, int n, int k, int group_shift) -> Tensor");
   // Per-token symmetric bipolar quantization: x fp16/bf16 [M, K] -> (planes int32 [a_bits, M, ceil(K/32)]
   // in the checkpoint bit-plane layout, scales fp32 [M]).

@@ -72,11 +72,6 @@ def make_layer(n, k, bits, group_size, symmetric, dtype, gen=None):
     return qw, sc, shift, LayoutWeight(a16_layout.dequantize(qw, sc, n, k, shift), mag)
 
 
-def gemm(x, qw, sc, n, k, shift):
-    """The op as a layer calls it: with locks for the mid-batch kernel's K split (fresh zeros)."""
-    return OPS.gemm_a16(x, qw, sc, n, k, shift, a16_layout.split_locks(n, max(x.shape[0], 64), DEV))
-
-
 def check_gemm(y, x, w, what):
     """|y - x @ W^T| within one output rounding plus fp32 accumulation: 2^-20 of sum |x||W| for W rounded
     to x.dtype (every path but the decode kernel); for the decode kernel, W exactly and 2^-20 of the
@@ -112,7 +107,7 @@ def test_gemm_a16_matches_reference(bits, dtype, symmetric, group_size):
             qw, sc, shift, w = make_layer(n, k, bits, group_size, symmetric, dtype)
             for m in (1, 3, 8, 9, 16, 17, 64, 65, 255):
                 x = torch.randn(m, k, device=DEV, dtype=dtype)
-                y = gemm(x, qw, sc, n, k, shift)
+                y = OPS.gemm_a16(x, qw, sc, n, k, shift)
                 check_gemm(y, x, w, f"W{bits} {dtype} sym={symmetric} g={group_size} M={m} N={n} K={k} seed={seed}")
 
 
@@ -123,7 +118,7 @@ def test_gemm_a16_model_shapes(k):
         qw, sc, shift, w = make_layer(n, k, bits, 128, False, torch.float16)
         for m in (1, 16, 17, 100):
             x = torch.randn(m, k, device=DEV, dtype=torch.float16)
-            check_gemm(gemm(x, qw, sc, n, k, shift), x, w, f"W{bits} M={m} N={n} K={k} seed={seed}")
+            check_gemm(OPS.gemm_a16(x, qw, sc, n, k, shift), x, w, f"W{bits} M={m} N={n} K={k} seed={seed}")
 
 
 def test_gemm_a16_wide_layer():
@@ -132,7 +127,7 @@ def test_gemm_a16_wide_layer():
     qw, sc, shift, w = make_layer(n, k, 4, 64, False, torch.bfloat16)
     for m in (1, 16, 33):
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-        check_gemm(gemm(x, qw, sc, n, k, shift), x, w, f"N={n} M={m}")
+        check_gemm(OPS.gemm_a16(x, qw, sc, n, k, shift), x, w, f"N={n} M={m}")
 
 
 # ---- exact arithmetic: every wrong element shows ------------------------------------------------------
@@ -166,7 +161,7 @@ def test_gemm_a16_exact(bits, dtype):
         qw, sc, shift, w = exact_layer(n, k, bits, group_size, dtype, gen)
         for m in (1, 3, 16, 17, 80):
             x = torch.randint(-2, 3, (m, k), device=DEV, generator=gen).to(dtype)
-            y = gemm(x, qw, sc, n, k, shift)
+            y = OPS.gemm_a16(x, qw, sc, n, k, shift)
             ref = (x.to(torch.float64) @ w.T).to(dtype)
             bad = (y != ref).sum().item()
             assert bad == 0, f"W{bits} {dtype} K={k} g={group_size} M={m} seed={seed}: {bad} outputs differ"
@@ -252,53 +247,6 @@ def test_cuda_graph_capture_and_replay():
         graph.replay()
         torch.cuda.synchronize()
         check_gemm(ys, xs, w, "graph replay")
-
-
-def test_split_k_locks():
-    """The mid-batch kernel's K split (few column tiles: N = 1553 is 13 of them; K = 4096 splits into several
-    runs): the runs add into a workspace and the last run of each tile converts it. With locks the op
-    allocates the split's workspace beside the output (two allocations; without locks it does not split:
-    one); the result matches the reference, and the locks are zero again after every call, so one tensor
-    serves call after call."""
-    n, k = 1553, 4096
-    qw, sc, shift, w = make_layer(n, k, 4, 128, False, torch.float16)
-    locks = a16_layout.split_locks(n, 128, DEV)
-    for m in (17, 64, 100, 128):
-        x = torch.randn(m, k, device=DEV, dtype=torch.float16)
-        OPS.gemm_a16(x, qw, sc, n, k, shift, locks)  # warm-up: the allocator's first blocks
-        torch.cuda.synchronize()
-        allocations = {}
-        for name, lk in (("split", locks), ("whole", None)):
-            before = torch.cuda.memory_stats()["allocation.all.allocated"]
-            y = OPS.gemm_a16(x, qw, sc, n, k, shift, lk)
-            allocations[name] = torch.cuda.memory_stats()["allocation.all.allocated"] - before
-            check_gemm(y, x, w, f"M={m} {name}")
-            if lk is not None:
-                check_gemm(OPS.gemm_a16(x, qw, sc, n, k, shift, lk), x, w, f"M={m} split, locks reused")
-                torch.cuda.synchronize()
-                assert not locks.any(), f"M={m}: locks not left zero: {locks.nonzero().flatten().tolist()}"
-        assert allocations == {"split": 2, "whole": 1}, f"M={m}: allocations {allocations}"
-    with pytest.raises(RuntimeError, match="locks must be"):
-        OPS.gemm_a16(x, qw, sc, n, k, shift, locks.float())
-
-
-def test_split_k_in_cuda_graph():
-    """A K-split call captured in a CUDA graph: every replay counts from zero (the last run resets the locks)."""
-    n, k = 1553, 4096
-    qw, sc, shift, w = make_layer(n, k, 2, 128, False, torch.float16)
-    locks = a16_layout.split_locks(n, 64, DEV)
-    xs = torch.randn(64, k, device=DEV, dtype=torch.float16)
-    OPS.gemm_a16(xs, qw, sc, n, k, shift, locks)  # warm up outside the graph
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ys = OPS.gemm_a16(xs, qw, sc, n, k, shift, locks)
-    for _ in range(3):
-        xs.copy_(torch.randn_like(xs))
-        graph.replay()
-        torch.cuda.synchronize()
-        check_gemm(ys, xs, w, "split graph replay")
-        assert not locks.any()
 
 
 def test_decode_one_block_chunks():

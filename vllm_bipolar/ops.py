@@ -57,7 +57,7 @@ def a16_uses_fused_kernel(m: int) -> bool:
 
 
 def _a16_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int,
-                 group_shift: int, locks: torch.Tensor | None) -> torch.Tensor:
+                 group_shift: int) -> torch.Tensor:
     if not a16_uses_fused_kernel(x.shape[0]):
         w = torch.ops.bipolar_kernels.dequantize_a16(qweight, scales, n, k, group_shift)
         return torch.nn.functional.linear(x, w)
@@ -67,25 +67,22 @@ def _a16_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n
         k += pad
     elif x.data_ptr() % 16 or (x.shape[0] > 1 and x.stride(0) % 8):
         x = x.clone(memory_format=torch.contiguous_format)
-    return torch.ops.bipolar_kernels.gemm_a16(x, qweight, scales, n, k, group_shift, locks)
+    return torch.ops.bipolar_kernels.gemm_a16(x, qweight, scales, n, k, group_shift)
 
 
-# `locks` (a16_layout.split_locks) is written by the kernel but left zero, so the op does not declare it
-# mutated (as vLLM's gptq_marlin_gemm treats its workspace).
 @torch.library.custom_op("bipolar::linear_a16_cuda", mutates_args=())
 def linear_a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int,
-                    group_shift: int, locks: torch.Tensor | None = None) -> torch.Tensor:
+                    group_shift: int) -> torch.Tensor:
     """Weight-only bipolar linear on CUDA (repacked layout, kernels/a16_layout.py), x [M, K] -> [M, N].
 
     The kernel depends on the number of tokens, so it is chosen here, inside an opaque op: a Python
-    branch in the layer would be frozen by torch.compile to whatever M the warm-up used. ``locks``: the
-    layer's ``a16_layout.split_locks``, without which the mid-batch kernel does not split K.
+    branch in the layer would be frozen by torch.compile to whatever M the warm-up used.
     """
-    return _a16_forward(x, qweight, scales, n, k, group_shift, locks)
+    return _a16_forward(x, qweight, scales, n, k, group_shift)
 
 
 @linear_a16_cuda.register_fake
-def _(x, qweight, scales, n, k, group_shift, locks=None):
+def _(x, qweight, scales, n, k, group_shift):
     return x.new_empty((x.shape[0], n))
 
 
@@ -121,7 +118,7 @@ def _register_kernel_fakes() -> None:
         return lambda fn: fn
 
     @fake("gemm_a16")
-    def _(x, qweight, scales, n, k, group_shift, locks=None):
+    def _(x, qweight, scales, n, k, group_shift):
         return x.new_empty((x.shape[0], n))
 
     @fake("dequantize_a16")

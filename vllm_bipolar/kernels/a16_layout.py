@@ -34,23 +34,8 @@ PAD_N = 64
 NO_GROUPS_SHIFT = 30
 
 
-# Output columns per CTA of the mid-batch kernel (kMidTileN in csrc/bipolar_gemm_a16.cuh), whose K split
-# counts the finished runs of each output tile in the layer's locks.
-MID_TILE_N = 128
-
-
 def round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
-
-
-def split_locks(n: int, max_m: int, device: torch.device | str) -> torch.Tensor:
-    """The ``locks`` of ``bipolar_kernels::gemm_a16`` for a layer of ``n`` outputs called with up to
-    ``max_m`` tokens: int32 zeros, one per output tile of the mid-batch kernel (tiles of 128 columns x 16,
-    32 or 64 tokens: a batch of more than 32 tokens takes ceil(M / 64) tiles per column tile). Each layer
-    keeps its own (two layers in flight on two streams must not share them); the kernel leaves them zero.
-    """
-    column_tiles = -(-round_up(n, PAD_N) // MID_TILE_N)
-    return torch.zeros(column_tiles * max(1, -(-max_m // 64)), dtype=torch.int32, device=device)
 
 
 def parts(bits: int) -> list[tuple[int, int]]:

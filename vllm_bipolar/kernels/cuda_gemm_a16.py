@@ -49,14 +49,11 @@ class CudaGemmA16Kernel(BipolarLinearKernel):
         replace_parameter(layer, "scales", scales)
         replace_parameter(layer, "zeros", None)
         self.group_shift = shift
-        # the mid-batch kernel's K split counts finished runs per output tile here (left zero)
-        self.locks = a16_layout.split_locks(c.n, ops.A16_FUSED_MAX_M, qweight.device)
 
     def apply_weights(self, layer, x, bias=None):
         c = self.config
         if c.weight_only:
             return apply_2d(x, bias, c.n, lambda x2: ops.linear_a16_cuda(
-                x2, layer.qweight, layer.scales, c.n, c.k, self.group_shift, self.locks))
+                x2, layer.qweight, layer.scales, c.n, c.k, self.group_shift))
         return apply_2d(x, bias, c.n, lambda x2: ops.linear_a16_cuda(
-            fake_quantize_activations(x2, c.a_bits), layer.qweight, layer.scales, c.n, c.k, self.group_shift,
-            self.locks))
+            fake_quantize_activations(x2, c.a_bits), layer.qweight, layer.scales, c.n, c.k, self.group_shift))

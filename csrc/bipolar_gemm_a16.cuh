@@ -771,7 +771,9 @@ struct DecodeConfig {
   // 24 warps per SM (<= 80 registers a thread): the loads in flight are what keeps HBM busy. 16
   // tokens (twice the B fragments and accumulators) and 5-8 bit weights (their two chunks alone are
   // 4 BITS registers) need more registers: 16 warps. launch_decode_tile sizes the CTAs by this.
-  static constexpr int kThreadsPerSm = (MT_ == 16 || BITS >= 5) ? 512 : 768;
+  // A CTA of 32 warps (kDecodeWarpsMax; 8 tokens, BITS <= kDecodeWarps32MaxBits) fills an SM alone:
+  // 1024 threads, 64 registers a thread.
+  static constexpr int kThreadsPerSm = WARPS_ == 32 ? 1024 : ((MT_ == 16 || BITS >= 5) ? 512 : 768);
   static constexpr int kMinBlocks = kThreadsPerSm / kThreads > 0 ? kThreadsPerSm / kThreads : 1;
   static_assert(MT_ == 8 || MT_ == 16, "decode tiles are 8 or 16 tokens");
   static_assert(kSmemBytes <= 48 * 1024, "no opt-in needed");
@@ -1156,10 +1158,12 @@ void launch_decode(const Problem& p, cudaStream_t stream) {
   const int x_bytes = decode_x_smem_bytes(p);
   const dim3 grid(p.Np / C::NT);
   // x rows in shared memory when they fit (kDecodeXSmemMax, and the device's opt-in limit: less on Ada)
-  if (x_bytes > 0 && x_bytes <= p.smem_optin) {
+  // (the 32-warp CTA only with x in shared memory: with x from global memory it spills at 64 registers;
+  // launch_decode_tile picks it only then)
+  if (C::WARPS == 32 || (x_bytes > 0 && x_bytes <= p.smem_optin)) {
     opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, true>>(std::min(kDecodeXSmemMax, p.smem_optin));
     launch_kernel(gemv_a16_kernel<T, BITS, C, true>, grid, C::kThreads, std::max(x_bytes, C::kSmemBytes), p.pdl, p, stream);
-  } else {
+  } else if constexpr (C::WARPS != 32) {
     launch_kernel(gemv_a16_kernel<T, BITS, C, false>, grid, C::kThreads, C::kSmemBytes, p.pdl, p, stream);
   }
 }
@@ -1173,12 +1177,14 @@ void launch_decode(const Problem& p, cudaStream_t stream) {
 // per SM, benchmarks/results/kernels_decode_warps_sweep_h100.txt): the time follows the warps resident,
 // 15.9 / 11.4 / 12.5 (1.3 waves) / 14.3 us (2 waves) at 11008. BIPOLAR_A16_DECODE_WARPS=2|4|8|16
 // overrides the choice, for tuning.
+// Widest weights of the 32-warp decode CTA (64 registers a thread without spills).
+constexpr int kDecodeWarps32MaxBits = 4;
 inline int decode_warps_override() {
   static const int v = [] {
     const char* e = std::getenv("BIPOLAR_A16_DECODE_WARPS");
     if (e == nullptr || *e == 0) return 0;
     const int w = std::atoi(e);
-    TORCH_CHECK(w == 2 || w == 4 || w == 8 || w == 16, "BIPOLAR_A16_DECODE_WARPS must be 2, 4, 8 or 16, got \"", e, "\"");
+    TORCH_CHECK(w == 2 || w == 4 || w == 8 || w == 16 || w == 32, "BIPOLAR_A16_DECODE_WARPS must be 2, 4, 8, 16 or 32, got \"", e, "\"");
     return w;
   }();
   return v;
@@ -1203,7 +1209,7 @@ inline bool use_two_block_chunks(int group_shift, int per_warp, int max_blocks) 
 
 template <typename T, int BITS, int MT, int WARPS>
 void launch_decode_chunks(const Problem& p, cudaStream_t stream) {
-  if constexpr (BITS <= 2) {
+  if constexpr (BITS <= 2 && WARPS != 32) {  // (32 warps: two-block chunks spill at 64 registers)
     const int per_warp = (p.Kp / kBlockK + WARPS - 1) / WARPS;  // as gemv_a16_kernel splits K
     if (use_two_block_chunks(p.group_shift, per_warp, p.decode_chunk_max))
       return launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 2>>(p, stream);
@@ -1213,12 +1219,17 @@ void launch_decode_chunks(const Problem& p, cudaStream_t stream) {
 
 template <typename T, int BITS, int MT>
 void launch_decode_tile(const Problem& p, cudaStream_t stream) {
+  using C16 = DecodeConfig<BITS, MT, 16>;
+  const int x_bytes = decode_x_smem_bytes(p);
+  // 32 warps: 8 tokens, weights up to kDecodeWarps32MaxBits, x in shared memory (else it spills)
+  const bool can32 = MT == 8 && BITS <= kDecodeWarps32MaxBits && x_bytes > 0 &&
+                     std::max(x_bytes, 32 * C16::MT * C16::kRedStride * 4) + 1024 <= p.smem_optin;
   int warps = decode_warps_override();
   if (warps == 0) {
-    using C16 = DecodeConfig<BITS, MT, 16>;
     const int64_t ctas = p.Np / C16::NT;
-    const int x_bytes = decode_x_smem_bytes(p);
     int best = 0, best_resident = 0;
+    // one 32-warp CTA per SM, for layers with at most one 32-column tile per SM (N <= 4224 on an H100)
+    if (can32 && ctas <= p.sms) warps = 32;
     for (int w = 16; w >= 2 && warps == 0; w /= 2) {
       const int red_bytes = w * C16::MT * C16::kRedStride * 4;  // DecodeConfig<BITS, MT, w>::kSmemBytes
       const int smem = std::max(x_bytes, red_bytes) + 1024;  // + the driver's reserve per CTA
@@ -1228,7 +1239,10 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
     }
     if (warps == 0) warps = best;  // several waves: the most warps resident per SM
   }
-  if (warps == 16) launch_decode_chunks<T, BITS, MT, 16>(p, stream);
+  if constexpr (MT == 8 && BITS <= kDecodeWarps32MaxBits) {
+    if (warps == 32 && can32) return launch_decode_chunks<T, BITS, MT, 32>(p, stream);
+  }
+  if (warps == 16 || warps == 32) launch_decode_chunks<T, BITS, MT, 16>(p, stream);
   else if (warps == 8) launch_decode_chunks<T, BITS, MT, 8>(p, stream);
   else if (warps == 4) launch_decode_chunks<T, BITS, MT, 4>(p, stream);
   else launch_decode_chunks<T, BITS, MT, 2>(p, stream);

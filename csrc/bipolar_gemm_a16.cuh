@@ -771,8 +771,8 @@ struct DecodeConfig {
   // 24 warps per SM (<= 80 registers a thread): the loads in flight are what keeps HBM busy. 16
   // tokens (twice the B fragments and accumulators) and 5-8 bit weights (their two chunks alone are
   // 4 BITS registers) need more registers: 16 warps. launch_decode_tile sizes the CTAs by this.
-  // A CTA of 32 warps (kDecodeWarpsMax; 8 tokens, BITS <= kDecodeWarps32MaxBits) fills an SM alone:
-  // 1024 threads, 64 registers a thread.
+  // A CTA of 32 warps (8 tokens, 1, 2 or 4 bits: decode_warps32_bits) fills an SM alone: 1024
+  // threads, 64 registers a thread.
   static constexpr int kThreadsPerSm = WARPS_ == 32 ? 1024 : ((MT_ == 16 || BITS >= 5) ? 512 : 768);
   static constexpr int kMinBlocks = kThreadsPerSm / kThreads > 0 ? kThreadsPerSm / kThreads : 1;
   static_assert(MT_ == 8 || MT_ == 16, "decode tiles are 8 or 16 tokens");
@@ -1169,16 +1169,24 @@ void launch_decode(const Problem& p, cudaStream_t stream) {
 }
 
 // Decode CTA: 32 output columns (two 16-row layout blocks: each A fragment serves 4 mma), WARPS warps
-// along K. An SM holds DecodeConfig::kThreadsPerSm / 32 warps of this kernel (24 or 16); the CTA size is
+// along K. An SM holds DecodeConfig::kThreadsPerSm / 32 warps of this kernel (24 or 16; 32 in one CTA of
+// 32 warps, below, on layers of at most one CTA per SM with a long K); else the CTA size is
 // the largest of 16, 8, 4, 2 warps with which all Np / 32 CTAs are resident at once (one wave: a second,
 // partial wave runs its CTAs' latency chains after the first ones', at low occupancy), counting the x
 // rows in shared memory. On an H100 (132 SMs) at M = 1 and 2 bits: N = 4096 16 warps, 11008 8, 22016 4.
 // Measured at M = 1 (11008 x 4096, 4096 x 4096, 22016 x 4096 W2 with 2 / 4 / 8 / 16 warps and 16 warps
 // per SM, benchmarks/results/kernels_decode_warps_sweep_h100.txt): the time follows the warps resident,
-// 15.9 / 11.4 / 12.5 (1.3 waves) / 14.3 us (2 waves) at 11008. BIPOLAR_A16_DECODE_WARPS=2|4|8|16
-// overrides the choice, for tuning.
-// Widest weights of the 32-warp decode CTA (64 registers a thread without spills).
-constexpr int kDecodeWarps32MaxBits = 4;
+// 15.9 / 11.4 / 12.5 (1.3 waves) / 14.3 us (2 waves) at 11008. BIPOLAR_A16_DECODE_WARPS=2|4|8|16|32
+// overrides the choice, for tuning (32 only where the 32-warp CTA can run; else 16).
+// The 32-warp decode CTA (one per SM, 64 registers a thread): for one-part codes of 1, 2 or 4 bits (3 bits,
+// two parts, was 1-9% slower) and runs of at least kDecodeWarps32MinBlocks layout blocks (K >= 8192).
+// Measured on an H100 at M = 1 against 16 warps, two interleaved runs each
+// (benchmarks/results/kernels_decode_warps32_h100.txt): W1 / W2 6-12% faster on 4096 x 11008,
+// 4096 x 14336 and 2048 x 8192, W4 4-6% on the last two (even on 4096 x 11008); on K = 4096 within
+// -3..+5% (W4 slower), so 16 warps there. (At 64 registers W1 / W2 do not spill; W4 spills 24-40 bytes
+// and is still faster where it is used.)
+constexpr bool decode_warps32_bits(int bits) { return bits == 1 || bits == 2 || bits == 4; }
+constexpr int kDecodeWarps32MinBlocks = 128;
 inline int decode_warps_override() {
   static const int v = [] {
     const char* e = std::getenv("BIPOLAR_A16_DECODE_WARPS");
@@ -1221,15 +1229,16 @@ template <typename T, int BITS, int MT>
 void launch_decode_tile(const Problem& p, cudaStream_t stream) {
   using C16 = DecodeConfig<BITS, MT, 16>;
   const int x_bytes = decode_x_smem_bytes(p);
-  // 32 warps: 8 tokens, weights up to kDecodeWarps32MaxBits, x in shared memory (else it spills)
-  const bool can32 = MT == 8 && BITS <= kDecodeWarps32MaxBits && x_bytes > 0 &&
+  // 32 warps: 8 tokens, 1, 2 or 4 bits, x in shared memory (with x from global memory it spills)
+  const bool can32 = MT == 8 && decode_warps32_bits(BITS) && x_bytes > 0 &&
                      std::max(x_bytes, 32 * C16::MT * C16::kRedStride * 4) + 1024 <= p.smem_optin;
   int warps = decode_warps_override();
   if (warps == 0) {
     const int64_t ctas = p.Np / C16::NT;
     int best = 0, best_resident = 0;
-    // one 32-warp CTA per SM, for layers with at most one 32-column tile per SM (N <= 4224 on an H100)
-    if (can32 && ctas <= p.sms) warps = 32;
+    // one 32-warp CTA per SM: layers with at most one 32-column tile per SM (N <= 4224 on an H100) and
+    // a long K
+    if (can32 && ctas <= p.sms && p.Kp / kBlockK >= kDecodeWarps32MinBlocks) warps = 32;
     for (int w = 16; w >= 2 && warps == 0; w /= 2) {
       const int red_bytes = w * C16::MT * C16::kRedStride * 4;  // DecodeConfig<BITS, MT, w>::kSmemBytes
       const int smem = std::max(x_bytes, red_bytes) + 1024;  // + the driver's reserve per CTA
@@ -1239,7 +1248,7 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
     }
     if (warps == 0) warps = best;  // several waves: the most warps resident per SM
   }
-  if constexpr (MT == 8 && BITS <= kDecodeWarps32MaxBits) {
+  if constexpr (MT == 8 && decode_warps32_bits(BITS)) {
     if (warps == 32 && can32) return launch_decode_chunks<T, BITS, MT, 32>(p, stream);
   }
   if (warps == 16 || warps == 32) launch_decode_chunks<T, BITS, MT, 16>(p, stream);

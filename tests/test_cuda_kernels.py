@@ -249,21 +249,24 @@ def test_cuda_graph_capture_and_replay():
         check_gemm(ys, xs, w, "graph replay")
 
 
-def test_decode_one_block_chunks():
-    """The decode kernel's chunks (1 or 2 layout blocks, a16::use_two_block_chunks; the other tests run the
-    default, which picks 2 at 1-2 bits where it can) change how a warp walks K and folds its scale groups,
-    not the result: with BIPOLAR_A16_DECODE_CHUNK=1 (read once per process: a subprocess), the
-    exact-arithmetic test (K of 2 to 64 blocks, group sizes 32 to per-row) and the model shapes (K up to 224
-    blocks) pass for every width."""
+@pytest.mark.parametrize("switch", ["BIPOLAR_A16_DECODE_CHUNK=1", "BIPOLAR_A16_DECODE_WARPS=32"])
+def test_decode_kernel_variants(switch):
+    """Decode kernel variants the defaults leave to some shapes change how warps walk K and fold their scale
+    groups, not the result. With the switch set (read once per process: a subprocess), the exact-arithmetic
+    test (K of 2 to 64 blocks, group sizes 32 to per-row) and the model shapes (K up to 224 blocks) pass for
+    every width: one-block chunks everywhere (BIPOLAR_A16_DECODE_CHUNK=1; the default takes two blocks at
+    1-2 bits where it can), and the 32-warp CTA wherever it can run (M <= 8 at 1, 2, 4 bits with x in
+    shared memory; the default takes it only for K >= 8192 on narrow layers, a16::kDecodeWarps32MinBlocks)."""
     code = ("import test_cuda_kernels as t\n"
             "for bits in range(1, 9):\n"
             "    for dtype in t.DTYPES: t.test_gemm_a16_exact(bits, dtype)\n"
             "for k in (4096, 11008, 14336): t.test_gemm_a16_model_shapes(k)\n")
     tests = Path(__file__).resolve().parent
-    env = dict(os.environ, BIPOLAR_A16_DECODE_CHUNK="1",
+    name, value = switch.split("=")
+    env = dict(os.environ, **{name: value},
                PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", code], cwd=tests, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"BIPOLAR_A16_DECODE_CHUNK=1:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"{switch}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
 # ---- WpAq layers through the weight-only kernels ---------------------------------------------------

@@ -19,7 +19,7 @@ def load_kernel_ops(*names: str) -> tuple[object | None, str]:
     """(torch.ops.bipolar_kernels, "") when the CUDA extension registers ``names``, else (None, why not).
 
     BIPOLAR_TEST_LIB=/path/lib.so tests that library instead of vllm_bipolar._C (e.g. a tuning
-    variant built by csrc/tests/bench_gemm_a16.py --variant).
+    variant of the extension built from another tree).
     """
     def ops():
         ns = torch.ops.bipolar_kernels

@@ -1182,8 +1182,8 @@ void launch_decode(const Problem& p, cudaStream_t stream) {
 // two parts, was 1-9% slower) and runs of at least kDecodeWarps32MinBlocks layout blocks (K >= 8192).
 // Measured on an H100 at M = 1 against 16 warps, two interleaved runs each
 // (benchmarks/results/kernels_decode_warps32_h100.txt): W1 / W2 6-12% faster on 4096 x 11008,
-// 4096 x 14336 and 2048 x 8192, W4 4-6% on the last two (even on 4096 x 11008); on K = 4096 within
-// -3..+5% (W4 slower), so 16 warps there. (At 64 registers W1 / W2 do not spill; W4 spills 24-40 bytes
+// 4096 x 14336 and 2048 x 8192, W4 4-6% faster on the last two and within 1% on 4096 x 11008; on
+// K = 4096 within -3..+5% (W4 slower), so 16 warps there. (At 64 registers W1 / W2 do not spill; W4 spills 24-40 bytes
 // and is still faster where it is used.)
 constexpr bool decode_warps32_bits(int bits) { return bits == 1 || bits == 2 || bits == 4; }
 constexpr int kDecodeWarps32MinBlocks = 128;

@@ -6,12 +6,14 @@
 #   bash benchmarks/sanitizer_check.sh > benchmarks/results/sanitizer_<gpu>.txt
 #   bash benchmarks/sanitizer_check.sh a-bits     # only the shapes whose arguments contain "a-bits"
 #
-# Shapes: decode (M <= 16), mid-M and dequantize + cuBLAS (M > 128) weight-only kernels; the binary WpAq
-# kernel with group 128 (k128 MMAs) and per-row groups (k256), its staged-copy fallback (W5A8) and bf16.
+# Shapes: decode (M <= 16; K = 8192 runs the 32-warp CTA), mid-M and dequantize + cuBLAS (M > 128)
+# weight-only kernels; the binary WpAq kernel with group 128 (k128 MMAs) and per-row groups (k256), its
+# staged-copy fallback (W5A8) and bf16.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SHAPES=(
   "--m 1 --bits 4 --n 200 --k 576"
+  "--m 1 --bits 2 --n 1553 --k 8192"
   "--m 17 --bits 3 --n 77 --k 1000 --group-size 32"
   "--m 40 --bits 8 --n 1553 --k 96 --group-size -1 --dtype bfloat16"
   "--m 300 --bits 2 --n 100 --k 4096"

@@ -94,6 +94,13 @@ int decode_chunk_max() {
   return v;
 }
 
+// Warps per decode CTA: BIPOLAR_A16_DECODE_WARPS (2, 4, 8, 16 or 32; for tuning); unset: 0, the rule of
+// a16::launch_decode_tile.
+int decode_warps() {
+  static const int v = env_choice("BIPOLAR_A16_DECODE_WARPS", 0, {2, 4, 8, 16, 32});
+  return v;
+}
+
 // The decode kernel's one-token fold (Problem::one_token_fold): on unless BIPOLAR_A16_ONE_TOKEN_FOLD=0.
 bool one_token_fold() {
   static const bool v = env_choice("BIPOLAR_A16_ONE_TOKEN_FOLD", 1, {0, 1}) == 1;
@@ -185,6 +192,7 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.pdl = use_pdl(device);
   p.decode_max_m = decode_max_m();
   p.decode_chunk_max = decode_chunk_max();
+  p.decode_warps = decode_warps();
   p.one_token_fold = one_token_fold();
   at::Tensor partial;
   if (!a16::use_decode_kernel(p.M, p.N, p.decode_max_m)) {

@@ -83,6 +83,9 @@ struct Problem {
   // largest chunk of the decode kernel in layout blocks (use_two_block_chunks): 2, or 1 when
   // BIPOLAR_A16_DECODE_CHUNK=1 (for tuning)
   int decode_chunk_max;
+  // warps per decode CTA when BIPOLAR_A16_DECODE_WARPS sets it (2, 4, 8, 16 or 32, for tuning); 0: the
+  // rule of launch_decode_tile
+  int decode_warps;
   // decode kernel at M = 1: fold only the even tokens' accumulators (fold_group); false when
   // BIPOLAR_A16_ONE_TOKEN_FOLD=0 (for A/B timing)
   bool one_token_fold;
@@ -161,8 +164,6 @@ constexpr int64_t kMaxM = int64_t(65535) * 16;
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda_launch.cuh"
-
-#include <cstdlib>
 
 namespace bipolar {
 namespace a16 {
@@ -1157,13 +1158,14 @@ template <typename T, int BITS, class C>
 void launch_decode(const Problem& p, cudaStream_t stream) {
   const int x_bytes = decode_x_smem_bytes(p);
   const dim3 grid(p.Np / C::NT);
-  // x rows in shared memory when they fit (kDecodeXSmemMax, and the device's opt-in limit: less on Ada)
-  // (the 32-warp CTA only with x in shared memory: with x from global memory it spills at 64 registers;
-  // launch_decode_tile picks it only then)
-  if (C::WARPS == 32 || (x_bytes > 0 && x_bytes <= p.smem_optin)) {
+  // x rows in shared memory when they fit (kDecodeXSmemMax, and the device's opt-in limit: less on Ada).
+  // The 32-warp CTA is built only with x in shared memory (from global memory it spills at 64 registers);
+  // launch_decode_tile picks it only when x fits.
+  constexpr bool kXSmemOnly = C::WARPS == 32;
+  if (kXSmemOnly || (x_bytes > 0 && x_bytes <= p.smem_optin)) {
     opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, true>>(std::min(kDecodeXSmemMax, p.smem_optin));
     launch_kernel(gemv_a16_kernel<T, BITS, C, true>, grid, C::kThreads, std::max(x_bytes, C::kSmemBytes), p.pdl, p, stream);
-  } else if constexpr (C::WARPS != 32) {
+  } else if constexpr (!kXSmemOnly) {
     launch_kernel(gemv_a16_kernel<T, BITS, C, false>, grid, C::kThreads, C::kSmemBytes, p.pdl, p, stream);
   }
 }
@@ -1177,7 +1179,7 @@ void launch_decode(const Problem& p, cudaStream_t stream) {
 // Measured at M = 1 (11008 x 4096, 4096 x 4096, 22016 x 4096 W2 with 2 / 4 / 8 / 16 warps and 16 warps
 // per SM, benchmarks/results/kernels_decode_warps_sweep_h100.txt): the time follows the warps resident,
 // 15.9 / 11.4 / 12.5 (1.3 waves) / 14.3 us (2 waves) at 11008. BIPOLAR_A16_DECODE_WARPS=2|4|8|16|32
-// overrides the choice, for tuning (32 only where the 32-warp CTA can run; else 16).
+// (Problem::decode_warps) overrides the choice, for tuning (32 only where the 32-warp CTA can run; else 16).
 // The 32-warp decode CTA (one per SM, 64 registers a thread): for one-part codes of 1, 2 or 4 bits (3 bits,
 // two parts, was 1-9% slower) and runs of at least kDecodeWarps32MinBlocks layout blocks (K >= 8192).
 // Measured on an H100 at M = 1 against 16 warps, two interleaved runs each
@@ -1187,17 +1189,6 @@ void launch_decode(const Problem& p, cudaStream_t stream) {
 // and is still faster where it is used.)
 constexpr bool decode_warps32_bits(int bits) { return bits == 1 || bits == 2 || bits == 4; }
 constexpr int kDecodeWarps32MinBlocks = 128;
-inline int decode_warps_override() {
-  static const int v = [] {
-    const char* e = std::getenv("BIPOLAR_A16_DECODE_WARPS");
-    if (e == nullptr || *e == 0) return 0;
-    const int w = std::atoi(e);
-    TORCH_CHECK(w == 2 || w == 4 || w == 8 || w == 16 || w == 32, "BIPOLAR_A16_DECODE_WARPS must be 2, 4, 8, 16 or 32, got \"", e, "\"");
-    return w;
-  }();
-  return v;
-}
-
 constexpr int kSmemPerSm = 228 * 1024;  // H100 / A100 (less on Ada: then fewer CTAs per SM, still correct)
 
 // Two layout blocks per chunk of the decode kernel at 1 and 2 bits (at 2 bits 16 bytes of weights per lane
@@ -1229,10 +1220,12 @@ template <typename T, int BITS, int MT>
 void launch_decode_tile(const Problem& p, cudaStream_t stream) {
   using C16 = DecodeConfig<BITS, MT, 16>;
   const int x_bytes = decode_x_smem_bytes(p);
+  // shared memory of a CTA of w warps: x or the partial tiles of the final sum (DecodeConfig::kSmemBytes),
+  // + the driver's reserve per CTA
+  auto smem_bytes = [&](int w) { return std::max(x_bytes, w * C16::MT * C16::kRedStride * 4) + 1024; };
   // 32 warps: 8 tokens, 1, 2 or 4 bits, x in shared memory (with x from global memory it spills)
-  const bool can32 = MT == 8 && decode_warps32_bits(BITS) && x_bytes > 0 &&
-                     std::max(x_bytes, 32 * C16::MT * C16::kRedStride * 4) + 1024 <= p.smem_optin;
-  int warps = decode_warps_override();
+  const bool can32 = MT == 8 && decode_warps32_bits(BITS) && x_bytes > 0 && smem_bytes(32) <= p.smem_optin;
+  int warps = p.decode_warps;
   if (warps == 0) {
     const int64_t ctas = p.Np / C16::NT;
     int best = 0, best_resident = 0;
@@ -1240,8 +1233,7 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
     // a long K
     if (can32 && ctas <= p.sms && p.Kp / kBlockK >= kDecodeWarps32MinBlocks) warps = 32;
     for (int w = 16; w >= 2 && warps == 0; w /= 2) {
-      const int red_bytes = w * C16::MT * C16::kRedStride * 4;  // DecodeConfig<BITS, MT, w>::kSmemBytes
-      const int smem = std::max(x_bytes, red_bytes) + 1024;  // + the driver's reserve per CTA
+      const int smem = smem_bytes(w);
       const int per_sm = std::min(C16::kThreadsPerSm / kWarpSize / w, kSmemPerSm / smem);
       if (ctas <= int64_t(p.sms) * per_sm) warps = w;  // the largest CTA with one wave
       if (per_sm * w > best_resident) best = w, best_resident = per_sm * w;

@@ -107,9 +107,10 @@ bool one_token_fold() {
   return v;
 }
 
-// The decode kernel's shared-memory ring (Problem::decode_ring): on unless BIPOLAR_A16_DECODE_RING=0.
-bool decode_ring() {
-  static const bool v = env_choice("BIPOLAR_A16_DECODE_RING", 1, {0, 1}) == 1;
+// Slots of the decode kernel's shared-memory ring per warp (Problem::decode_ring): BIPOLAR_A16_DECODE_RING
+// (0: no ring, 4 or 8); unset: 4.
+int decode_ring() {
+  static const int v = env_choice("BIPOLAR_A16_DECODE_RING", 4, {0, 4, 8});
   return v;
 }
 

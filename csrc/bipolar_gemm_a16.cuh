@@ -89,9 +89,9 @@ struct Problem {
   // decode kernel at M = 1: fold only the even tokens' accumulators (fold_group); false when
   // BIPOLAR_A16_ONE_TOKEN_FOLD=0 (for A/B timing)
   bool one_token_fold;
-  // decode kernel: weights and (s, z) stream through a ring of kDecodeRing chunks per warp in shared
-  // memory (cp.async) where it fits; false when BIPOLAR_A16_DECODE_RING=0 (registers only, for A/B timing)
-  bool decode_ring;
+  // decode kernel: weights and (s, z) stream through a ring of this many chunks per warp in shared memory
+  // (cp.async) where it fits: 4 (BIPOLAR_A16_DECODE_RING=4|8), or 0 (registers only, for A/B timing)
+  int decode_ring;
 };
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
@@ -1269,15 +1269,16 @@ void launch_decode(const Problem& p, cudaStream_t stream) {
   }
 }
 
-// Chunks of the decode kernel through a shared-memory ring of kDecodeRing slots per warp (RING - 1 chunks
-// in flight) when Problem::decode_ring and the ring fits the device's shared memory; else through
-// registers (two chunks). Not for the 32-warp CTA (its 64 registers a thread are the point of it).
-constexpr int kDecodeRing = 4;
+// Chunks of the decode kernel through a shared-memory ring of Problem::decode_ring slots per warp (RING - 1
+// chunks in flight) when the ring fits the device's shared memory; else through registers (two chunks).
+// Not for the 32-warp CTA (its 64 registers a thread are the point of it).
 template <typename T, int BITS, int MT, int WARPS, int D>
 void launch_decode_ring(const Problem& p, cudaStream_t stream) {
-  using Ring = DecodeConfig<BITS, MT, WARPS, D, kDecodeRing>;
+  using Ring4 = DecodeConfig<BITS, MT, WARPS, D, 4>;
+  using Ring8 = DecodeConfig<BITS, MT, WARPS, D, 8>;
   if constexpr (WARPS != 32) {
-    if (p.decode_ring && Ring::kRingBytes <= p.smem_optin) return launch_decode<T, BITS, Ring>(p, stream);
+    if (p.decode_ring == 8 && Ring8::kRingBytes <= p.smem_optin) return launch_decode<T, BITS, Ring8>(p, stream);
+    if (p.decode_ring == 4 && Ring4::kRingBytes <= p.smem_optin) return launch_decode<T, BITS, Ring4>(p, stream);
   }
   launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, D>>(p, stream);
 }
@@ -1335,15 +1336,15 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
   // shared memory of a CTA of w warps: x or the partial tiles of the final sum (DecodeConfig::kSmemBytes),
   // + the driver's reserve per CTA
   // (+ the ring's slots, sized for two-block chunks at 1-2 bits)
-  using Ring = DecodeConfig<BITS, MT, 1, BITS <= 2 ? 2 : 1, kDecodeRing>;
+  using Ring = DecodeConfig<BITS, MT, 1, BITS <= 2 ? 2 : 1, 1>;  // one slot of one warp
   auto smem_bytes = [&](int w) {
-    const int ring = p.decode_ring && w != 32 ? w * Ring::kRingBytes : 0;
+    const int ring = w != 32 ? w * p.decode_ring * Ring::kRingBytes : 0;
     return std::max(x_bytes + ring, w * C16::MT * C16::kRedStride * 4) + 1024;
   };
   // 32 warps: 8 tokens, 1, 2 or 4 bits, x in shared memory (with x from global memory it spills); not
   // with the ring (16 warps with RING - 1 chunks in flight each instead)
   const bool can32 = MT == 8 && decode_warps32_bits(BITS) && x_bytes > 0 && smem_bytes(32) <= p.smem_optin &&
-                     (!p.decode_ring || p.decode_warps == 32);
+                     (p.decode_ring == 0 || p.decode_warps == 32);
   int warps = p.decode_warps;
   if (warps == 0) {
     const int64_t ctas = p.Np / C16::NT;

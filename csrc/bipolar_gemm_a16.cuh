@@ -90,7 +90,7 @@ struct Problem {
   // BIPOLAR_A16_ONE_TOKEN_FOLD=0 (for A/B timing)
   bool one_token_fold;
   // decode kernel: weights and (s, z) stream through a ring of this many chunks per warp in shared memory
-  // (cp.async) where it fits: 4 (BIPOLAR_A16_DECODE_RING=4|8), or 0 (registers only, for A/B timing)
+  // (cp.async) where it fits (BIPOLAR_A16_DECODE_RING=4|8); 0 (the default): through registers
   int decode_ring;
 };
 

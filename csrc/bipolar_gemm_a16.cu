@@ -107,13 +107,6 @@ bool one_token_fold() {
   return v;
 }
 
-// Slots of the decode kernel's shared-memory ring per warp (Problem::decode_ring): BIPOLAR_A16_DECODE_RING
-// (0: no ring, 4 or 8); unset: 0 (the ring is opt-in until it is measured on a GPU).
-int decode_ring() {
-  static const int v = env_choice("BIPOLAR_A16_DECODE_RING", 0, {0, 4, 8});
-  return v;
-}
-
 template <typename T>
 void dispatch(bool dequantize, int bits, const a16::Problem& p, cudaStream_t stream) {
 #define BIPOLAR_CASE(B)                                                        \
@@ -201,7 +194,6 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.decode_chunk_max = decode_chunk_max();
   p.decode_warps = decode_warps();
   p.one_token_fold = one_token_fold();
-  p.decode_ring = decode_ring();
   at::Tensor partial;
   if (!a16::use_decode_kernel(p.M, p.N, p.decode_max_m)) {
     p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms, int(bits));

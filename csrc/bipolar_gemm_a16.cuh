@@ -89,9 +89,6 @@ struct Problem {
   // decode kernel at M = 1: fold only the even tokens' accumulators (fold_group); false when
   // BIPOLAR_A16_ONE_TOKEN_FOLD=0 (for A/B timing)
   bool one_token_fold;
-  // decode kernel: weights and (s, z) stream through a ring of this many chunks per warp in shared memory
-  // (cp.async) where it fits (BIPOLAR_A16_DECODE_RING=4|8); 0 (the default): through registers
-  int decode_ring;
 };
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
@@ -465,17 +462,6 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
-// A lane's w words (w = 1, 2, 4, 8) global -> shared, asynchronously: 4- and 8-byte copies go through L1
-// (.ca: the only form of those sizes), 16-byte ones bypass it (.cg).
-template <int W>
-__device__ __forceinline__ void cp_async_words(uint32_t* dst, const uint32_t* src) {
-  if constexpr (W == 1 || W == 2) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(4 * W));
-  } else {
-#pragma unroll
-    for (int i = 0; i < W / 4; ++i) cp_async16(dst + 4 * i, src + 4 * i, 16);
-  }
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -515,39 +501,23 @@ __device__ __forceinline__ void lds_words(const uint32_t* src, uint32_t* dst) {
   }
 }
 
-// f(std::integral_constant<int, w>, sh) for each part of a BITS-bit code: width w (words per lane) and
-// word offset sh / 32 of the part in a layout block; the width is a constant for the vector load.
-template <int BITS, class F>
-__device__ __forceinline__ void for_each_part(F&& f) {
-#pragma unroll
-  for (int i = 0; i < num_parts(BITS); ++i) {
-    const int w = part_width(BITS, i), sh = part_shift(BITS, i);
-    if (w == 8) f(std::integral_constant<int, 8>{}, sh);
-    else if (w == 4) f(std::integral_constant<int, 4>{}, sh);
-    else if (w == 2) f(std::integral_constant<int, 2>{}, sh);
-    else f(std::integral_constant<int, 1>{}, sh);
-  }
-}
-
 // A lane's BITS words of one layout block (part by part: [part][lane][w words]): streamed from HBM, or
 // (SHARED) read from a copy of the block in shared memory.
 template <int BITS, bool SHARED = false>
 __device__ __forceinline__ void read_block(const uint32_t* blk, int lane, uint32_t (&words)[BITS]) {
-  for_each_part<BITS>([&](auto width, int sh) {
+  auto load = [&](auto width, int sh) {
     constexpr int w = decltype(width)::value;
     if constexpr (SHARED) lds_words<w>(blk + sh * 32 + lane * w, &words[sh]);
     else ldg_stream<w>(blk + sh * 32 + lane * w, &words[sh]);
-  });
-}
-
-// The same words of a layout block copied global -> shared (cp.async, same offsets in `dst`): each lane
-// copies exactly what it later reads with read_block<BITS, true>, so no barrier is needed between them.
-template <int BITS>
-__device__ __forceinline__ void copy_block_async(uint32_t* dst, const uint32_t* blk, int lane) {
-  for_each_part<BITS>([&](auto width, int sh) {
-    constexpr int w = decltype(width)::value;
-    cp_async_words<w>(dst + sh * 32 + lane * w, blk + sh * 32 + lane * w);
-  });
+  };
+#pragma unroll
+  for (int i = 0; i < num_parts(BITS); ++i) {
+    const int w = part_width(BITS, i), sh = part_shift(BITS, i);
+    if (w == 8) load(std::integral_constant<int, 8>{}, sh);
+    else if (w == 4) load(std::integral_constant<int, 4>{}, sh);
+    else if (w == 2) load(std::integral_constant<int, 2>{}, sh);
+    else load(std::integral_constant<int, 1>{}, sh);
+  }
 }
 
 // x tile in shared memory: row m holds SK channels as SK / 8 chunks of 16 bytes; chunk c is stored at
@@ -782,7 +752,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kerne
 // 8-15, A = ones) into bsum; at the group's end (or the run's) three FFMA per output fold them into
 // acc. So W is used exactly (not rounded to fp16 / bf16 first), and the fold runs once per group and
 // warp, not once per weight pair.
-template <int BITS, int MT_, int WARPS_, int D_ = 1, int RING_ = 0, int NB_ = 2>
+template <int BITS, int MT_, int WARPS_, int D_ = 1, int NB_ = 2>
 struct DecodeConfig {
   static constexpr int MT = MT_;
   static constexpr int TG = MT_ / 8;  // groups of 8 tokens: the mma's N
@@ -799,12 +769,6 @@ struct DecodeConfig {
   // output row (t = 0..3, tokens 2 t, 2 t + 1) over different banks
   static constexpr int kRedStride = NT + 4;
   static constexpr int kSmemBytes = WARPS_ * MT_ * kRedStride * 4;
-  // RING > 0: each warp's chunks land in a ring of RING slots in shared memory (after the x rows), RING - 1
-  // chunks in flight per warp whatever the registers; a slot: the chunk's D x NB layout blocks as in HBM,
-  // then per lane its (s, z) words [lane][NB][2] (each lane copies the 2 NB words it reads: no barrier).
-  static constexpr int RING = RING_;
-  static constexpr int kSlotWords = D_ * NB_ * 32 * BITS + kWarpSize * NB_ * 2;
-  static constexpr int kRingBytes = WARPS_ * RING_ * kSlotWords * 4;
   // 24 warps per SM (<= 80 registers a thread): the loads in flight are what keeps HBM busy. 16
   // tokens (twice the B fragments and accumulators) and 5-8 bit weights (their two chunks alone are
   // 4 BITS registers) need more registers: 16 warps. launch_decode_tile sizes the CTAs by this.
@@ -1011,59 +975,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
     }
   };
 
-  // RING: this warp's slots in shared memory, after the x rows. A chunk's copies, issued by each lane for
-  // the words it reads itself (the weight words of its fragments, the (s, z) words of its rows).
-  uint32_t* ring = reinterpret_cast<uint32_t*>(smem) + (X_SMEM ? p.M * xrow_words : 0) + warp * C::RING * C::kSlotWords;
-  constexpr int kSlotSz = D * NB * kBlockWords;  // (s, z) words of a slot, after its weight words
-  auto issue_chunk = [&](int slot, int kb0) {
-    if (kb0 >= kb_end) return;  // warp-uniform
-    uint32_t* sw = ring + slot * C::kSlotWords;
-    const uint32_t* srow = scales + ((kb0 * kBlockK) >> p.group_shift) * p.Np;
-#pragma unroll
-    for (int b = 0; b < NB; ++b)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) cp_async_words<1>(sw + kSlotSz + lane * 2 * NB + 2 * b + h, srow + b * kBlockN + 8 * h);
-#pragma unroll
-    for (int j = 0; j < D; ++j) {
-      const int kb = kb0 + j;
-      if (kb < kb_end) {
-#pragma unroll
-        for (int b = 0; b < NB; ++b)
-          copy_block_async<BITS>(sw + (j * NB + b) * kBlockWords, wbase + (kb - kb_begin) * kBlockWords + b * row_words, lane);
-      }
-    }
-  };
-  auto read_chunk = [&](int slot, Words& words, Sz& sz, int kb0) {
-    const uint32_t* sw = ring + slot * C::kSlotWords;
-#pragma unroll
-    for (int j = 0; j < D; ++j)
-      if (kb0 + j < kb_end) {
-#pragma unroll
-        for (int b = 0; b < NB; ++b) read_block<BITS, true>(sw + (j * NB + b) * kBlockWords, lane, words[j][b]);
-      }
-#pragma unroll
-    for (int b = 0; b < NB; ++b)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) sz[b][h] = sw[kSlotSz + lane * 2 * NB + 2 * b + h];
-  };
-
-  // Without the ring, two chunks in registers: the next one's loads are in flight while this one is
-  // decoded. With it, RING - 1 chunks in flight in shared memory.
+  // Two chunks in registers: the next one's loads are in flight while this one is decoded.
   Words wa, wb;
   Sz sa, sb;
   int kb0 = kb_begin;
   // The first weights are requested while x comes into shared memory and, under PDL (Problem.pdl),
   // before the previous kernel of the stream has finished: weights and scales do not depend on it, x
   // does (griddepcontrol.wait).
-  if constexpr (C::RING > 0) {
-#pragma unroll
-    for (int i = 0; i < C::RING - 1; ++i) {
-      issue_chunk(i, kb_begin + i * D);
-      cp_async_commit();  // (empty groups past the run keep the count of groups uniform)
-    }
-  } else {
-    load_chunk(wa, sa, kb0);
-  }
+  load_chunk(wa, sa, kb0);
   if (p.pdl) grid_dependency_wait();
   if constexpr (X_SMEM) {
     uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
@@ -1081,27 +1000,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
       }
     __syncthreads();  // x rows visible to every warp
   }
-  if constexpr (C::RING > 0) {
-    for (int slot = 0; kb0 < kb_end; kb0 += D) {
-      // the slot read last iteration gets the chunk RING - 1 ahead; then this slot's group is complete
-      issue_chunk(slot == 0 ? C::RING - 1 : slot - 1, kb0 + (C::RING - 1) * D);
-      cp_async_commit();
-      cp_async_wait<C::RING - 1>();
-      read_chunk(slot, wa, sa, kb0);
-      compute_chunk(wa, sa, kb0);
-      slot = slot + 1 == C::RING ? 0 : slot + 1;
-    }
-    cp_async_wait<0>();  // (only empty groups remain: before the shared memory is reused below)
-  } else {
-    while (kb0 < kb_end) {
-      load_chunk(wb, sb, kb0 + D);
-      compute_chunk(wa, sa, kb0);
-      kb0 += D;
-      if (kb0 >= kb_end) break;
-      load_chunk(wa, sa, kb0 + D);
-      compute_chunk(wb, sb, kb0);
-      kb0 += D;
-    }
+  while (kb0 < kb_end) {
+    load_chunk(wb, sb, kb0 + D);
+    compute_chunk(wa, sa, kb0);
+    kb0 += D;
+    if (kb0 >= kb_end) break;
+    load_chunk(wa, sa, kb0 + D);
+    compute_chunk(wb, sb, kb0);
+    kb0 += D;
   }
   if (p.pdl) grid_dependents_launch();  // the next kernel may start requesting its weights
 
@@ -1252,35 +1158,16 @@ template <typename T, int BITS, class C>
 void launch_decode(const Problem& p, cudaStream_t stream) {
   const int x_bytes = decode_x_smem_bytes(p);
   const dim3 grid(p.Np / C::NT);
-  // x rows in shared memory when they fit (kDecodeXSmemMax, and the device's opt-in limit: less on Ada),
-  // with the ring's slots after them (launch_decode_ring checked that the ring alone fits).
+  // x rows in shared memory when they fit (kDecodeXSmemMax, and the device's opt-in limit: less on Ada).
   // The 32-warp CTA is built only with x in shared memory (from global memory it spills at 64 registers);
   // launch_decode_tile picks it only when x fits.
   constexpr bool kXSmemOnly = C::WARPS == 32;
-  const int optin = C::RING > 0 ? p.smem_optin : std::min(kDecodeXSmemMax, p.smem_optin);
-  if (kXSmemOnly || (x_bytes > 0 && x_bytes + C::kRingBytes <= p.smem_optin)) {
-    opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, true>>(optin);
-    launch_kernel(gemv_a16_kernel<T, BITS, C, true>, grid, C::kThreads,
-                  std::max(x_bytes + C::kRingBytes, C::kSmemBytes), p.pdl, p, stream);
+  if (kXSmemOnly || (x_bytes > 0 && x_bytes <= p.smem_optin)) {
+    opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, true>>(std::min(kDecodeXSmemMax, p.smem_optin));
+    launch_kernel(gemv_a16_kernel<T, BITS, C, true>, grid, C::kThreads, std::max(x_bytes, C::kSmemBytes), p.pdl, p, stream);
   } else if constexpr (!kXSmemOnly) {
-    if constexpr (C::RING > 0) opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, false>>(optin);
-    launch_kernel(gemv_a16_kernel<T, BITS, C, false>, grid, C::kThreads, std::max(C::kRingBytes, C::kSmemBytes),
-                  p.pdl, p, stream);
+    launch_kernel(gemv_a16_kernel<T, BITS, C, false>, grid, C::kThreads, C::kSmemBytes, p.pdl, p, stream);
   }
-}
-
-// Chunks of the decode kernel through a shared-memory ring of Problem::decode_ring slots per warp (RING - 1
-// chunks in flight) when the ring fits the device's shared memory; else through registers (two chunks).
-// Not for the 32-warp CTA (its 64 registers a thread are the point of it).
-template <typename T, int BITS, int MT, int WARPS, int D>
-void launch_decode_ring(const Problem& p, cudaStream_t stream) {
-  using Ring4 = DecodeConfig<BITS, MT, WARPS, D, 4>;
-  using Ring8 = DecodeConfig<BITS, MT, WARPS, D, 8>;
-  if constexpr (WARPS != 32) {
-    if (p.decode_ring == 8 && Ring8::kRingBytes <= p.smem_optin) return launch_decode<T, BITS, Ring8>(p, stream);
-    if (p.decode_ring == 4 && Ring4::kRingBytes <= p.smem_optin) return launch_decode<T, BITS, Ring4>(p, stream);
-  }
-  launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, D>>(p, stream);
 }
 
 // Decode CTA: 32 output columns (two 16-row layout blocks: each A fragment serves 4 mma), WARPS warps
@@ -1324,9 +1211,9 @@ void launch_decode_chunks(const Problem& p, cudaStream_t stream) {
   if constexpr (BITS <= 2 && WARPS != 32) {  // (32 warps: two-block chunks spill at 64 registers)
     const int per_warp = (p.Kp / kBlockK + WARPS - 1) / WARPS;  // as gemv_a16_kernel splits K
     if (use_two_block_chunks(p.group_shift, per_warp, p.decode_chunk_max))
-      return launch_decode_ring<T, BITS, MT, WARPS, 2>(p, stream);
+      return launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 2>>(p, stream);
   }
-  launch_decode_ring<T, BITS, MT, WARPS, 1>(p, stream);
+  launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 1>>(p, stream);
 }
 
 template <typename T, int BITS, int MT>
@@ -1335,16 +1222,9 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
   const int x_bytes = decode_x_smem_bytes(p);
   // shared memory of a CTA of w warps: x or the partial tiles of the final sum (DecodeConfig::kSmemBytes),
   // + the driver's reserve per CTA
-  // (+ the ring's slots, sized for two-block chunks at 1-2 bits)
-  using Ring = DecodeConfig<BITS, MT, 1, BITS <= 2 ? 2 : 1, 1>;  // one slot of one warp
-  auto smem_bytes = [&](int w) {
-    const int ring = w != 32 ? w * p.decode_ring * Ring::kRingBytes : 0;
-    return std::max(x_bytes + ring, w * C16::MT * C16::kRedStride * 4) + 1024;
-  };
-  // 32 warps: 8 tokens, 1, 2 or 4 bits, x in shared memory (with x from global memory it spills); not
-  // with the ring (16 warps with RING - 1 chunks in flight each instead)
-  const bool can32 = MT == 8 && decode_warps32_bits(BITS) && x_bytes > 0 && smem_bytes(32) <= p.smem_optin &&
-                     (p.decode_ring == 0 || p.decode_warps == 32);
+  auto smem_bytes = [&](int w) { return std::max(x_bytes, w * C16::MT * C16::kRedStride * 4) + 1024; };
+  // 32 warps: 8 tokens, 1, 2 or 4 bits, x in shared memory (with x from global memory it spills)
+  const bool can32 = MT == 8 && decode_warps32_bits(BITS) && x_bytes > 0 && smem_bytes(32) <= p.smem_optin;
   int warps = p.decode_warps;
   if (warps == 0) {
     const int64_t ctas = p.Np / C16::NT;

@@ -1,5 +1,5 @@
 // The torch ops of the weight-only kernel family (bipolar_gemm_a16.cuh): argument checks, output
-// allocation, dispatch by weight width (instantiated per width in bipolar_gemm_a16_w*.cu).
+// allocation, dispatch by weight width (instantiated per width and type in bipolar_gemm_a16_w*_{fp16,bf16}.cu).
 //   bipolar_kernels::gemm_a16        y[M, N] = x[M, K] @ W^T, tensor cores, weights decoded in registers
 //   bipolar_kernels::dequantize_a16  W[N, K] dense (the large-M path: dequantize, then cuBLAS)
 // Both read the repacked layout built at load (vllm_bipolar/kernels/a16_layout.py).

@@ -1,0 +1,10 @@
+// Kernels of bipolar_gemm_a16.cuh for 2-bit weights and fp16 activations (one file per width and
+// type: parallel compilation).
+#define BIPOLAR_GEMM_A16_KERNELS
+#include "bipolar_gemm_a16.cuh"
+
+namespace bipolar {
+namespace a16 {
+BIPOLAR_GEMM_A16_INSTANTIATE(__half, 2)
+}  // namespace a16
+}  // namespace bipolar

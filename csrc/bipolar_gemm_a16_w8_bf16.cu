@@ -1,0 +1,10 @@
+// Kernels of bipolar_gemm_a16.cuh for 8-bit weights and bf16 activations (one file per width and
+// type: parallel compilation).
+#define BIPOLAR_GEMM_A16_KERNELS
+#include "bipolar_gemm_a16.cuh"
+
+namespace bipolar {
+namespace a16 {
+BIPOLAR_GEMM_A16_INSTANTIATE(__nv_bfloat16, 8)
+}  // namespace a16
+}  // namespace bipolar

@@ -1223,8 +1223,9 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
   // shared memory of a CTA of w warps: x or the partial tiles of the final sum (DecodeConfig::kSmemBytes),
   // + the driver's reserve per CTA
   auto smem_bytes = [&](int w) { return std::max(x_bytes, w * C16::MT * C16::kRedStride * 4) + 1024; };
-  // 32 warps: 8 tokens, 1, 2 or 4 bits, x in shared memory (with x from global memory it spills)
-  const bool can32 = MT == 8 && decode_warps32_bits(BITS) && x_bytes > 0 && smem_bytes(32) <= p.smem_optin;
+  // 32 warps: built for 8 tokens at 1, 2 or 4 bits; run with x in shared memory (from global memory it spills)
+  constexpr bool kHas32 = MT == 8 && decode_warps32_bits(BITS);
+  const bool can32 = kHas32 && x_bytes > 0 && smem_bytes(32) <= p.smem_optin;
   int warps = p.decode_warps;
   if (warps == 0) {
     const int64_t ctas = p.Np / C16::NT;
@@ -1240,7 +1241,7 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
     }
     if (warps == 0) warps = best;  // several waves: the most warps resident per SM
   }
-  if constexpr (MT == 8 && decode_warps32_bits(BITS)) {
+  if constexpr (kHas32) {
     if (warps == 32 && can32) return launch_decode_chunks<T, BITS, MT, 32>(p, stream);
   }
   if (warps == 16 || warps == 32) launch_decode_chunks<T, BITS, MT, 16>(p, stream);

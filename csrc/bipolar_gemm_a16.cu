@@ -101,6 +101,13 @@ int decode_warps() {
   return v;
 }
 
+// 16-row layout blocks per 16-token decode CTA: BIPOLAR_A16_DECODE_NB (1 or 2; for tuning); unset: 0, the
+// rule of a16::launch_decode_tile.
+int decode_nb() {
+  static const int v = env_choice("BIPOLAR_A16_DECODE_NB", 0, {1, 2});
+  return v;
+}
+
 // The decode kernel's one-token fold (Problem::one_token_fold): on unless BIPOLAR_A16_ONE_TOKEN_FOLD=0.
 bool one_token_fold() {
   static const bool v = env_choice("BIPOLAR_A16_ONE_TOKEN_FOLD", 1, {0, 1}) == 1;
@@ -193,6 +200,7 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.decode_max_m = decode_max_m();
   p.decode_chunk_max = decode_chunk_max();
   p.decode_warps = decode_warps();
+  p.decode_nb = decode_nb();
   p.one_token_fold = one_token_fold();
   at::Tensor partial;
   if (!a16::use_decode_kernel(p.M, p.N, p.decode_max_m)) {

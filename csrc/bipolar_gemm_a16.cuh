@@ -86,6 +86,9 @@ struct Problem {
   // warps per decode CTA when BIPOLAR_A16_DECODE_WARPS sets it (2, 4, 8, 16 or 32, for tuning); 0: the
   // rule of launch_decode_tile
   int decode_warps;
+  // 16-row layout blocks per 16-token decode CTA when BIPOLAR_A16_DECODE_NB sets it (1 or 2, for tuning);
+  // 0: the rule of launch_decode_tile
+  int decode_nb;
   // decode kernel at M = 1: fold only the even tokens' accumulators (fold_group); false when
   // BIPOLAR_A16_ONE_TOKEN_FOLD=0 (for A/B timing)
   bool one_token_fold;
@@ -774,7 +777,9 @@ struct DecodeConfig {
   // 4 BITS registers) need more registers: 16 warps. launch_decode_tile sizes the CTAs by this.
   // A CTA of 32 warps (8 tokens, 1, 2 or 4 bits: decode_warps32_bits) fills an SM alone: 1024
   // threads, 64 registers a thread.
-  static constexpr int kThreadsPerSm = WARPS_ == 32 ? 1024 : ((MT_ == 16 || BITS >= 5) ? 512 : 768);
+  // A 16-token CTA of one block row (NB = 1: 32 x 16 A-fragment registers fewer) fits 24 warps again.
+  static constexpr bool kHeavy = (MT_ == 16 && NB_ == 2) || BITS >= 5;
+  static constexpr int kThreadsPerSm = WARPS_ == 32 ? 1024 : (kHeavy ? 512 : 768);
   static constexpr int kMinBlocks = kThreadsPerSm / kThreads > 0 ? kThreadsPerSm / kThreads : 1;
   static_assert(MT_ == 8 || MT_ == 16, "decode tiles are 8 or 16 tokens");
   static_assert(kSmemBytes <= 48 * 1024, "no opt-in needed");
@@ -1206,19 +1211,23 @@ inline bool use_two_block_chunks(int group_shift, int per_warp, int max_blocks) 
   return max_blocks >= 2 && one_group && per_warp % 2 == 0;
 }
 
-template <typename T, int BITS, int MT, int WARPS>
+template <typename T, int BITS, int MT, int WARPS, int NB>
 void launch_decode_chunks(const Problem& p, cudaStream_t stream) {
   if constexpr (BITS <= 2 && WARPS != 32) {  // (32 warps: two-block chunks spill at 64 registers)
     const int per_warp = (p.Kp / kBlockK + WARPS - 1) / WARPS;  // as gemv_a16_kernel splits K
     if (use_two_block_chunks(p.group_shift, per_warp, p.decode_chunk_max))
-      return launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 2>>(p, stream);
+      return launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 2, NB>>(p, stream);
   }
-  launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 1>>(p, stream);
+  launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 1, NB>>(p, stream);
 }
 
-template <typename T, int BITS, int MT>
+template <typename T, int BITS, int MT, int NB = 2>
 void launch_decode_tile(const Problem& p, cudaStream_t stream) {
-  using C16 = DecodeConfig<BITS, MT, 16>;
+  if constexpr (MT == 16 && NB == 2) {
+    // 16 tokens: CTAs of one block row (16 output columns) when BIPOLAR_A16_DECODE_NB=1
+    if (p.decode_nb == 1) return launch_decode_tile<T, BITS, MT, 1>(p, stream);
+  }
+  using C16 = DecodeConfig<BITS, MT, 16, 1, NB>;
   const int x_bytes = decode_x_smem_bytes(p);
   // shared memory of a CTA of w warps: x or the partial tiles of the final sum (DecodeConfig::kSmemBytes),
   // + the driver's reserve per CTA
@@ -1242,12 +1251,12 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
     if (warps == 0) warps = best;  // several waves: the most warps resident per SM
   }
   if constexpr (kHas32) {
-    if (warps == 32 && can32) return launch_decode_chunks<T, BITS, MT, 32>(p, stream);
+    if (warps == 32 && can32) return launch_decode_chunks<T, BITS, MT, 32, NB>(p, stream);
   }
-  if (warps == 16 || warps == 32) launch_decode_chunks<T, BITS, MT, 16>(p, stream);
-  else if (warps == 8) launch_decode_chunks<T, BITS, MT, 8>(p, stream);
-  else if (warps == 4) launch_decode_chunks<T, BITS, MT, 4>(p, stream);
-  else launch_decode_chunks<T, BITS, MT, 2>(p, stream);
+  if (warps == 16 || warps == 32) launch_decode_chunks<T, BITS, MT, 16, NB>(p, stream);
+  else if (warps == 8) launch_decode_chunks<T, BITS, MT, 8, NB>(p, stream);
+  else if (warps == 4) launch_decode_chunks<T, BITS, MT, 4, NB>(p, stream);
+  else launch_decode_chunks<T, BITS, MT, 2, NB>(p, stream);
 }
 
 }  // namespace

@@ -108,6 +108,13 @@ int decode_nb() {
   return v;
 }
 
+// Largest x rows (bytes) in the decode kernel's shared memory: BIPOLAR_A16_DECODE_X_SMEM_KB KiB (64, 72, 96 or
+// 132; for tuning); unset: a16::kDecodeXSmemMaxKb.
+int decode_x_smem_max() {
+  static const int v = 1024 * env_choice("BIPOLAR_A16_DECODE_X_SMEM_KB", a16::kDecodeXSmemMaxKb, {64, 72, 96, 132});
+  return v;
+}
+
 // The decode kernel's one-token fold (Problem::one_token_fold): on unless BIPOLAR_A16_ONE_TOKEN_FOLD=0.
 bool one_token_fold() {
   static const bool v = env_choice("BIPOLAR_A16_ONE_TOKEN_FOLD", 1, {0, 1}) == 1;
@@ -201,6 +208,7 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.decode_chunk_max = decode_chunk_max();
   p.decode_warps = decode_warps();
   p.decode_nb = decode_nb();
+  p.decode_x_smem_max = decode_x_smem_max();
   p.one_token_fold = one_token_fold();
   at::Tensor partial;
   if (!a16::use_decode_kernel(p.M, p.N, p.decode_max_m)) {

@@ -89,10 +89,17 @@ struct Problem {
   // 16-row layout blocks per 16-token decode CTA when BIPOLAR_A16_DECODE_NB sets it (1 or 2, for tuning);
   // 0: the rule of launch_decode_tile
   int decode_nb;
+  // largest x rows (bytes) the decode kernel keeps in shared memory: kDecodeXSmemMaxKb KiB, or
+  // BIPOLAR_A16_DECODE_X_SMEM_KB (for tuning)
+  int decode_x_smem_max;
   // decode kernel at M = 1: fold only the even tokens' accumulators (fold_group); false when
   // BIPOLAR_A16_ONE_TOKEN_FOLD=0 (for A/B timing)
   bool one_token_fold;
 };
+
+// x rows in the decode kernel's shared memory up to this size (launch_decode_tile counts it in the CTAs an
+// SM holds); larger x comes from global memory (L1 / L2).
+constexpr int kDecodeXSmemMaxKb = 64;
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
 // (gemm_a16_kb_per_split) since a split needs a workspace.
@@ -1133,14 +1140,11 @@ void launch_mid(const Problem& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// x rows in shared memory up to this size (launch_decode_tile counts it in the CTAs an SM holds).
-constexpr int kDecodeXSmemMax = 64 * 1024;
-
 // Shared memory of the decode kernel's x rows (Kp + 8 elements apart), 0 when they do not fit (x then
 // comes from global memory).
 inline int decode_x_smem_bytes(const Problem& p) {
   const int bytes = p.M * (p.Kp + 8) * 2;
-  return bytes <= kDecodeXSmemMax ? bytes : 0;
+  return bytes <= p.decode_x_smem_max ? bytes : 0;
 }
 
 // A kernel launch on `stream`, with programmatic dependent launch when `pdl` (Problem.pdl: sm_90+).
@@ -1163,12 +1167,13 @@ template <typename T, int BITS, class C>
 void launch_decode(const Problem& p, cudaStream_t stream) {
   const int x_bytes = decode_x_smem_bytes(p);
   const dim3 grid(p.Np / C::NT);
-  // x rows in shared memory when they fit (kDecodeXSmemMax, and the device's opt-in limit: less on Ada).
+  // x rows in shared memory when they fit (Problem::decode_x_smem_max, and the device's opt-in limit: less
+  // on Ada).
   // The 32-warp CTA is built only with x in shared memory (from global memory it spills at 64 registers);
   // launch_decode_tile picks it only when x fits.
   constexpr bool kXSmemOnly = C::WARPS == 32;
   if (kXSmemOnly || (x_bytes > 0 && x_bytes <= p.smem_optin)) {
-    opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, true>>(std::min(kDecodeXSmemMax, p.smem_optin));
+    opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, true>>(std::min(p.decode_x_smem_max, p.smem_optin));
     launch_kernel(gemv_a16_kernel<T, BITS, C, true>, grid, C::kThreads, std::max(x_bytes, C::kSmemBytes), p.pdl, p, stream);
   } else if constexpr (!kXSmemOnly) {
     launch_kernel(gemv_a16_kernel<T, BITS, C, false>, grid, C::kThreads, C::kSmemBytes, p.pdl, p, stream);

@@ -1104,7 +1104,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
         for (int h = 0; h < 2; ++h) sa[b][h] = slot[NB * D * kBlockWords + b * kBlockN + 8 * h + g];
       __syncwarp();  // every lane has read the slot: refill it
       if (lane == 0 && kb0 + depth * D < kb_end) {
-        fence_proxy_async();
         issue_chunk(kb0 + depth * D, i);
       }
       compute_chunk(wa, sa, kb0);

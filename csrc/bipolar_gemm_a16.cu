@@ -101,27 +101,6 @@ int decode_warps() {
   return v;
 }
 
-// 16-row layout blocks per 16-token decode CTA: BIPOLAR_A16_DECODE_NB (1 or 2; for tuning); unset: 0, the
-// rule of a16::launch_decode_tile.
-int decode_nb() {
-  static const int v = env_choice("BIPOLAR_A16_DECODE_NB", 0, {1, 2});
-  return v;
-}
-
-// Largest x rows (bytes) in the decode kernel's shared memory: BIPOLAR_A16_DECODE_X_SMEM_KB KiB (64, 72, 96 or
-// 132; for tuning); unset: a16::kDecodeXSmemMaxKb.
-int decode_x_smem_max() {
-  static const int v = 1024 * env_choice("BIPOLAR_A16_DECODE_X_SMEM_KB", a16::kDecodeXSmemMaxKb, {64, 72, 96, 132});
-  return v;
-}
-
-// Depth of the decode kernel's BULK ring: BIPOLAR_A16_DECODE_BULK (0, 2, 4 or 8; for an A/B), 0 below sm_90
-// (bulk copies and mbarrier transaction counts are sm_90 features); unset: 0, no ring.
-int decode_bulk(int device) {
-  static const int v = env_choice("BIPOLAR_A16_DECODE_BULK", 0, {0, 2, 4, 8});
-  return device_attribute(kMajor, device) >= 9 ? v : 0;
-}
-
 // The decode kernel's one-token fold (Problem::one_token_fold): on unless BIPOLAR_A16_ONE_TOKEN_FOLD=0.
 bool one_token_fold() {
   static const bool v = env_choice("BIPOLAR_A16_ONE_TOKEN_FOLD", 1, {0, 1}) == 1;
@@ -214,9 +193,6 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.decode_max_m = decode_max_m();
   p.decode_chunk_max = decode_chunk_max();
   p.decode_warps = decode_warps();
-  p.decode_nb = decode_nb();
-  p.decode_x_smem_max = decode_x_smem_max();
-  p.decode_bulk = decode_bulk(device);
   p.one_token_fold = one_token_fold();
   at::Tensor partial;
   if (!a16::use_decode_kernel(p.M, p.N, p.decode_max_m)) {

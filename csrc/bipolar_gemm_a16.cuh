@@ -86,23 +86,10 @@ struct Problem {
   // warps per decode CTA when BIPOLAR_A16_DECODE_WARPS sets it (2, 4, 8, 16 or 32, for tuning); 0: the
   // rule of launch_decode_tile
   int decode_warps;
-  // 16-row layout blocks per 16-token decode CTA when BIPOLAR_A16_DECODE_NB sets it (1 or 2, for tuning);
-  // 0: the rule of launch_decode_tile
-  int decode_nb;
-  // largest x rows (bytes) the decode kernel keeps in shared memory: kDecodeXSmemMaxKb KiB, or
-  // BIPOLAR_A16_DECODE_X_SMEM_KB (for tuning)
-  int decode_x_smem_max;
-  // decode kernel (sm_90, x in shared memory, 1-4 bits): 0, or the depth (2, 4 or 8 chunks) of a per-warp
-  // ring in shared memory that one lane fills with bulk copies (BIPOLAR_A16_DECODE_BULK, for an A/B)
-  int decode_bulk;
   // decode kernel at M = 1: fold only the even tokens' accumulators (fold_group); false when
   // BIPOLAR_A16_ONE_TOKEN_FOLD=0 (for A/B timing)
   bool one_token_fold;
 };
-
-// x rows in the decode kernel's shared memory up to this size (launch_decode_tile counts it in the CTAs an
-// SM holds); larger x comes from global memory (L1 / L2).
-constexpr int kDecodeXSmemMaxKb = 64;
 
 // Largest M of the decode kernel; above it the mid-batch kernel, whose K split the op sets up
 // (gemm_a16_kb_per_split) since a split needs a workspace.
@@ -787,9 +774,7 @@ struct DecodeConfig {
   // 4 BITS registers) need more registers: 16 warps. launch_decode_tile sizes the CTAs by this.
   // A CTA of 32 warps (8 tokens, 1, 2 or 4 bits: decode_warps32_bits) fills an SM alone: 1024
   // threads, 64 registers a thread.
-  // A 16-token CTA of one block row (NB = 1: 32 x 16 A-fragment registers fewer) fits 24 warps again.
-  static constexpr bool kHeavy = (MT_ == 16 && NB_ == 2) || BITS >= 5;
-  static constexpr int kThreadsPerSm = WARPS_ == 32 ? 1024 : (kHeavy ? 512 : 768);
+  static constexpr int kThreadsPerSm = WARPS_ == 32 ? 1024 : ((MT_ == 16 || BITS >= 5) ? 512 : 768);
   static constexpr int kMinBlocks = kThreadsPerSm / kThreads > 0 ? kThreadsPerSm / kThreads : 1;
   static_assert(MT_ == 8 || MT_ == 16, "decode tiles are 8 or 16 tokens");
   static_assert(kSmemBytes <= 48 * 1024, "no opt-in needed");
@@ -832,51 +817,6 @@ __device__ __forceinline__ void grid_dependents_launch() {
 #endif
 }
 
-// Bulk copies into shared memory, completed on an mbarrier (sm_90 TMA, one instruction per contiguous
-// piece; the decode kernel's BULK ring). No-ops below sm_90, where the ring is never launched.
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t ready = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(ready) : "r"(bar), "r"(parity) : "memory");
-  } while (!ready);
-#endif
-}
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-#endif
-}
-// Orders this thread's earlier generic-proxy accesses of shared memory before later bulk copies into it.
-__device__ __forceinline__ void fence_proxy_async() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-
-// The decode kernel's BULK ring: per warp `depth` slots, each one chunk (NB block rows x D blocks of
-// weight words, block row b's D blocks contiguous as in HBM, then the chunk's 32 (s, z) words of its
-// scale row), after the x rows (or the final sum's tiles) in shared memory, then one mbarrier per slot.
-template <int BITS, int NB, int D>
-constexpr int ring_slot_bytes() { return NB * D * 128 * BITS + 4 * kBlockN * NB; }
-__host__ __device__ constexpr int ring_offset(int x_region) { return (x_region + 127) / 128 * 128; }
-template <int BITS, int NB, int D>
-constexpr int ring_bytes(int warps, int depth) { return warps * depth * (ring_slot_bytes<BITS, NB, D>() + 8); }
-
 // x in shared memory (X_SMEM), per token row, in mma order: the B fragment of k-step s of a 64-channel
 // block is x words kw + t and kw + 4 + t (kw = 32 kb + 8 s, t = lane % 4), i.e. word 4 j + t of the
 // block for j = 0..7; they are stored at 8 t + j, so a lane's eight words of a block are two 16-byte
@@ -886,10 +826,7 @@ __device__ __forceinline__ int x_smem_word(int w) { return (w & ~31) | ((w & 3) 
 
 // X_SMEM: the CTA first copies its x rows (M x Kp, zero-filled past K) into shared memory in the order
 // above; otherwise (x too large: many rows of a long K) the fragments come from global memory (L1 / L2).
-// BULK (sm_90, with X_SMEM): the weights and (s, z) words reach shared memory through a per-warp ring of
-// Problem::decode_bulk chunks that lane 0 fills with bulk copies (one per block row and chunk, one for
-// the scale row), each slot refilled as soon as its words are in registers; else two chunks in registers.
-template <typename T, int BITS, class C, bool X_SMEM, bool BULK = false>
+template <typename T, int BITS, class C, bool X_SMEM>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Problem p) {
   using E = Elem<T>;
   using T2 = typename E::T2;
@@ -1042,36 +979,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   Words wa, wb;
   Sz sa, sb;
   int kb0 = kb_begin;
-  // BULK ring of this warp (see ring_slot_bytes): slot i holds chunk n with n % depth == i.
-  constexpr int kSlotBytes = ring_slot_bytes<BITS, NB, D>();
-  const int depth = p.decode_bulk;
-  const uint32_t ring = smem_addr(smem) + ring_offset(max(p.M * (p.Kp + 8) * 2, C::kSmemBytes)) +
-                        warp * depth * kSlotBytes;
-  const uint32_t bars = smem_addr(smem) + ring_offset(max(p.M * (p.Kp + 8) * 2, C::kSmemBytes)) +
-                        C::WARPS * depth * kSlotBytes + warp * depth * 8;
-  const uint32_t* sz_base = static_cast<const uint32_t*>(p.scales) + nb0 * kBlockN;
-  // lane 0: chunk starting at block kb into slot i (its D or fewer blocks per block row, its scale row)
-  auto issue_chunk = [&](int kb, int i) {
-    const int nblk = min(D, kb_end - kb);
-    const uint32_t bar = bars + 8 * i, dst = ring + i * kSlotBytes;
-    mbar_expect_tx(bar, NB * nblk * 128 * BITS + 4 * kBlockN * NB);
-#pragma unroll
-    for (int b = 0; b < NB; ++b)
-      bulk_copy(dst + b * D * 128 * BITS, wbase + (kb - kb_begin) * kBlockWords + b * row_words, nblk * 128 * BITS, bar);
-    bulk_copy(dst + NB * D * 128 * BITS, sz_base + ((kb * kBlockK) >> p.group_shift) * p.Np, 4 * kBlockN * NB, bar);
-  };
-  if constexpr (BULK) {
-    if (lane == 0) {
-      for (int i = 0; i < depth; ++i) mbar_init(bars + 8 * i, 1);
-      for (int i = 0; i < depth && kb_begin + i * D < kb_end; ++i) issue_chunk(kb_begin + i * D, i);
-    }
-    __syncwarp();
-  } else {
-    // The first weights are requested while x comes into shared memory and, under PDL (Problem.pdl),
-    // before the previous kernel of the stream has finished: weights and scales do not depend on it, x
-    // does (griddepcontrol.wait).
-    load_chunk(wa, sa, kb0);
-  }
+  // The first weights are requested while x comes into shared memory and, under PDL (Problem.pdl),
+  // before the previous kernel of the stream has finished: weights and scales do not depend on it, x
+  // does (griddepcontrol.wait).
+  load_chunk(wa, sa, kb0);
   if (p.pdl) grid_dependency_wait();
   if constexpr (X_SMEM) {
     uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
@@ -1089,35 +1000,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
       }
     __syncthreads();  // x rows visible to every warp
   }
-  if constexpr (BULK) {
-    for (int n = 0; kb0 < kb_end; ++n, kb0 += D) {
-      const int i = n & (depth - 1);
-      mbar_wait(bars + 8 * i, (n / depth) & 1);
-      const uint32_t* slot = reinterpret_cast<const uint32_t*>(smem + (ring - smem_addr(smem)) + i * kSlotBytes);
-#pragma unroll
-      for (int j = 0; j < D; ++j)
-#pragma unroll
-        for (int b = 0; b < NB; ++b) read_block<BITS, true>(slot + (b * D + j) * kBlockWords, lane, wa[j][b]);
-#pragma unroll
-      for (int b = 0; b < NB; ++b)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) sa[b][h] = slot[NB * D * kBlockWords + b * kBlockN + 8 * h + g];
-      __syncwarp();  // every lane has read the slot: refill it
-      if (lane == 0 && kb0 + depth * D < kb_end) {
-        issue_chunk(kb0 + depth * D, i);
-      }
-      compute_chunk(wa, sa, kb0);
-    }
-  } else {
-    while (kb0 < kb_end) {
-      load_chunk(wb, sb, kb0 + D);
-      compute_chunk(wa, sa, kb0);
-      kb0 += D;
-      if (kb0 >= kb_end) break;
-      load_chunk(wa, sa, kb0 + D);
-      compute_chunk(wb, sb, kb0);
-      kb0 += D;
-    }
+  while (kb0 < kb_end) {
+    load_chunk(wb, sb, kb0 + D);
+    compute_chunk(wa, sa, kb0);
+    kb0 += D;
+    if (kb0 >= kb_end) break;
+    load_chunk(wa, sa, kb0 + D);
+    compute_chunk(wb, sb, kb0);
+    kb0 += D;
   }
   if (p.pdl) grid_dependents_launch();  // the next kernel may start requesting its weights
 
@@ -1238,11 +1128,14 @@ void launch_mid(const Problem& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// x rows in shared memory up to this size (launch_decode_tile counts it in the CTAs an SM holds).
+constexpr int kDecodeXSmemMax = 64 * 1024;
+
 // Shared memory of the decode kernel's x rows (Kp + 8 elements apart), 0 when they do not fit (x then
 // comes from global memory).
 inline int decode_x_smem_bytes(const Problem& p) {
   const int bytes = p.M * (p.Kp + 8) * 2;
-  return bytes <= p.decode_x_smem_max ? bytes : 0;
+  return bytes <= kDecodeXSmemMax ? bytes : 0;
 }
 
 // A kernel launch on `stream`, with programmatic dependent launch when `pdl` (Problem.pdl: sm_90+).
@@ -1265,21 +1158,12 @@ template <typename T, int BITS, class C>
 void launch_decode(const Problem& p, cudaStream_t stream) {
   const int x_bytes = decode_x_smem_bytes(p);
   const dim3 grid(p.Np / C::NT);
-  // x rows in shared memory when they fit (Problem::decode_x_smem_max, and the device's opt-in limit: less
-  // on Ada).
+  // x rows in shared memory when they fit (kDecodeXSmemMax, and the device's opt-in limit: less on Ada).
   // The 32-warp CTA is built only with x in shared memory (from global memory it spills at 64 registers);
   // launch_decode_tile picks it only when x fits.
   constexpr bool kXSmemOnly = C::WARPS == 32;
-  if constexpr (BITS <= 4) {
-    // the BULK ring (Problem::decode_bulk): with x in shared memory, when the CTA's shared memory fits
-    const int smem = ring_offset(std::max(x_bytes, C::kSmemBytes)) + ring_bytes<BITS, C::NB, C::D>(C::WARPS, p.decode_bulk);
-    if (p.decode_bulk > 0 && x_bytes > 0 && smem <= p.smem_optin) {
-      opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, true, true>>(p.smem_optin);
-      return launch_kernel(gemv_a16_kernel<T, BITS, C, true, true>, grid, C::kThreads, smem, p.pdl, p, stream);
-    }
-  }
   if (kXSmemOnly || (x_bytes > 0 && x_bytes <= p.smem_optin)) {
-    opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, true>>(std::min(p.decode_x_smem_max, p.smem_optin));
+    opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, true>>(std::min(kDecodeXSmemMax, p.smem_optin));
     launch_kernel(gemv_a16_kernel<T, BITS, C, true>, grid, C::kThreads, std::max(x_bytes, C::kSmemBytes), p.pdl, p, stream);
   } else if constexpr (!kXSmemOnly) {
     launch_kernel(gemv_a16_kernel<T, BITS, C, false>, grid, C::kThreads, C::kSmemBytes, p.pdl, p, stream);
@@ -1322,32 +1206,23 @@ inline bool use_two_block_chunks(int group_shift, int per_warp, int max_blocks) 
   return max_blocks >= 2 && one_group && per_warp % 2 == 0;
 }
 
-template <typename T, int BITS, int MT, int WARPS, int NB>
+template <typename T, int BITS, int MT, int WARPS>
 void launch_decode_chunks(const Problem& p, cudaStream_t stream) {
   if constexpr (BITS <= 2 && WARPS != 32) {  // (32 warps: two-block chunks spill at 64 registers)
     const int per_warp = (p.Kp / kBlockK + WARPS - 1) / WARPS;  // as gemv_a16_kernel splits K
     if (use_two_block_chunks(p.group_shift, per_warp, p.decode_chunk_max))
-      return launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 2, NB>>(p, stream);
+      return launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 2>>(p, stream);
   }
-  launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 1, NB>>(p, stream);
+  launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 1>>(p, stream);
 }
 
-template <typename T, int BITS, int MT, int NB = 2>
+template <typename T, int BITS, int MT>
 void launch_decode_tile(const Problem& p, cudaStream_t stream) {
-  if constexpr (MT == 16 && NB == 2) {
-    // 16 tokens: CTAs of one block row (16 output columns) when BIPOLAR_A16_DECODE_NB=1
-    if (p.decode_nb == 1) return launch_decode_tile<T, BITS, MT, 1>(p, stream);
-  }
-  using C16 = DecodeConfig<BITS, MT, 16, 1, NB>;
+  using C16 = DecodeConfig<BITS, MT, 16>;
   const int x_bytes = decode_x_smem_bytes(p);
   // shared memory of a CTA of w warps: x or the partial tiles of the final sum (DecodeConfig::kSmemBytes),
   // + the driver's reserve per CTA
-  // (+ the BULK ring, counted with its largest chunks: two blocks at 1-2 bits)
-  constexpr int kRingD = BITS <= 2 ? 2 : 1;
-  const int ring_depth = BITS <= 4 && x_bytes > 0 ? p.decode_bulk : 0;
-  auto smem_bytes = [&](int w) {
-    return ring_offset(std::max(x_bytes, w * C16::MT * C16::kRedStride * 4)) + ring_bytes<BITS, NB, kRingD>(w, ring_depth) + 1024;
-  };
+  auto smem_bytes = [&](int w) { return std::max(x_bytes, w * C16::MT * C16::kRedStride * 4) + 1024; };
   // 32 warps: built for 8 tokens at 1, 2 or 4 bits; run with x in shared memory (from global memory it spills)
   constexpr bool kHas32 = MT == 8 && decode_warps32_bits(BITS);
   const bool can32 = kHas32 && x_bytes > 0 && smem_bytes(32) <= p.smem_optin;
@@ -1367,12 +1242,12 @@ void launch_decode_tile(const Problem& p, cudaStream_t stream) {
     if (warps == 0) warps = best;  // several waves: the most warps resident per SM
   }
   if constexpr (kHas32) {
-    if (warps == 32 && can32) return launch_decode_chunks<T, BITS, MT, 32, NB>(p, stream);
+    if (warps == 32 && can32) return launch_decode_chunks<T, BITS, MT, 32>(p, stream);
   }
-  if (warps == 16 || warps == 32) launch_decode_chunks<T, BITS, MT, 16, NB>(p, stream);
-  else if (warps == 8) launch_decode_chunks<T, BITS, MT, 8, NB>(p, stream);
-  else if (warps == 4) launch_decode_chunks<T, BITS, MT, 4, NB>(p, stream);
-  else launch_decode_chunks<T, BITS, MT, 2, NB>(p, stream);
+  if (warps == 16 || warps == 32) launch_decode_chunks<T, BITS, MT, 16>(p, stream);
+  else if (warps == 8) launch_decode_chunks<T, BITS, MT, 8>(p, stream);
+  else if (warps == 4) launch_decode_chunks<T, BITS, MT, 4>(p, stream);
+  else launch_decode_chunks<T, BITS, MT, 2>(p, stream);
 }
 
 }  // namespace

@@ -249,18 +249,14 @@ def test_cuda_graph_capture_and_replay():
         check_gemm(ys, xs, w, "graph replay")
 
 
-@pytest.mark.parametrize("switch", ["BIPOLAR_A16_DECODE_CHUNK=1", "BIPOLAR_A16_DECODE_WARPS=32", "BIPOLAR_A16_DECODE_NB=1",
-                                    "BIPOLAR_A16_DECODE_BULK=2", "BIPOLAR_A16_DECODE_BULK=8"])
+@pytest.mark.parametrize("switch", ["BIPOLAR_A16_DECODE_CHUNK=1", "BIPOLAR_A16_DECODE_WARPS=32"])
 def test_decode_kernel_variants(switch):
     """Decode kernel variants the defaults leave to some shapes change how warps walk K and fold their scale
     groups, not the result. With the switch set (read once per process: a subprocess), the exact-arithmetic
     test (K of 2 to 64 blocks, group sizes 32 to per-row) and the model shapes (K up to 224 blocks) pass for
     every width: one-block chunks everywhere (BIPOLAR_A16_DECODE_CHUNK=1; the default takes two blocks at
     1-2 bits where it can), and the 32-warp CTA wherever it can run (M <= 8 at 1, 2, 4 bits with x in
-    shared memory; the default takes it only for K >= 8192 on narrow layers, a16::kDecodeWarps32MinBlocks),
-    16-token CTAs of one 16-row block (BIPOLAR_A16_DECODE_NB=1; M = 16 on narrow layers here), and the
-    weights through a per-warp ring of bulk copies (BIPOLAR_A16_DECODE_BULK=2|8, sm_90: M <= 8 here, and
-    M = 16 where x fits in shared memory; wrapping slots and mbarrier phases on runs of 1 to 112 chunks)."""
+    shared memory; the default takes it only for K >= 8192 on narrow layers, a16::kDecodeWarps32MinBlocks)."""
     code = ("import test_cuda_kernels as t\n"
             "for bits in range(1, 9):\n"
             "    for dtype in t.DTYPES: t.test_gemm_a16_exact(bits, dtype)\n"

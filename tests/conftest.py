@@ -15,6 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 `x` rounded once, to nearest even, to the values of `dtype` (float16 or bfloat16), as float64.
+
+    torch's cast from float64 to these types goes through float32, which rounds twice when x needs more than
+    24 bits: a dequantized weight z + s v with |z| far below |s v| can land on a tie of the narrow type after
+    the first rounding and then go the wrong way. The kernels round z + s v once (one fused multiply-add)."""
+    mant, min_exp = {torch.float16: (11, -14), torch.bfloat16: (8, -126)}[dtype]
+    _, e = torch.frexp(x)  # x = m 2^e with 0.5 <= |m| < 1: the leading bit is 2^(e - 1)
+    ulp_exp = torch.clamp(e - 1, min=min_exp) - (mant - 1)  # below the smallest normal: the subnormal step
+    return torch.ldexp(torch.round(torch.ldexp(x, -ulp_exp)), ulp_exp)  # torch.round: half to even
+
+
 def load_kernel_ops(*names: str) -> tuple[object | None, str]:
     """(torch.ops.bipolar_kernels, "") when the CUDA extension registers ``names``, else (None, why not).
 

@@ -7,8 +7,11 @@ sizes that are expanded to a power-of-two divisor), with and without offsets; pa
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from conftest import round_once
 
 import vllm_bipolar.format as fmt
 from vllm_bipolar.kernels import a16_layout
@@ -46,3 +49,27 @@ def test_parts_cover_every_bit_once():
 def test_group_shift():
     assert a16_layout.group_shift(-1) == a16_layout.NO_GROUPS_SHIFT
     assert [a16_layout.group_shift(g) for g in (32, 64, 128, 256, 96, 160, 192)] == [5, 6, 7, 8, 5, 5, 6]
+
+
+@pytest.mark.parametrize("dtype,mant,min_exp", [(torch.bfloat16, 8, -126), (torch.float16, 11, -14)], ids=["bf16", "fp16"])
+def test_round_once_is_one_rounding(dtype, mant, min_exp):
+    """The GPU tests' reference rounding of float64 weights (conftest.round_once) against a scalar
+    round-half-to-even on fresh random values of every magnitude, subnormals and exact ties; and a value that
+    torch's cast (through float32) rounds twice: 1 + 2^-8 + 2^-30 is above bf16's tie at 1 + 2^-8."""
+    def rne(v):
+        if v == 0:
+            return 0.0
+        ulp = 2.0 ** (max(math.frexp(abs(v))[1] - 1, min_exp) - (mant - 1))
+        f, r = divmod(abs(v) / ulp, 1.0)
+        return math.copysign((f + (r > 0.5 or (r == 0.5 and f % 2 == 1))) * ulp, v)
+
+    x = torch.randn(5000, dtype=torch.float64) * torch.exp(torch.randn(5000, dtype=torch.float64) * 6)
+    ties = torch.tensor([1 + 2.0 ** -mant, 1 + 3 * 2.0 ** -mant, -(1 + 2.0 ** -mant), 2.0 ** (min_exp - mant) * 3, 0.0],
+                        dtype=torch.float64)
+    x = torch.cat([x.clamp(-6e4, 6e4), ties])
+    got = round_once(x, dtype)
+    assert torch.equal(got, torch.tensor([rne(v) for v in x.tolist()], dtype=torch.float64))
+    assert torch.equal(got.to(dtype).to(torch.float64), got)
+    twice = torch.tensor([1 + 2.0 ** -8 + 2.0 ** -30], dtype=torch.float64)
+    assert round_once(twice, torch.bfloat16).item() == 1 + 2.0 ** -7
+    assert twice.to(torch.bfloat16).item() == 1.0  # torch's cast: the case round_once exists for

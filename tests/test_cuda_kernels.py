@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import vllm_bipolar.format as fmt
-from conftest import load_kernel_ops
+from conftest import load_kernel_ops, round_once
 from vllm_bipolar.kernels import a16_layout
 
 OPS, WHY = load_kernel_ops("gemm_a16", "dequantize_a16") if torch.cuda.is_available() else (None, "no CUDA device")
@@ -80,7 +80,7 @@ def check_gemm(y, x, w, what):
     assert torch.isfinite(y).all(), f"{what}: non-finite output"
     x64 = x.to(torch.float64)
     if not uses_decode_kernel(x.shape[0], w.exact.shape[0]):
-        wr = w.exact.to(x.dtype).to(torch.float64)
+        wr = round_once(w.exact, x.dtype)
         accumulated = x64.abs() @ wr.abs().T
     else:
         wr = w.exact
@@ -175,7 +175,7 @@ def test_dequantize_a16_matches_layout(bits, dtype):
         qw, sc, shift, w = make_layer(n, k, bits, group_size, False, dtype)
         got = OPS.dequantize_a16(qw, sc, n, k, shift)
         assert got.shape == (n, k) and got.dtype == dtype
-        exact = a16_layout.dequantize(qw, sc, n, k, shift).to(dtype)
+        exact = round_once(a16_layout.dequantize(qw, sc, n, k, shift), dtype).to(dtype)
         if bits == 8 and dtype == torch.bfloat16:
             torch.testing.assert_close(got, exact, rtol=ULP[dtype], atol=0)
         else:
@@ -192,7 +192,7 @@ def test_layout_matches_checkpoint():
         ref = fmt.dequantize_packed(qweight, q.scales, q.zeros, k, gs, torch.float64)
         qw, sc, shift = a16_layout.repack(qweight, q.scales, q.zeros, k, gs)
         got = OPS.dequantize_a16(qw, sc, n, k, shift).to(torch.float64)
-        assert torch.equal(got, ref.to(torch.float16).to(torch.float64)), f"W{bits}"
+        assert torch.equal(got, round_once(ref, torch.float16)), f"W{bits}"
 
 
 # ---- the op: dispatch by M, odd K, unaligned and strided activations ----------------------------------
@@ -291,5 +291,5 @@ def test_wpaq_through_a16_kernels(w_bits, a_bits):
         else:
             # dequantize + cuBLAS: the fp16 GEMM of unquantized layers (torch lets cuBLAS reduce in
             # reduced precision), so the reference is that GEMM on the layout's exact weights
-            ref = torch.nn.functional.linear(xq, w.exact.to(xq.dtype))
+            ref = torch.nn.functional.linear(xq, round_once(w.exact, xq.dtype).to(xq.dtype))
             torch.testing.assert_close(y, ref, rtol=ULP[xq.dtype], atol=ULP[xq.dtype] * float(ref.abs().max()), msg=what)

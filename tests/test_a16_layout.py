@@ -68,7 +68,9 @@ def test_round_once_is_one_rounding(dtype, mant, min_exp):
                         dtype=torch.float64)
     x = torch.cat([x.clamp(-6e4, 6e4), ties])
     got = round_once(x, dtype)
-    assert torch.equal(got, torch.tensor([rne(v) for v in x.tolist()], dtype=torch.float64))
+    bad = got != torch.tensor([rne(v) for v in x.tolist()], dtype=torch.float64)
+    assert not bad.any(), f"{dtype}: {int(bad.sum())} values rounded otherwise, e.g. {x[bad][:4].tolist()}"
+
     assert torch.equal(got.to(dtype).to(torch.float64), got)
     twice = torch.tensor([1 + 2.0 ** -8 + 2.0 ** -30], dtype=torch.float64)
     assert round_once(twice, torch.bfloat16).item() == 1 + 2.0 ** -7

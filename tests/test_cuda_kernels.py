@@ -182,6 +182,30 @@ def test_dequantize_a16_matches_layout(bits, dtype):
             assert torch.equal(got, exact), f"W{bits} {dtype} N={n} K={k} g={group_size}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_mid_kernel_weights_are_rounded_once(bits, dtype):
+    """The mid-batch kernel's weights, read out one channel at a time (x = rows of the identity, M = 100:
+    each output is one product, exact in fp32, then a dtype value again), equal z + s v rounded once to the
+    dtype (bf16 W8 goes through fp32: 1 ulp). Pins down which rounding the kernel's decode makes, which the
+    float tests only see through sums."""
+    n, k, chunk = 200, 1000, 100
+    qw, sc, shift, w = make_layer(n, k, bits, 32, False, dtype)
+    want = round_once(w.exact, dtype)
+    for c0 in range(0, k, chunk):
+        x = torch.zeros(chunk, k, device=DEV, dtype=dtype)
+        x[torch.arange(chunk), c0 + torch.arange(chunk)] = 1
+        got = OPS.gemm_a16(x, qw, sc, n, k, shift).T.to(torch.float64)  # [n, chunk]: W[:, c0 + i]
+        ref = want[:, c0:c0 + chunk]
+        if bits == 8 and dtype == torch.bfloat16:
+            torch.testing.assert_close(got, ref, rtol=ULP[dtype], atol=0)
+        else:
+            bad = got != ref
+            assert not bad.any(), (f"W{bits} {dtype}: {int(bad.sum())} weights of channels {c0}..{c0 + chunk - 1} "
+                                   f"differ, e.g. kernel {got[bad][:3].tolist()} reference {ref[bad][:3].tolist()} "
+                                   f"exact {w.exact[:, c0:c0 + chunk][bad][:3].tolist()}")
+
+
 def test_layout_matches_checkpoint():
     """The repacked weight is the checkpoint's weight: z + s v rounded once, like the reference."""
     for bits in (1, 3, 4, 7, 8):

@@ -175,11 +175,19 @@ def test_dequantize_a16_matches_layout(bits, dtype):
         qw, sc, shift, w = make_layer(n, k, bits, group_size, False, dtype)
         got = OPS.dequantize_a16(qw, sc, n, k, shift)
         assert got.shape == (n, k) and got.dtype == dtype
-        exact = round_once(a16_layout.dequantize(qw, sc, n, k, shift), dtype).to(dtype)
-        if bits == 8 and dtype == torch.bfloat16:
-            torch.testing.assert_close(got, exact, rtol=ULP[dtype], atol=0)
-        else:
-            assert torch.equal(got, exact), f"W{bits} {dtype} N={n} K={k} g={group_size}"
+        exact = round_once(a16_layout.dequantize(qw, sc, n, k, shift), dtype)
+        assert_rounded_once(got.to(torch.float64), exact, bits, dtype, f"W{bits} {dtype} N={n} K={k} g={group_size}")
+
+
+def assert_rounded_once(got, want, bits, dtype, what):
+    """Kernel weights (float64) equal `want`, the exact weights rounded once to dtype, bit for bit; bf16 W8
+    goes through fp32 (1 ulp)."""
+    if bits == 8 and dtype == torch.bfloat16:
+        torch.testing.assert_close(got, want, rtol=ULP[dtype], atol=0, msg=what)
+        return
+    bad = got != want
+    assert not bad.any(), (f"{what}: {int(bad.sum())} weights differ, e.g. kernel {got[bad][:3].tolist()} "
+                           f"reference {want[bad][:3].tolist()}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
@@ -196,14 +204,7 @@ def test_mid_kernel_weights_are_rounded_once(bits, dtype):
         x = torch.zeros(chunk, k, device=DEV, dtype=dtype)
         x[torch.arange(chunk), c0 + torch.arange(chunk)] = 1
         got = OPS.gemm_a16(x, qw, sc, n, k, shift).T.to(torch.float64)  # [n, chunk]: W[:, c0 + i]
-        ref = want[:, c0:c0 + chunk]
-        if bits == 8 and dtype == torch.bfloat16:
-            torch.testing.assert_close(got, ref, rtol=ULP[dtype], atol=0)
-        else:
-            bad = got != ref
-            assert not bad.any(), (f"W{bits} {dtype}: {int(bad.sum())} weights of channels {c0}..{c0 + chunk - 1} "
-                                   f"differ, e.g. kernel {got[bad][:3].tolist()} reference {ref[bad][:3].tolist()} "
-                                   f"exact {w.exact[:, c0:c0 + chunk][bad][:3].tolist()}")
+        assert_rounded_once(got, want[:, c0:c0 + chunk], bits, dtype, f"W{bits} {dtype} channels {c0}..{c0 + chunk - 1}")
 
 
 def test_layout_matches_checkpoint():

@@ -236,6 +236,19 @@ struct Elem<__half> {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+  // d = a b (C = 0): the first mma of a scale group in the decode kernel, so that no register is reset
+  static __device__ __forceinline__ void mma_zero(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%10,%10,%10};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+  }
+  // d = a b when `zero` (a constant where the decode kernel calls it), else d += a b
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool zero) {
+    if (zero) mma_zero(d, a, b0, b1);
+    else mma(d, a, b0, b1);
+  }
 };
 
 template <>
@@ -262,6 +275,19 @@ struct Elem<__nv_bfloat16> {
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // d = a b (C = 0): the first mma of a scale group in the decode kernel, so that no register is reset
+  static __device__ __forceinline__ void mma_zero(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%10,%10,%10};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+  }
+  // d = a b when `zero` (a constant where the decode kernel calls it), else d += a b
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool zero) {
+    if (zero) mma_zero(d, a, b0, b1);
+    else mma(d, a, b0, b1);
   }
 };
 
@@ -765,6 +791,9 @@ struct DecodeConfig {
   // row), so that its scale words take no more registers than a one-block chunk's.
   static constexpr int D = D_;
   static_assert(D_ == 1 || D_ == 2, "chunks of 1 or 2 blocks");
+  // two-block chunks run only with 128-channel groups (use_two_block_chunks): every chunk is one whole
+  // scale group, so its first mma start from zero and its fold comes at its end, with no test or reset
+  static constexpr bool kChunkIsGroup = D_ == 2;
   // partial tiles of the final sum, [WARPS][MT][NT + 4]: the + 4 spreads the 4 lanes that share an
   // output row (t = 0..3, tokens 2 t, 2 t + 1) over different banks
   static constexpr int kRedStride = NT + 4;
@@ -781,11 +810,12 @@ struct DecodeConfig {
 };
 
 // The decode kernel's fold of one scale group (gemv_a16_kernel): acc += 2 s (tsum - sum beta x) +
-// (z - L s) sum x per output, then tsum and bsum start the next group at zero. STEP 2 (one token) folds
-// only the elements of even tokens (e = 0, 2: token 2 t, token 0 in the lanes that store it): the odd
-// ones hold copies of token 0 (every B column reads row 0 when M = 1) that are never stored, so they may
-// keep accumulating, and a third of the fold's instructions go.
-template <int STEP, int NB, int TG>
+// (z - L s) sum x per output. RESET: then tsum and bsum start the next group at zero (else the next
+// group's first mma starts from a zero C operand: two-block chunks, DecodeConfig::kChunkIsGroup).
+// STEP 2 (one token) folds only the elements of even tokens (e = 0, 2: token 2 t, token 0 in the lanes
+// that store it): the odd ones hold copies of token 0 (every B column reads row 0 when M = 1) that are
+// never stored, so they may keep accumulating, and a third of the fold's instructions go.
+template <int STEP, bool RESET, int NB, int TG>
 __device__ __forceinline__ void fold_group(float (&acc)[NB][TG][4], float (&tsum)[NB][TG][4], float (&bsum)[TG][4],
                                            const float (&s2)[NB][2], const float (&zl)[NB][2]) {
 #pragma unroll
@@ -796,12 +826,14 @@ __device__ __forceinline__ void fold_group(float (&acc)[NB][TG][4], float (&tsum
       for (int e = 0; e < 4; e += STEP) {
         const int h = e / 2;
         acc[b][q][e] = fmaf(s2[b][h], tsum[b][q][e] - bsum[q][e % 2], fmaf(zl[b][h], bsum[q][2 + e % 2], acc[b][q][e]));
-        tsum[b][q][e] = 0.f;
+        if constexpr (RESET) tsum[b][q][e] = 0.f;
       }
+  if constexpr (RESET) {
 #pragma unroll
-  for (int q = 0; q < TG; ++q)
+    for (int q = 0; q < TG; ++q)
 #pragma unroll
-    for (int e = 0; e < 4; e += STEP) bsum[q][e] = 0.f;
+      for (int e = 0; e < 4; e += STEP) bsum[q][e] = 0.f;
+  }
 }
 
 // Programmatic dependent launch (sm_90+): wait for the previous kernel of the stream (its memory
@@ -845,7 +877,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   const int row_words = kblocks * kBlockWords;  // one 16-row block row across all of K (< 2^31 words)
   const uint32_t* scales = static_cast<const uint32_t*>(p.scales) + nb0 * kBlockN + g;  // (s, z) words
   const T* x = static_cast<const T*>(p.x);
-  const bool two_groups = p.group_shift < 6;  // group size 32: a 64-channel block has two scale rows
+  // group size 32: a 64-channel block has two scale rows
+  const bool two_groups = !C::kChunkIsGroup && p.group_shift < 6;
   // This warp's run of layout blocks [kb_begin, kb_end): contiguous, so that a scale group's blocks
   // are folded once. The launch (use_two_block_chunks) picks D = 2 only when D divides per_warp and the
   // group's blocks, so every chunk starts on a multiple of D and lies inside one scale group.
@@ -897,7 +930,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   // The end of a scale group: 2 s and z - L s from the (s, z) words of rows g, g + 8 of each block row,
   // then fold_group (with one token, M = 1, only the even tokens' elements; a warp-uniform branch).
   const bool one_token = TG == 1 && p.M == 1 && p.one_token_fold;
-  auto fold = [&](const uint32_t (&sz)[NB][2]) {
+  // RESET false only where the next k-step is a chunk's first (kChunkIsGroup: its mma start from zero)
+  // (a literal at every call: the branch on it folds away; a generic lambda here crashed nvcc 13.0)
+  auto fold = [&](const uint32_t (&sz)[NB][2], bool reset) {
     float s2[NB][2], zl[NB][2];
 #pragma unroll
     for (int b = 0; b < NB; ++b)
@@ -908,8 +943,13 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
         s2[b][h] = 2.f * s;
         zl[b][h] = fmaf(-kL, s, z);
       }
-    if (one_token) fold_group<2>(acc, tsum, bsum, s2, zl);
-    else fold_group<1>(acc, tsum, bsum, s2, zl);
+    if (reset) {
+      if (one_token) fold_group<2, true>(acc, tsum, bsum, s2, zl);
+      else fold_group<1, true>(acc, tsum, bsum, s2, zl);
+    } else {
+      if (one_token) fold_group<2, false>(acc, tsum, bsum, s2, zl);
+      else fold_group<1, false>(acc, tsum, bsum, s2, zl);
+    }
   };
   auto compute_chunk = [&](const Words& words, const Sz& sz, int kb0) {
 #pragma unroll
@@ -935,11 +975,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
       }
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
+        // a chunk that is a whole group: its first k-step's mma start from zero (the last fold left the
+        // previous group's sums)
+        const bool zero = C::kChunkIsGroup && j == 0 && s == 0;
         // bias mma: rows 0-7 (a0, a2) the betas of pairs 4 s, 4 s + 1 (those of rows 8-15 are equal),
         // rows 8-15 (a1, a3) ones
         const uint32_t ab[4] = {R::beta(4 * s), E::pow2(0, false), R::beta(4 * s + 1), E::pow2(0, false)};
 #pragma unroll
-        for (int q = 0; q < TG; ++q) E::mma(bsum[q], ab, xb[q][2 * s], xb[q][2 * s + 1]);
+        for (int q = 0; q < TG; ++q) E::mma(bsum[q], ab, xb[q][2 * s], xb[q][2 * s + 1], zero);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           // A of rows 0-7 (h = 0) and 8-15 (h = 1): a0 / a2 = pairs 4 s + 0 / 1, a1 / a3 = pairs 4 s + 2 / 3
@@ -954,11 +997,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
           BIPOLAR_RAW_CASE(0) BIPOLAR_RAW_CASE(1) BIPOLAR_RAW_CASE(2) BIPOLAR_RAW_CASE(3)
 #undef BIPOLAR_RAW_CASE
 #pragma unroll
-          for (int q = 0; q < TG; ++q) E::mma(tsum[b][q], a, xb[q][2 * s], xb[q][2 * s + 1]);
+          for (int q = 0; q < TG; ++q) E::mma(tsum[b][q], a, xb[q][2 * s], xb[q][2 * s + 1], zero);
         }
         // group size 32: channels 0-31 of the block are a group of their own
-        if (s == 1 && two_groups) fold(sz);
+        if (s == 1 && two_groups) fold(sz, true);
       }
+      if constexpr (C::kChunkIsGroup) continue;  // folded after the chunk
       // The group ends with this block (or the warp's run does): fold. For 32-channel groups, the
       // second half's (s, z) row is the next one, read here (from L2).
       if (two_groups) {
@@ -968,11 +1012,13 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
         for (int b = 0; b < NB; ++b)
 #pragma unroll
           for (int h = 0; h < 2; ++h) sz2[b][h] = __ldg(srow2 + b * kBlockN + 8 * h);
-        fold(sz2);
+        fold(sz2, true);
       } else if (kb + 1 == kb_end || (((kb + 1) * kBlockK) >> p.group_shift) != ((kb * kBlockK) >> p.group_shift)) {
-        fold(sz);
+        fold(sz, true);
       }
     }
+    // the chunk's group ends (a run ends at a chunk's end too); the next chunk starts from zero
+    if constexpr (C::kChunkIsGroup) fold(sz, false);
   };
 
   // Two chunks in registers: the next one's loads are in flight while this one is decoded.
@@ -1193,7 +1239,7 @@ constexpr int kSmemPerSm = 228 * 1024;  // H100 / A100 (less on Ada: then fewer 
 
 // Two layout blocks per chunk of the decode kernel at 1 and 2 bits (at 2 bits 16 bytes of weights per lane
 // and block row, as one block has at 4 bits; launch_decode_chunks asks only there), else one: one when the
-// scale groups are shorter than two blocks (a chunk has one (s, z) row), when a warp's run of `per_warp`
+// scale groups are not 128 channels (a chunk is one whole group, DecodeConfig::kChunkIsGroup), when a warp's run of `per_warp`
 // blocks is odd (a longer, rounded-up run would leave the CTA's last warps idle), or when
 // BIPOLAR_A16_DECODE_CHUNK=1 (`max_blocks`). Measured on an H100, one build, M = 1 / 8 / 16, W1 / W2, group 128, two runs of
 // two-block chunks against one of one-block chunks (kernels_decode_chunks_h100.json): two-block chunks
@@ -1202,7 +1248,7 @@ constexpr int kSmemPerSm = 228 * 1024;  // H100 / A100 (less on Ada: then fewer 
 // 11008, 11 blocks per warp: M = 16 W2 17.8 -> 18.7), hence the rule. Four-block chunks at 1 bit
 // spilled at 80 registers: not built.
 inline bool use_two_block_chunks(int group_shift, int per_warp, int max_blocks) {
-  const bool one_group = group_shift >= 7;  // groups of 128 channels or more: two blocks share an (s, z) row
+  const bool one_group = group_shift == 7;  // 128-channel groups: a chunk is one group (kChunkIsGroup)
   return max_blocks >= 2 && one_group && per_warp % 2 == 0;
 }
 

@@ -778,7 +778,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kerne
 // 8-15, A = ones) into bsum; at the group's end (or the run's) three FFMA per output fold them into
 // acc. So W is used exactly (not rounded to fp16 / bf16 first), and the fold runs once per group and
 // warp, not once per weight pair.
-template <int BITS, int MT_, int WARPS_, int D_ = 1, int NB_ = 2>
+template <int BITS, int MT_, int WARPS_, int D_ = 1, int NB_ = 2, int GC_ = (D_ == 2 ? 1 : 0)>
 struct DecodeConfig {
   static constexpr int MT = MT_;
   static constexpr int TG = MT_ / 8;  // groups of 8 tokens: the mma's N
@@ -791,9 +791,13 @@ struct DecodeConfig {
   // row), so that its scale words take no more registers than a one-block chunk's.
   static constexpr int D = D_;
   static_assert(D_ == 1 || D_ == 2, "chunks of 1 or 2 blocks");
-  // two-block chunks run only with 128-channel groups (use_two_block_chunks): every chunk is one whole
-  // scale group, so its first mma start from zero and its fold comes at its end, with no test or reset
-  static constexpr bool kChunkIsGroup = D_ == 2;
+  // chunks per scale group when the launch knows it (launch_decode_chunks), else 0: every warp's run then
+  // starts on a group and each group is 1 chunk (two-block chunks: they run only with 128-channel
+  // groups) or 2 (one-block chunks, 128-channel groups, runs of an even number of blocks). The group's
+  // first mma then start from a zero C operand and its fold comes at its last chunk's end, with no
+  // test or register reset in the loop (0: tests per block, and resets).
+  static constexpr int kGroupChunks = GC_;
+  static_assert(GC_ == 0 || GC_ * D_ == 2, "known groups are 128 channels");
   // partial tiles of the final sum, [WARPS][MT][NT + 4]: the + 4 spreads the 4 lanes that share an
   // output row (t = 0..3, tokens 2 t, 2 t + 1) over different banks
   static constexpr int kRedStride = NT + 4;
@@ -811,7 +815,7 @@ struct DecodeConfig {
 
 // The decode kernel's fold of one scale group (gemv_a16_kernel): acc += 2 s (tsum - sum beta x) +
 // (z - L s) sum x per output. RESET: then tsum and bsum start the next group at zero (else the next
-// group's first mma starts from a zero C operand: two-block chunks, DecodeConfig::kChunkIsGroup).
+// group's first mma starts from a zero C operand: DecodeConfig::kGroupChunks).
 // STEP 2 (one token) folds only the elements of even tokens (e = 0, 2: token 2 t, token 0 in the lanes
 // that store it): the odd ones hold copies of token 0 (every B column reads row 0 when M = 1) that are
 // never stored, so they may keep accumulating, and a third of the fold's instructions go.
@@ -878,7 +882,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   const uint32_t* scales = static_cast<const uint32_t*>(p.scales) + nb0 * kBlockN + g;  // (s, z) words
   const T* x = static_cast<const T*>(p.x);
   // group size 32: a 64-channel block has two scale rows
-  const bool two_groups = !C::kChunkIsGroup && p.group_shift < 6;
+  constexpr int GC = C::kGroupChunks;
+  const bool two_groups = GC == 0 && p.group_shift < 6;
   // This warp's run of layout blocks [kb_begin, kb_end): contiguous, so that a scale group's blocks
   // are folded once. The launch (use_two_block_chunks) picks D = 2 only when D divides per_warp and the
   // group's blocks, so every chunk starts on a multiple of D and lies inside one scale group.
@@ -930,7 +935,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   // The end of a scale group: 2 s and z - L s from the (s, z) words of rows g, g + 8 of each block row,
   // then fold_group (with one token, M = 1, only the even tokens' elements; a warp-uniform branch).
   const bool one_token = TG == 1 && p.M == 1 && p.one_token_fold;
-  // RESET false only where the next k-step is a chunk's first (kChunkIsGroup: its mma start from zero)
+  // RESET false only where the next k-step is a chunk's first (kGroupChunks: its mma start from zero)
   // (a literal at every call: the branch on it folds away; a generic lambda here crashed nvcc 13.0)
   auto fold = [&](const uint32_t (&sz)[NB][2], bool reset) {
     float s2[NB][2], zl[NB][2];
@@ -951,7 +956,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
       else fold_group<1, false>(acc, tsum, bsum, s2, zl);
     }
   };
-  auto compute_chunk = [&](const Words& words, const Sz& sz, int kb0) {
+  // starts / ends (literals; kGroupChunks only): the chunk starts / ends a scale group
+  auto compute_chunk = [&](const Words& words, const Sz& sz, int kb0, bool starts, bool ends) {
 #pragma unroll
     for (int j = 0; j < D; ++j) {
       const int kb = kb0 + j;
@@ -975,9 +981,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
       }
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
-        // a chunk that is a whole group: its first k-step's mma start from zero (the last fold left the
-        // previous group's sums)
-        const bool zero = C::kChunkIsGroup && j == 0 && s == 0;
+        // a group's first k-step: its mma start from zero (the last fold left the previous group's sums)
+        const bool zero = starts && j == 0 && s == 0;
         // bias mma: rows 0-7 (a0, a2) the betas of pairs 4 s, 4 s + 1 (those of rows 8-15 are equal),
         // rows 8-15 (a1, a3) ones
         const uint32_t ab[4] = {R::beta(4 * s), E::pow2(0, false), R::beta(4 * s + 1), E::pow2(0, false)};
@@ -1002,7 +1007,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
         // group size 32: channels 0-31 of the block are a group of their own
         if (s == 1 && two_groups) fold(sz, true);
       }
-      if constexpr (C::kChunkIsGroup) continue;  // folded after the chunk
+      if constexpr (GC != 0) continue;  // folded after the group's last chunk
       // The group ends with this block (or the warp's run does): fold. For 32-channel groups, the
       // second half's (s, z) row is the next one, read here (from L2).
       if (two_groups) {
@@ -1017,8 +1022,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
         fold(sz, true);
       }
     }
-    // the chunk's group ends (a run ends at a chunk's end too); the next chunk starts from zero
-    if constexpr (C::kChunkIsGroup) fold(sz, false);
+    // the group ends (a run ends at a group's end too, or after a group's first chunk: below); the next
+    // chunk starts from zero
+    if (ends) fold(sz, false);
   };
 
   // Two chunks in registers: the next one's loads are in flight while this one is decoded.
@@ -1046,13 +1052,17 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
       }
     __syncthreads();  // x rows visible to every warp
   }
+  // With two chunks per group, wa holds the group's first (runs start on a group) and wb its second.
   while (kb0 < kb_end) {
     load_chunk(wb, sb, kb0 + D);
-    compute_chunk(wa, sa, kb0);
+    compute_chunk(wa, sa, kb0, GC != 0, GC == 1);
     kb0 += D;
-    if (kb0 >= kb_end) break;
+    if (kb0 >= kb_end) {
+      if constexpr (GC == 2) fold(sa, false);  // the last warp's run may end after a group's first block
+      break;
+    }
     load_chunk(wa, sa, kb0 + D);
-    compute_chunk(wb, sb, kb0);
+    compute_chunk(wb, sb, kb0, GC == 1, GC != 0);
     kb0 += D;
   }
   if (p.pdl) grid_dependents_launch();  // the next kernel may start requesting its weights
@@ -1239,7 +1249,7 @@ constexpr int kSmemPerSm = 228 * 1024;  // H100 / A100 (less on Ada: then fewer 
 
 // Two layout blocks per chunk of the decode kernel at 1 and 2 bits (at 2 bits 16 bytes of weights per lane
 // and block row, as one block has at 4 bits; launch_decode_chunks asks only there), else one: one when the
-// scale groups are not 128 channels (a chunk is one whole group, DecodeConfig::kChunkIsGroup), when a warp's run of `per_warp`
+// scale groups are not 128 channels (a chunk is one whole group, DecodeConfig::kGroupChunks), when a warp's run of `per_warp`
 // blocks is odd (a longer, rounded-up run would leave the CTA's last warps idle), or when
 // BIPOLAR_A16_DECODE_CHUNK=1 (`max_blocks`). Measured on an H100, one build, M = 1 / 8 / 16, W1 / W2, group 128, two runs of
 // two-block chunks against one of one-block chunks (kernels_decode_chunks_h100.json): two-block chunks
@@ -1248,17 +1258,21 @@ constexpr int kSmemPerSm = 228 * 1024;  // H100 / A100 (less on Ada: then fewer 
 // 11008, 11 blocks per warp: M = 16 W2 17.8 -> 18.7), hence the rule. Four-block chunks at 1 bit
 // spilled at 80 registers: not built.
 inline bool use_two_block_chunks(int group_shift, int per_warp, int max_blocks) {
-  const bool one_group = group_shift == 7;  // 128-channel groups: a chunk is one group (kChunkIsGroup)
+  const bool one_group = group_shift == 7;  // 128-channel groups: a chunk is one group (kGroupChunks 1)
   return max_blocks >= 2 && one_group && per_warp % 2 == 0;
 }
 
+// One-block chunks with 128-channel groups and runs of an even number of blocks: two chunks per group
+// (DecodeConfig::kGroupChunks = 2), else group ends tested per block.
 template <typename T, int BITS, int MT, int WARPS>
 void launch_decode_chunks(const Problem& p, cudaStream_t stream) {
+  const int per_warp = (p.Kp / kBlockK + WARPS - 1) / WARPS;  // as gemv_a16_kernel splits K
   if constexpr (BITS <= 2 && WARPS != 32) {  // (32 warps: two-block chunks spill at 64 registers)
-    const int per_warp = (p.Kp / kBlockK + WARPS - 1) / WARPS;  // as gemv_a16_kernel splits K
     if (use_two_block_chunks(p.group_shift, per_warp, p.decode_chunk_max))
       return launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 2>>(p, stream);
   }
+  if (p.group_shift == 7 && per_warp % 2 == 0)
+    return launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 1, 2, 2>>(p, stream);
   launch_decode<T, BITS, DecodeConfig<BITS, MT, WARPS, 1>>(p, stream);
 }
 

@@ -156,7 +156,9 @@ def test_gemm_a16_exact(bits, dtype):
     gen = torch.Generator(device=DEV)
     seed = torch.seed()
     gen.manual_seed(seed)
-    for k, group_size in ((4096, 128), (1000, 32), (576, -1), (96, 256), (1536, 256)):
+    # (576, 128): 9 blocks, so with 8 decode warps (test_decode_kernel_variants) the last warp's run ends
+    # after the first block of a 128-channel group
+    for k, group_size in ((4096, 128), (1000, 32), (576, -1), (576, 128), (96, 256), (1536, 256)):
         n = 1553
         qw, sc, shift, w = exact_layer(n, k, bits, group_size, dtype, gen)
         for m in (1, 3, 16, 17, 80):
@@ -274,14 +276,18 @@ def test_cuda_graph_capture_and_replay():
         check_gemm(ys, xs, w, "graph replay")
 
 
-@pytest.mark.parametrize("switch", ["BIPOLAR_A16_DECODE_CHUNK=1", "BIPOLAR_A16_DECODE_WARPS=32"])
+@pytest.mark.parametrize("switch", ["BIPOLAR_A16_DECODE_CHUNK=1", "BIPOLAR_A16_DECODE_WARPS=32",
+                                    "BIPOLAR_A16_DECODE_WARPS=8"])
 def test_decode_kernel_variants(switch):
     """Decode kernel variants the defaults leave to some shapes change how warps walk K and fold their scale
     groups, not the result. With the switch set (read once per process: a subprocess), the exact-arithmetic
     test (K of 2 to 64 blocks, group sizes 32 to per-row) and the model shapes (K up to 224 blocks) pass for
     every width: one-block chunks everywhere (BIPOLAR_A16_DECODE_CHUNK=1; the default takes two blocks at
-    1-2 bits where it can), and the 32-warp CTA wherever it can run (M <= 8 at 1, 2, 4 bits with x in
-    shared memory; the default takes it only for K >= 8192 on narrow layers, a16::kDecodeWarps32MinBlocks)."""
+    1-2 bits where it can), the 32-warp CTA wherever it can run (M <= 8 at 1, 2, 4 bits with x in
+    shared memory; the default takes it only for K >= 8192 on narrow layers, a16::kDecodeWarps32MinBlocks),
+    and 8-warp CTAs everywhere (runs of an even number of blocks where the default has odd ones, so that
+    128-channel groups take two one-block chunks, DecodeConfig::kGroupChunks, and a run may end after a
+    group's first block)."""
     code = ("import test_cuda_kernels as t\n"
             "for bits in range(1, 9):\n"
             "    for dtype in t.DTYPES: t.test_gemm_a16_exact(bits, dtype)\n"

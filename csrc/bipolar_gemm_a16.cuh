@@ -208,6 +208,30 @@ constexpr uint32_t encode_integer(int v, int mant, int bias) {
   return h | (h << 16);
 }
 
+// mma.sync m16n8k16 with fp32 accumulators on elements of PTX type TY (inside Elem<T>, which supplies
+// the type): mma (d += a b), mma_zero (d = a b, C = 0: the first mma of a scale group in the decode
+// kernel, so that no register is reset) and mma(..., zero), one of the two (`zero` a constant where
+// the decode kernel calls it).
+#define BIPOLAR_MMA_M16N8K16(TY)                                                                            \
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "       \
+                 "{%8,%9}, {%0,%1,%2,%3};\n"                                                               \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                          \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                          \
+  }                                                                                                         \
+  static __device__ __forceinline__ void mma_zero(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,      \
+                                                  uint32_t b1) {                                            \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "       \
+                 "{%8,%9}, {%10,%10,%10,%10};\n"                                                           \
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                          \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));                 \
+  }                                                                                                         \
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, \
+                                             bool zero) {                                                   \
+    if (zero) mma_zero(d, a, b0, b1);                                                                       \
+    else mma(d, a, b0, b1);                                                                                 \
+  }
+
 template <typename T>
 struct Elem;
 
@@ -229,26 +253,7 @@ struct Elem<__half> {
   static __device__ __forceinline__ T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
   static __device__ __forceinline__ T2 floats2(float a, float b) { return __floats2half2_rn(a, b); }
   static __device__ __forceinline__ __half from_float(float a) { return __float2half_rn(a); }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  // d = a b (C = 0): the first mma of a scale group in the decode kernel, so that no register is reset
-  static __device__ __forceinline__ void mma_zero(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%10,%10,%10,%10};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
-  }
-  // d = a b when `zero` (a constant where the decode kernel calls it), else d += a b
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool zero) {
-    if (zero) mma_zero(d, a, b0, b1);
-    else mma(d, a, b0, b1);
-  }
+  BIPOLAR_MMA_M16N8K16("f16")
 };
 
 template <>
@@ -269,27 +274,9 @@ struct Elem<__nv_bfloat16> {
   static __device__ __forceinline__ T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
   static __device__ __forceinline__ T2 floats2(float a, float b) { return __floats2bfloat162_rn(a, b); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float a) { return __float2bfloat16_rn(a); }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  // d = a b (C = 0): the first mma of a scale group in the decode kernel, so that no register is reset
-  static __device__ __forceinline__ void mma_zero(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%10,%10,%10,%10};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
-  }
-  // d = a b when `zero` (a constant where the decode kernel calls it), else d += a b
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool zero) {
-    if (zero) mma_zero(d, a, b0, b1);
-    else mma(d, a, b0, b1);
-  }
+  BIPOLAR_MMA_M16N8K16("bf16")
 };
+#undef BIPOLAR_MMA_M16N8K16
 
 template <typename T2>
 __device__ __forceinline__ uint32_t as_u32(T2 v) {

@@ -868,8 +868,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   const int row_words = kblocks * kBlockWords;  // one 16-row block row across all of K (< 2^31 words)
   const uint32_t* scales = static_cast<const uint32_t*>(p.scales) + nb0 * kBlockN + g;  // (s, z) words
   const T* x = static_cast<const T*>(p.x);
-  // group size 32: a 64-channel block has two scale rows
   constexpr int GC = C::kGroupChunks;
+  // group size 32: a 64-channel block has two scale rows (never with known groups, which are 128 wide)
   const bool two_groups = GC == 0 && p.group_shift < 6;
   // This warp's run of layout blocks [kb_begin, kb_end): contiguous, so that a scale group's blocks
   // are folded once. The launch (use_two_block_chunks) picks D = 2 only when D divides per_warp and the

@@ -801,14 +801,15 @@ struct DecodeConfig {
 };
 
 // The decode kernel's fold of one scale group (gemv_a16_kernel): acc += 2 s (tsum - sum beta x) +
-// (z - L s) sum x per output. RESET: then tsum and bsum start the next group at zero (else the next
-// group's first mma starts from a zero C operand: DecodeConfig::kGroupChunks).
+// (z - L s) sum x per output. `reset` (a literal at every call site, so the branch folds away): then
+// tsum and bsum start the next group at zero (else the next group's first mma starts from a zero C
+// operand: DecodeConfig::kGroupChunks).
 // STEP 2 (one token) folds only the elements of even tokens (e = 0, 2: token 2 t, token 0 in the lanes
 // that store it): the odd ones hold copies of token 0 (every B column reads row 0 when M = 1) that are
 // never stored, so they may keep accumulating, and a third of the fold's instructions go.
-template <int STEP, bool RESET, int NB, int TG>
+template <int STEP, int NB, int TG>
 __device__ __forceinline__ void fold_group(float (&acc)[NB][TG][4], float (&tsum)[NB][TG][4], float (&bsum)[TG][4],
-                                           const float (&s2)[NB][2], const float (&zl)[NB][2]) {
+                                           const float (&s2)[NB][2], const float (&zl)[NB][2], bool reset) {
 #pragma unroll
   for (int b = 0; b < NB; ++b)
 #pragma unroll
@@ -817,9 +818,9 @@ __device__ __forceinline__ void fold_group(float (&acc)[NB][TG][4], float (&tsum
       for (int e = 0; e < 4; e += STEP) {
         const int h = e / 2;
         acc[b][q][e] = fmaf(s2[b][h], tsum[b][q][e] - bsum[q][e % 2], fmaf(zl[b][h], bsum[q][2 + e % 2], acc[b][q][e]));
-        if constexpr (RESET) tsum[b][q][e] = 0.f;
+        if (reset) tsum[b][q][e] = 0.f;
       }
-  if constexpr (RESET) {
+  if (reset) {
 #pragma unroll
     for (int q = 0; q < TG; ++q)
 #pragma unroll
@@ -922,7 +923,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   // The end of a scale group: 2 s and z - L s from the (s, z) words of rows g, g + 8 of each block row,
   // then fold_group (with one token, M = 1, only the even tokens' elements; a warp-uniform branch).
   const bool one_token = TG == 1 && p.M == 1 && p.one_token_fold;
-  // RESET false only where the next k-step is a chunk's first (kGroupChunks: its mma start from zero)
+  // reset false only where the next k-step is a chunk's first (kGroupChunks: its mma start from zero)
   // (a literal at every call: the branch on it folds away; a generic lambda here crashed nvcc 13.0)
   auto fold = [&](const uint32_t (&sz)[NB][2], bool reset) {
     float s2[NB][2], zl[NB][2];
@@ -935,13 +936,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
         s2[b][h] = 2.f * s;
         zl[b][h] = fmaf(-kL, s, z);
       }
-    if (reset) {
-      if (one_token) fold_group<2, true>(acc, tsum, bsum, s2, zl);
-      else fold_group<1, true>(acc, tsum, bsum, s2, zl);
-    } else {
-      if (one_token) fold_group<2, false>(acc, tsum, bsum, s2, zl);
-      else fold_group<1, false>(acc, tsum, bsum, s2, zl);
-    }
+    if (one_token) fold_group<2>(acc, tsum, bsum, s2, zl, reset);
+    else fold_group<1>(acc, tsum, bsum, s2, zl, reset);
   };
   // starts / ends (literals; kGroupChunks only): the chunk starts / ends a scale group
   auto compute_chunk = [&](const Words& words, const Sz& sz, int kb0, bool starts, bool ends) {

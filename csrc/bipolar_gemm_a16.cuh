@@ -759,7 +759,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kerne
 // registers) and 8 tokens are the B operand. At M <= 8 no tensor-core row is padding and no zero
 // registers travel through the loop; M 9..16 (MT = 16) issues one mma per 8 tokens.
 // Scales after the mma: with t = beta + c, W = z + s (2 c - L) and, over one scale group of a row,
-//   sum_k W x = 2 s (sum t x - sum beta x) + (z - L s) sum x.
+//   sum_k W x = s (2 sum t x - u) + z sum x,   u = 2 sum beta x + L sum x (the same for every row).
 // sum t x accumulates in fp32 (tsum) over the warp's blocks of the group; one more mma per k-step,
 // shared by the NB block rows, gets sum beta x (rows 0-7, A = the constant betas) and sum x (rows
 // 8-15, A = ones) into bsum; at the group's end (or the run's) three FFMA per output fold them into
@@ -800,16 +800,23 @@ struct DecodeConfig {
   static_assert(kSmemBytes <= 48 * 1024, "no opt-in needed");
 };
 
-// The decode kernel's fold of one scale group (gemv_a16_kernel): acc += 2 s (tsum - sum beta x) +
-// (z - L s) sum x per output. `reset` (a literal at every call site, so the branch folds away): then
-// tsum and bsum start the next group at zero (else the next group's first mma starts from a zero C
-// operand: DecodeConfig::kGroupChunks).
+// The decode kernel's fold of one scale group (gemv_a16_kernel): per output
+//   acc += s (2 tsum - u) + z sum x,   u = 2 sum beta x + L sum x (per token: shared by every row),
+// three FFMA per output, and s, z straight from their fp16 / bf16 pair (forming 2 s and z - L s per row
+// instead cost two more instructions per row and group). `reset` (a literal at every call site, so the
+// branch folds away): then tsum and bsum start the next group at zero (else the next group's first mma
+// starts from a zero C operand: DecodeConfig::kGroupChunks).
 // STEP 2 (one token) folds only the elements of even tokens (e = 0, 2: token 2 t, token 0 in the lanes
 // that store it): the odd ones hold copies of token 0 (every B column reads row 0 when M = 1) that are
 // never stored, so they may keep accumulating, and a third of the fold's instructions go.
 template <int STEP, int NB, int TG>
 __device__ __forceinline__ void fold_group(float (&acc)[NB][TG][4], float (&tsum)[NB][TG][4], float (&bsum)[TG][4],
-                                           const float (&s2)[NB][2], const float (&zl)[NB][2], bool reset) {
+                                           const float (&s)[NB][2], const float (&z)[NB][2], float L, bool reset) {
+  float u[TG][2];
+#pragma unroll
+  for (int q = 0; q < TG; ++q)
+#pragma unroll
+    for (int e = 0; e < 2; e += STEP) u[q][e] = fmaf(L, bsum[q][2 + e], bsum[q][e] + bsum[q][e]);
 #pragma unroll
   for (int b = 0; b < NB; ++b)
 #pragma unroll
@@ -817,7 +824,7 @@ __device__ __forceinline__ void fold_group(float (&acc)[NB][TG][4], float (&tsum
 #pragma unroll
       for (int e = 0; e < 4; e += STEP) {
         const int h = e / 2;
-        acc[b][q][e] = fmaf(s2[b][h], tsum[b][q][e] - bsum[q][e % 2], fmaf(zl[b][h], bsum[q][2 + e % 2], acc[b][q][e]));
+        acc[b][q][e] = fmaf(s[b][h], fmaf(2.f, tsum[b][q][e], -u[q][e % 2]), fmaf(z[b][h], bsum[q][2 + e % 2], acc[b][q][e]));
         if (reset) tsum[b][q][e] = 0.f;
       }
   if (reset) {
@@ -903,41 +910,50 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   // words per row half h (the scale row of channels 0-31 of the chunk: one group).
   using Words = uint32_t[D][NB][BITS];
   using Sz = uint32_t[NB][2];
-  auto load_chunk = [&](Words& words, Sz& sz, int kb0) {
+  // Pointers advanced per chunk: to the next chunk's weights, and (kGroupChunks) to the next group's
+  // (s, z) row, moved on after a group's last chunk is requested (`last`: a literal at each call).
+  // Recomputing both addresses from kb0 took about a dozen integer instructions a chunk. Not in the
+  // 32-warp CTA: at 64 registers the two pointers made W4 spill 40 bytes instead of 16.
+  constexpr bool kAdvance = C::WARPS != 32;
+  const uint32_t* wnext = wbase;
+  const uint32_t* snext = scales + ((kb_begin * kBlockK) >> p.group_shift) * p.Np;
+  auto load_chunk = [&](Words& words, Sz& sz, int kb0, bool last) {
     if (kb0 >= kb_end) return;  // warp-uniform
-    const uint32_t* srow = scales + ((kb0 * kBlockK) >> p.group_shift) * p.Np;
+    if constexpr (!kAdvance) wnext = wbase + (kb0 - kb_begin) * kBlockWords;
+    const uint32_t* srow = GC != 0 && kAdvance ? snext : scales + ((kb0 * kBlockK) >> p.group_shift) * p.Np;
 #pragma unroll
     for (int b = 0; b < NB; ++b)
 #pragma unroll
       for (int h = 0; h < 2; ++h) sz[b][h] = __ldg(srow + b * kBlockN + 8 * h);
 #pragma unroll
     for (int j = 0; j < D; ++j) {
-      const int kb = kb0 + j;
-      if (kb < kb_end) {
-        const uint32_t* wblk = wbase + (kb - kb_begin) * kBlockWords;
+      if (kb0 + j < kb_end) {
 #pragma unroll
-        for (int b = 0; b < NB; ++b) read_block<BITS>(wblk + b * row_words, lane, words[j][b]);
+        for (int b = 0; b < NB; ++b) read_block<BITS>(wnext + j * kBlockWords + b * row_words, lane, words[j][b]);
       }
     }
+    if constexpr (kAdvance) {
+      wnext += D * kBlockWords;
+      if (GC != 0 && last) snext += p.Np;
+    }
   };
-  // The end of a scale group: 2 s and z - L s from the (s, z) words of rows g, g + 8 of each block row,
-  // then fold_group (with one token, M = 1, only the even tokens' elements; a warp-uniform branch).
+  // The end of a scale group: s and z from the (s, z) words of rows g, g + 8 of each block row, then
+  // fold_group (with one token, M = 1, only the even tokens' elements; a warp-uniform branch).
   const bool one_token = TG == 1 && p.M == 1 && p.one_token_fold;
   // reset false only where the next k-step is a chunk's first (kGroupChunks: its mma start from zero)
   // (a literal at every call: the branch on it folds away; a generic lambda here crashed nvcc 13.0)
   auto fold = [&](const uint32_t (&sz)[NB][2], bool reset) {
-    float s2[NB][2], zl[NB][2];
+    float sf[NB][2], zf[NB][2];
 #pragma unroll
     for (int b = 0; b < NB; ++b)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const T2 v = from_u32<T2>(sz[b][h]);
-        const float s = __low2float(v), z = __high2float(v);
-        s2[b][h] = 2.f * s;
-        zl[b][h] = fmaf(-kL, s, z);
+        sf[b][h] = __low2float(v);
+        zf[b][h] = __high2float(v);
       }
-    if (one_token) fold_group<2>(acc, tsum, bsum, s2, zl, reset);
-    else fold_group<1>(acc, tsum, bsum, s2, zl, reset);
+    if (one_token) fold_group<2>(acc, tsum, bsum, sf, zf, kL, reset);
+    else fold_group<1>(acc, tsum, bsum, sf, zf, kL, reset);
   };
   // starts / ends (literals; kGroupChunks only): the chunk starts / ends a scale group
   auto compute_chunk = [&](const Words& words, const Sz& sz, int kb0, bool starts, bool ends) {
@@ -1017,7 +1033,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   // The first weights are requested while x comes into shared memory and, under PDL (Problem.pdl),
   // before the previous kernel of the stream has finished: weights and scales do not depend on it, x
   // does (griddepcontrol.wait).
-  load_chunk(wa, sa, kb0);
+  load_chunk(wa, sa, kb0, GC == 1);
   if (p.pdl) grid_dependency_wait();
   if constexpr (X_SMEM) {
     uint32_t* xs = reinterpret_cast<uint32_t*>(smem);
@@ -1037,14 +1053,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemv_a16_kernel(Pr
   }
   // With two chunks per group, wa holds the group's first (runs start on a group) and wb its second.
   while (kb0 < kb_end) {
-    load_chunk(wb, sb, kb0 + D);
+    load_chunk(wb, sb, kb0 + D, GC != 0);
     compute_chunk(wa, sa, kb0, GC != 0, GC == 1);
     kb0 += D;
     if (kb0 >= kb_end) {
       if constexpr (GC == 2) fold(sa, false);  // the last warp's run may end after a group's first block
       break;
     }
-    load_chunk(wa, sa, kb0 + D);
+    load_chunk(wa, sa, kb0 + D, GC == 1);
     compute_chunk(wb, sb, kb0, GC == 1, GC != 0);
     kb0 += D;
   }

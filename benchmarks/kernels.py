@@ -101,7 +101,8 @@ def kernel_names(fn) -> list[str]:
 
 # ---- layers -----------------------------------------------------------------------------------------
 def bipolar_layer(n: int, k: int, w_bits: int, a_bits: int, dtype=torch.float16):
-    """(forward(x), weight bytes, forward of dequantize + cuBLAS or None) of a random bipolar layer."""
+    """(forward(x), weight bytes, alternatives) of a random bipolar layer: for a_bits = 16 the forward of
+    dequantize + cuBLAS; for WpAq layers a dict {JSON key: forward} of the paths the plugin can take."""
     w = torch.randn(n, k, device=DEV) * 0.02
     q = fmt.quantize_weight(w, w_bits, group_size=GROUP, symmetric=False, dtype=dtype)
     qweight = fmt.pack_codes(q.codes, w_bits)
@@ -113,12 +114,25 @@ def bipolar_layer(n: int, k: int, w_bits: int, a_bits: int, dtype=torch.float16)
         deq = lambda x, qw=qw, sc=sc: torch.nn.functional.linear(  # noqa: E731
             x, torch.ops.bipolar_kernels.dequantize_a16(qw, sc, n, k, shift))
         return fwd, nbytes, deq
+    # WpAq: what the plugin runs (cuda_gemm_a16 backend: the weight-only layout; ops.linear_wpaq_cuda picks the
+    # int8 kernel from ops.WPAQ_INT8_MIN_M on, else fake-quantized activations through the weight-only
+    # kernels), and each of its two paths and the binary kernels alone (PATHS), timed side by side
+    from vllm_bipolar.format import fake_quantize_activations
     from vllm_bipolar.kernels.cuda_binary_gemm import prepare_binary_weights
+    from vllm_bipolar.kernels.cuda_gemm_a16 import int8_col_bias
 
+    qw, sc, shift = a16_layout.repack(qweight, q.scales, q.zeros, k, GROUP)
+    cb8 = int8_col_bias(qweight, q.scales, k, GROUP, a_bits)
+    nbytes = qw.numel() * 4 + sc.numel() * sc.element_size() + cb8.numel() * 4
+    fwd = lambda x: ops.linear_wpaq_cuda(x, fake_quantize_activations(x, a_bits), qw, sc, cb8, n, k, shift,  # noqa: E731
+                                         a_bits)
     sz, col_bias = prepare_binary_weights(qweight, q.scales, q.zeros, k, GROUP, a_bits)  # load time
-    nbytes = qweight.numel() * 4 + sz.numel() * 4 + col_bias.numel() * 4  # what the kernel reads
-    fwd = lambda x, qw=qweight, sz=sz, cb=col_bias: ops.linear_binary_cuda(x, qw, sz, cb, k, GROUP, a_bits)  # noqa: E731
-    return fwd, nbytes, None
+    paths = {
+        "wpaq_int8_us": lambda x: ops.wpaq_int8_forward(x, qw, sc, cb8, n, k, shift, a_bits),
+        "wpaq_a16_us": lambda x: ops.linear_a16_cuda(fake_quantize_activations(x, a_bits), qw, sc, n, k, shift),
+        "wpaq_binary_us": lambda x: ops.linear_binary_cuda(x, qweight, sz, col_bias, k, GROUP, a_bits),
+    }
+    return fwd, nbytes, paths
 
 
 def marlin_layer(n: int, k: int):
@@ -202,6 +216,9 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", nargs="+", default=None, help="w_bits,a_bits, e.g. 4,16 2,2")
     p.add_argument("--quick", action="store_true", help="(11008, 4096) and (4096, 14336), M 1 16 4096")
     p.add_argument("--no-baselines", action="store_true", help="skip cuBLAS/Marlin/int8/fp8")
+    p.add_argument("--wpaq-paths", action="store_true",
+                   help="for WpAq pairs also time each path alone (int8 kernel, weight-only kernels on fake-quantized "
+                        "activations, binary kernels): keys wpaq_int8_us, wpaq_a16_us, wpaq_binary_us")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels_<gpu>.json)")
     p.add_argument("--group-size", type=int, default=128,
                    help="group size of the bipolar layers: -1 (per row) or a positive size (default 128; the "
@@ -247,11 +264,15 @@ def main(argv=None) -> int:
                 if (n, k) == shapes[0] and m in (ms[0], ms[-1]):
                     names[f"W{w_bits}A{a_bits} M={m}"] = kernel_names(lambda: fwd0(x))
                 deq_us = time_calls([lambda d=d: d(x) for _, d in layers]) if a_bits == 16 else None
+                alt = {}
+                if a_bits != 16 and args.wpaq_paths:
+                    for key in layers[0][1]:
+                        alt[key] = time_calls([lambda d=d, key=key: d[key](x) for _, d in layers])
                 b0 = base[m]
                 row = {"M": m, "N": n, "K": k, "w_bits": w_bits, "a_bits": a_bits, "group_size": GROUP, "us": us,
                        "cublas_fp16_us": b0.get("cublas_fp16_us"), "marlin_w4_us": b0.get("marlin_w4_us"),
                        "int8_us": b0.get("int8_us"), "fp8_us": b0.get("fp8_us"), "dequant_cublas_us": deq_us,
-                       "gbps": nbytes / us / 1e3, "tops": 2 * m * n * k / us / 1e6,
+                       **alt, "gbps": nbytes / us / 1e3, "tops": 2 * m * n * k / us / 1e6,
                        "device": device, "commit": commit, "command": command}
                 rows.append(row)
 
@@ -260,7 +281,7 @@ def main(argv=None) -> int:
                 speed = f"{row['cublas_fp16_us'] / us:6.2f}x" if row["cublas_fp16_us"] else f"{'-':>7}"
                 print(f"{m:5d} {n:6d} {k:6d} {w_bits:2d} {a_bits:2d} {us:9.1f} {f(row['cublas_fp16_us'])} "
                       f"{f(row['marlin_w4_us'])} {f(row['fp8_us'])} {f(deq_us)} {speed} {row['gbps']:7.0f} "
-                      f"{row['tops']:7.1f}", flush=True)
+                      f"{row['tops']:7.1f}" + "".join(f" {key[5:-3]} {v:.1f}" for key, v in alt.items()), flush=True)
             del layers
             torch.cuda.empty_cache()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -170,24 +170,7 @@ void launch_dequantize(const Problem& p, cudaStream_t stream);
 // kept at 16 rows per tile, with room to spare; the workspace is M x N fp32.
 constexpr int64_t kMaxM = int64_t(65535) * 16;
 
-}  // namespace a16
-}  // namespace bipolar
-
-#if defined(BIPOLAR_GEMM_A16_KERNELS)
-#include <c10/cuda/CUDAException.h>
-
-#include "cuda_launch.cuh"
-
-namespace bipolar {
-namespace a16 {
-namespace {
-
-constexpr int kWarpSize = 32;
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarpSize * kWarps;
-constexpr int kStages = 4;
-
-// ---- bit parts ------------------------------------------------------------------------------------
+// ---- bit parts of the layout (also read by the int8 WpAq kernels, bipolar_gemm_int8.cuh) ---------------
 __host__ __device__ constexpr int num_parts(int bits) {
   return bits == 8 ? 1 : ((bits >> 2) & 1) + ((bits >> 1) & 1) + (bits & 1);
 }
@@ -207,6 +190,23 @@ __host__ __device__ constexpr int part_shift(int bits, int i) {
   for (int j = 0; j < i; ++j) s += part_width(bits, j);
   return s;
 }
+
+}  // namespace a16
+}  // namespace bipolar
+
+#if defined(BIPOLAR_GEMM_A16_KERNELS)
+#include <c10/cuda/CUDAException.h>
+
+#include "cuda_launch.cuh"
+
+namespace bipolar {
+namespace a16 {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarpSize * kWarps;
+constexpr int kStages = 4;
 
 // ---- element types --------------------------------------------------------------------------------
 // Bits of the integer v (|v| < 2^16, exactly representable) in a 16-bit float with `mant` mantissa

@@ -174,8 +174,8 @@ at::Tensor gemm_binary(const at::Tensor& a_planes, const at::Tensor& a_scales, c
   pr.vec16 = words % 4 == 0 && reinterpret_cast<uintptr_t>(pr.a) % 16 == 0 && reinterpret_cast<uintptr_t>(pr.b) % 16 == 0;
   TORCH_CHECK(reinterpret_cast<uintptr_t>(pr.sz) % 16 == 0 && reinterpret_cast<uintptr_t>(pr.a_sums) % 16 == 0, op,
               "sz and a_sums must be 16-byte aligned (use the tensors the preparing ops return, not views)");
-  pr.dtype = out_dtype == at::kHalf ? binary::DType::kHalf
-                                    : (out_dtype == at::kBFloat16 ? binary::DType::kBFloat16 : binary::DType::kFloat);
+  pr.dtype = out_dtype == at::kHalf ? DType::kHalf
+                                    : (out_dtype == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat);
   switch (p) {
     case 1: binary::launch_binary_w1(int(q), k128, pr, stream); break;
     case 2: binary::launch_binary_w2(int(q), k128, pr, stream); break;

@@ -38,6 +38,11 @@ at::Tensor dequantize_a16(const at::Tensor& qweight, const at::Tensor& scales, i
 //   x fp16 / bf16 [M, K] (contiguous rows) -> (planes int32 [a_bits, M, ceil(K/32)] in the checkpoint
 //   bit-plane layout, scales fp32 [M]); bit-exact with vllm_bipolar.format.quantize_activations on CUDA.
 std::tuple<at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x, int64_t a_bits);
+// The same quantization into code bytes for gemm_int8: (codes uint8 [M, K rounded up to 128] in its slot
+// order, zeros past K; scales fp32 [M]; sums int32 [G, M rounded up to 4], the code sum PA of each (group
+// of 2^group_shift channels, row); group_shift 7..29, or 30 for one group per row).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations_int8(const at::Tensor& x, int64_t a_bits,
+                                                                        int64_t group_shift);
 
 // WpAq product on binary tensor cores (bipolar_gemm_binary.cu, mma .b1 AND.popc):
 //   y[M, N] = a_scales[m] * (sum_g (s[n, g] * J[m, n, g] + z[n, g] * S[m, g]) + col_bias[n]),
@@ -46,6 +51,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x, int
 at::Tensor gemm_binary(const at::Tensor& a_planes, const at::Tensor& a_scales, const at::Tensor& a_sums,
                        const at::Tensor& qweight, const at::Tensor& sz, const at::Tensor& col_bias, int64_t k,
                        int64_t group_size, at::ScalarType out_dtype);
+
+// WpAq product on int8 tensor cores (bipolar_gemm_int8.cuh, mma .u8.u8) for large batches, on the
+// weight-only layout (qweight / scales as for gemm_a16, so a layer keeps one copy of its weights):
+//   y[M, n] = a_scales[m] * (sum_g (s[n,g] * J[m,n,g] + z[n,g] * S[m,g]) + col_bias[n])   (scales' dtype)
+// with the activations from quantize_activations_int8(x, a_bits, group_shift) and col_bias (fp32 [n])
+// prepared at load time; group_shift 7..29 or 30 (one group per row).
+at::Tensor gemm_int8(const at::Tensor& a_codes, const at::Tensor& a_scales, const at::Tensor& a_sums,
+                     const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& col_bias, int64_t n,
+                     int64_t k, int64_t group_shift, int64_t a_bits);
 
 // Per-group code sums of bit planes [bits, R, ceil(K/32)] -> int32 [G, R rounded up to 4]:
 // out[g, r] = sum_j 2^j popc(plane_j[r, words of group g]) (padding rows 0).

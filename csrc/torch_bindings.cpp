@@ -17,12 +17,19 @@ TORCH_LIBRARY(bipolar_kernels, m) {
   // Per-token symmetric bipolar quantization: x fp16/bf16 [M, K] -> (planes int32 [a_bits, M, ceil(K/32)]
   // in the checkpoint bit-plane layout, scales fp32 [M]).
   m.def("quantize_activations(Tensor x, int a_bits) -> (Tensor, Tensor)");
+  // The same into code bytes in gemm_int8's slot order: (codes uint8 [M, K rounded up to 128], scales fp32 [M],
+  // group sums int32 [G, M4]) for groups of 2^group_shift channels (30: one per row).
+  m.def("quantize_activations_int8(Tensor x, int a_bits, int group_shift) -> (Tensor, Tensor, Tensor)");
   // y[M, N] = a_scales[m] * (sum_g (s[n,g] * J[m,n,g] + z[n,g] * S[m,g]) + col_bias[n]) on binary tensor
   // cores (mma .b1 AND.popc): a_planes int32 [q, M, W], a_scales fp32 [M], a_sums int32 [G, M4]
   // (binary_group_sums), qweight int32 [p, N, W], sz fp32 [G, N2, 2] and col_bias fp32 [N] (prepared from
   // the weights), group_size -1 or a multiple of 128.
   m.def("gemm_binary(Tensor a_planes, Tensor a_scales, Tensor a_sums, Tensor qweight, Tensor sz, Tensor col_bias, "
         "int k, int group_size, ScalarType out_dtype) -> Tensor");
+  // The same product on int8 tensor cores (mma .u8.u8) on the weight-only layout (qweight, scales as for
+  // gemm_a16), activations from quantize_activations_int8, col_bias fp32 [n] prepared at load.
+  m.def("gemm_int8(Tensor a_codes, Tensor a_scales, Tensor a_sums, Tensor qweight, Tensor scales, Tensor col_bias, "
+        "int n, int k, int group_shift, int a_bits) -> Tensor");
   // Per-group code sums of bit planes [bits, R, W] -> int32 [G, R rounded up to 4]
   m.def("binary_group_sums(Tensor planes, int k, int group_size) -> Tensor");
 }
@@ -32,6 +39,8 @@ TORCH_LIBRARY_IMPL(bipolar_kernels, CUDA, m) {
   m.impl("dequantize_a16", &bipolar::dequantize_a16);
   m.impl("quantize_activations", &bipolar::quantize_activations);
   m.impl("gemm_binary", &bipolar::gemm_binary);
+  m.impl("quantize_activations_int8", &bipolar::quantize_activations_int8);
+  m.impl("gemm_int8", &bipolar::gemm_int8);
   m.impl("binary_group_sums", &bipolar::binary_group_sums);
 }
 

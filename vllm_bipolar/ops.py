@@ -86,6 +86,42 @@ def _(x, qweight, scales, n, k, group_shift):
     return x.new_empty((x.shape[0], n))
 
 
+# From which batch (tokens) WpAq layers run the int8 tensor-core kernel (csrc/bipolar_gemm_int8.cuh) instead
+# of the weight-only kernels on fake-quantized activations; 0 = never. BIPOLAR_WPAQ_INT8_MIN_M overrides it
+# (for tuning: 1 runs every batch through the int8 kernel).
+WPAQ_INT8_MIN_M = int(os.environ.get("BIPOLAR_WPAQ_INT8_MIN_M", "0"))
+
+
+def wpaq_uses_int8_kernel(m: int) -> bool:
+    return WPAQ_INT8_MIN_M > 0 and m >= WPAQ_INT8_MIN_M
+
+
+def wpaq_int8_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, col_bias: torch.Tensor, n: int,
+                      k: int, group_shift: int, a_bits: int) -> torch.Tensor:
+    """The int8 kernel's product: activation codes and sums in one pass over x, then the GEMM."""
+    codes, sx, sums = torch.ops.bipolar_kernels.quantize_activations_int8(x, a_bits, group_shift)
+    return torch.ops.bipolar_kernels.gemm_int8(codes, sx, sums, qweight, scales, col_bias, n, k, group_shift, a_bits)
+
+
+@torch.library.custom_op("bipolar::linear_wpaq_cuda", mutates_args=())
+def linear_wpaq_cuda(x: torch.Tensor, x_fq: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     col_bias: torch.Tensor, n: int, k: int, group_shift: int, a_bits: int) -> torch.Tensor:
+    """WpAq bipolar linear on CUDA over the weight-only layout, x [M, K] -> [M, N].
+
+    ``x_fq``: x quantized per token and dequantized (format.fake_quantize_activations, computed outside
+    the op so that torch.compile fuses it), for the weight-only kernels at small M; large M quantizes
+    x itself for the int8 kernel (``wpaq_uses_int8_kernel``). Chosen here, per call, like linear_a16_cuda.
+    """
+    if wpaq_uses_int8_kernel(x.shape[0]):
+        return wpaq_int8_forward(x, qweight, scales, col_bias, n, k, group_shift, a_bits)
+    return _a16_forward(x_fq, qweight, scales, n, k, group_shift)
+
+
+@linear_wpaq_cuda.register_fake
+def _(x, x_fq, qweight, scales, col_bias, n, k, group_shift, a_bits):
+    return x.new_empty((x.shape[0], n))
+
+
 @torch.library.custom_op("bipolar::linear_binary_cuda", mutates_args=())
 def linear_binary_cuda(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, col_bias: torch.Tensor,
                        k: int, group_size: int, a_bits: int) -> torch.Tensor:
@@ -130,6 +166,17 @@ def _register_kernel_fakes() -> None:
         words = (x.shape[1] + 31) // 32
         return (x.new_empty((a_bits, x.shape[0], words), dtype=torch.int32),
                 x.new_empty((x.shape[0],), dtype=torch.float32))
+
+    @fake("quantize_activations_int8")
+    def _(x, a_bits, group_shift):
+        kp = (x.shape[1] + 127) // 128 * 128
+        glen = kp if group_shift == 30 else 1 << group_shift
+        return (x.new_empty((x.shape[0], kp), dtype=torch.uint8), x.new_empty((x.shape[0],), dtype=torch.float32),
+                x.new_empty((-(-x.shape[1] // glen), (x.shape[0] + 3) // 4 * 4), dtype=torch.int32))
+
+    @fake("gemm_int8")
+    def _(a_codes, a_scales, a_sums, qweight, scales, col_bias, n, k, group_shift, a_bits):
+        return scales.new_empty((a_codes.shape[0], n))
 
     @fake("gemm_binary")
     def _(a_planes, a_scales, a_sums, qweight, sz, col_bias, k, group_size, out_dtype):

@@ -1243,41 +1243,30 @@ __global__ void __launch_bounds__(kThreads) dequantize_a16_kernel(Problem p) {
   }
 }
 
-// A kernel launch on `stream`, with programmatic dependent launch when `pdl` (Problem.pdl: sm_90+) and
-// as clusters of `cluster_y` CTAs along grid.y when it is above 1 (sm_90+).
-template <typename Kernel>
-void launch_kernel(Kernel kernel, dim3 grid, int threads, int smem, bool pdl, int cluster_y, const Problem& p,
-                   cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (pdl) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster_y > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = 1;
-    attr[n].val.clusterDim.y = unsigned(cluster_y);
-    attr[n++].val.clusterDim.z = 1;
-  }
-  cfg.attrs = attr;
-  cfg.numAttrs = n;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
-}
-
 template <typename T, int BITS, int TG>
 void launch_mid(const Problem& p, cudaStream_t stream) {
   using C = MidConfig<BITS, TG>;
   opt_in_shared_memory<gemm_mid_a16_kernel<T, BITS, C>>(C::kSmemBytes);
   const int splits = (p.Kp / kBlockK + p.kb_per_split - 1) / p.kb_per_split;
   const dim3 grid((p.Np + C::NT - 1) / C::NT, splits, (p.M + C::MT - 1) / C::MT);
-  // with cluster_splits, the K runs of a tile form one cluster along grid.y (mid_cluster_reduce)
-  launch_kernel(gemm_mid_a16_kernel<T, BITS, C>, grid, C::kThreads, C::kSmemBytes, false, p.cluster_splits, p, stream);
+  if (p.cluster_splits > 1) {  // the K runs of a tile as one cluster along grid.y (mid_cluster_reduce)
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(C::kThreads);
+    cfg.dynamicSmemBytes = C::kSmemBytes;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = unsigned(splits);
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemm_mid_a16_kernel<T, BITS, C>, p));
+  } else {
+    gemm_mid_a16_kernel<T, BITS, C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // x rows in shared memory up to this size (launch_decode_tile counts it in the CTAs an SM holds).
@@ -1290,6 +1279,22 @@ inline int decode_x_smem_bytes(const Problem& p) {
   return bytes <= kDecodeXSmemMax ? bytes : 0;
 }
 
+// A kernel launch on `stream`, with programmatic dependent launch when `pdl` (Problem.pdl: sm_90+).
+template <typename Kernel>
+void launch_kernel(Kernel kernel, dim3 grid, int threads, int smem, bool pdl, const Problem& p, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+}
+
 template <typename T, int BITS, class C>
 void launch_decode(const Problem& p, cudaStream_t stream) {
   const int x_bytes = decode_x_smem_bytes(p);
@@ -1300,9 +1305,9 @@ void launch_decode(const Problem& p, cudaStream_t stream) {
   constexpr bool kXSmemOnly = C::WARPS == 32;
   if (kXSmemOnly || (x_bytes > 0 && x_bytes <= p.smem_optin)) {
     opt_in_shared_memory<gemv_a16_kernel<T, BITS, C, true>>(std::min(kDecodeXSmemMax, p.smem_optin));
-    launch_kernel(gemv_a16_kernel<T, BITS, C, true>, grid, C::kThreads, std::max(x_bytes, C::kSmemBytes), p.pdl, 1, p, stream);
+    launch_kernel(gemv_a16_kernel<T, BITS, C, true>, grid, C::kThreads, std::max(x_bytes, C::kSmemBytes), p.pdl, p, stream);
   } else if constexpr (!kXSmemOnly) {
-    launch_kernel(gemv_a16_kernel<T, BITS, C, false>, grid, C::kThreads, C::kSmemBytes, p.pdl, 1, p, stream);
+    launch_kernel(gemv_a16_kernel<T, BITS, C, false>, grid, C::kThreads, C::kSmemBytes, p.pdl, p, stream);
   }
 }
 

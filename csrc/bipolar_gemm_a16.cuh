@@ -636,11 +636,7 @@ __device__ __forceinline__ void mid_cluster_reduce(const Problem& p, const float
         if (n + e < p.N) y[size_t(m0 + m) * p.N + n + e] = Elem<T>::from_float(sum[e]);
     }
   }
-  // the other CTAs have read this one's tile. A relaxed arrive: the values read are already summed and
-  // stored, and only their reads must be done before a CTA exits (the default release arrive put a
-  // MEMBAR.GPU there, which waits for this CTA's stores to y)
-  asm volatile("barrier.cluster.arrive.relaxed;\n" ::: "memory");
-  asm volatile("barrier.cluster.wait;\n" ::: "memory");
+  cluster.sync();  // the other CTAs have read this one's tile
 #else
   __trap();  // launched only for sm_90 binaries (the op checks the binary's version)
 #endif

@@ -129,10 +129,9 @@ constexpr int mid_ctas_per_sm(int mt) { return mt == 16 ? 3 : 2; }
 constexpr int mid_smem_bytes(int bits, int mt) { return mid_stages(bits, mt) * mid_stage_bytes(bits, mt); }
 // Most K splits of the mid-batch kernel that sum through a cluster: 8, the portable cluster size.
 constexpr int kMidMaxClusterSplits = 8;
-// M-tiles whose K splits may sum through a cluster: all (16, 32 and 64 tokens). (The 64-token tile runs
-// at its 128-register bound: with the cluster path built in, ptxas spills 16 bytes, two 8-byte local
-// loads per stage in its copy code.)
-constexpr bool mid_cluster_tile(int mt) { return mt <= 64; }
+// M-tiles whose K splits may sum through a cluster: 16 and 32 tokens. (The 64-token tile runs at its
+// 128-register bound: with the cluster path built in, ptxas spilled 16 bytes inside its main loop.)
+constexpr bool mid_cluster_tile(int mt) { return mt <= 32; }
 // Layout blocks per K run of the mid-batch kernel for this problem on a GPU of `sms` SMs: the split
 // into at most `max_splits` runs (of whole stages) with the least time counted in waves of CTAs x
 // blocks per run (plus a prologue / epilogue of about two blocks per CTA, and two for the reduction a

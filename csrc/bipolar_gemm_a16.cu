@@ -5,9 +5,8 @@
 // Both read the repacked layout built at load (vllm_bipolar/kernels/a16_layout.py).
 //
 // No host synchronisation, launched on the current stream: the ops can be captured in a CUDA graph.
-// Allocations: the output, and for the mid-batch kernel when it splits K without a cluster (before
-// sm_90, or BIPOLAR_A16_MID_CLUSTER=0) a zeroed fp32 workspace [M, N] (from the caching allocator)
-// that is converted into the output after the kernel.
+// Allocations: the output, and for the mid-batch kernel when it splits K a zeroed fp32 workspace
+// [M, N] (from the caching allocator) that is converted into the output after the kernel.
 
 #include "ops.h"
 #include "bipolar_gemm_a16.cuh"
@@ -108,24 +107,6 @@ bool one_token_fold() {
   return v;
 }
 
-// The mid-batch kernel's K split sums through a thread block cluster (a16::mid_cluster_reduce) when the
-// extension's binary for this device is sm_90 or newer (an sm_80 build running on an H100 is not), unless
-// BIPOLAR_A16_MID_CLUSTER=0 (for A/B timing). Asked once per device.
-__global__ void binary_version_probe() {}
-bool mid_cluster(int device) {
-  static const bool enabled = env_choice("BIPOLAR_A16_MID_CLUSTER", 1, {0, 1}) == 1;
-  static std::atomic<int> cache[64] = {};  // 0 unknown, 1 no, 2 yes
-  if (!enabled || device < 0 || device >= 64) return false;
-  int v = cache[device].load(std::memory_order_relaxed);
-  if (v == 0) {
-    cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, binary_version_probe));
-    v = attr.binaryVersion >= 90 && device_attribute(kMajor, device) >= 9 ? 2 : 1;
-    cache[device].store(v, std::memory_order_relaxed);
-  }
-  return v == 2;
-}
-
 template <typename T>
 void dispatch(bool dequantize, int bits, const a16::Problem& p, cudaStream_t stream) {
 #define BIPOLAR_CASE(B)                                                        \
@@ -215,14 +196,8 @@ at::Tensor gemm_a16(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   p.one_token_fold = one_token_fold();
   at::Tensor partial;
   if (!a16::use_decode_kernel(p.M, p.N, p.decode_max_m)) {
-    const bool cluster = a16::mid_cluster_tile(a16::mid_tile_tokens(p.M)) && mid_cluster(device);
-    const int kblocks = p.Kp / kBlockK;
-    p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms, int(bits),
-                                                cluster ? a16::kMidMaxClusterSplits : kblocks);
-    const int splits = (kblocks + p.kb_per_split - 1) / p.kb_per_split;
-    if (splits > 1 && cluster) {
-      p.cluster_splits = splits;  // the splits sum in distributed shared memory, straight into y
-    } else if (splits > 1) {  // K split over CTAs: fp32 partial sums, then y
+    p.kb_per_split = a16::gemm_a16_kb_per_split(p.M, p.Np, p.Kp, p.sms, int(bits));
+    if (p.kb_per_split < p.Kp / kBlockK) {  // K split over CTAs: fp32 partial sums, then y
       partial = at::zeros({m, n}, x.options().dtype(at::kFloat));
       p.partial = partial.data_ptr<float>();
     }

@@ -36,9 +36,8 @@
 // * gemm_mid_a16_kernel (M 9..16 on wide layers, see use_decode_kernel; 17..A16_FUSED_MAX_M): 8 warps
 //   split 128 output columns and walk K together; a cp.async pipeline of 128-channel stages brings x,
 //   the weight blocks and their (s, z) rows into shared memory; each decoded fragment serves up to 8
-//   mma of 8 tokens; K is split over CTAs when there are few column tiles (on sm_90 the splits of a
-//   tile form a cluster and sum their partial tiles in distributed shared memory; else fp32 partial
-//   sums in a workspace).
+//   mma of 8 tokens; K is split over CTAs when there are few column tiles (fp32 partial sums in a
+//   workspace).
 // Beyond, the op dequantizes (dequantize_a16_kernel) and calls cuBLAS (vllm_bipolar/ops.py).
 //
 // No host synchronisation, launched on the current stream: the op can be captured in a CUDA graph.
@@ -46,7 +45,6 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -69,14 +67,10 @@ struct Problem {
   void* y;                // [M, N] (gemm) or [N, K] (dequantize)
   int M, N, K, Np, Kp, Gp, group_shift;
   int64_t ldx;
-  // mid-batch kernel (M > kDecodeMaxM) only: K is split into runs of kb_per_split layout blocks. With
-  // more than one run, either the runs of a column tile form a thread block cluster (cluster_splits =
-  // the number of runs, 2..kMidMaxClusterSplits; sm_90) and sum their fp32 partial tiles through
-  // distributed shared memory into y, or (cluster_splits = 0) every run adds its fp32 partial sums into
-  // `partial` [M, N] (zeroed), not y, and the op converts it.
+  // mid-batch kernel (M > kDecodeMaxM) only: K is split into runs of kb_per_split layout blocks; with
+  // more than one run, every run adds its fp32 partial sums into `partial` [M, N] (zeroed), not y.
   float* partial;
   int kb_per_split;
-  int cluster_splits;
   int sms;  // multiprocessors of the device (decode kernel: warps per CTA)
   int smem_optin;  // largest dynamic shared memory of a CTA on the device (opt-in)
   // decode kernel: launched with programmatic dependent launch (sm_90+, BIPOLAR_PDL not 0): it may start
@@ -127,16 +121,10 @@ constexpr int mid_stages(int bits, int mt) {
 // registers a thread, 32- and 64-token tiles up to 128.
 constexpr int mid_ctas_per_sm(int mt) { return mt == 16 ? 3 : 2; }
 constexpr int mid_smem_bytes(int bits, int mt) { return mid_stages(bits, mt) * mid_stage_bytes(bits, mt); }
-// Most K splits of the mid-batch kernel that sum through a cluster: 8, the portable cluster size.
-constexpr int kMidMaxClusterSplits = 8;
-// M-tiles whose K splits may sum through a cluster: 16 and 32 tokens. (The 64-token tile runs at its
-// 128-register bound: with the cluster path built in, ptxas spilled 16 bytes inside its main loop.)
-constexpr bool mid_cluster_tile(int mt) { return mt <= 32; }
 // Layout blocks per K run of the mid-batch kernel for this problem on a GPU of `sms` SMs: the split
-// into at most `max_splits` runs (of whole stages) with the least time counted in waves of CTAs x
-// blocks per run (plus a prologue / epilogue of about two blocks per CTA, and two for the reduction a
-// split needs).
-inline int gemm_a16_kb_per_split(int M, int Np, int Kp, int sms, int bits, int max_splits) {
+// (runs of whole stages) with the least time counted in waves of CTAs x blocks per run (plus a
+// prologue / epilogue of about two blocks per CTA, and two for the workspace a split needs).
+inline int gemm_a16_kb_per_split(int M, int Np, int Kp, int sms, int bits) {
   const int kblocks = Kp / kBlockK;
   const int mt = mid_tile_tokens(M);
   const int tiles = ((Np + kMidTileN - 1) / kMidTileN) * ((M + mt - 1) / mt);
@@ -146,7 +134,7 @@ inline int gemm_a16_kb_per_split(int M, int Np, int Kp, int sms, int bits, int m
   const int64_t slots = int64_t(sms) * per_sm;
   int best = kblocks;
   int64_t best_cost = -1;
-  for (int splits = 1; splits <= std::min(kblocks, max_splits); ++splits) {
+  for (int splits = 1; splits <= kblocks; ++splits) {
     int per = (kblocks + splits - 1) / splits;
     per = (per + kMidStageBlocks - 1) / kMidStageBlocks * kMidStageBlocks;
     const int real = (kblocks + per - 1) / per;
@@ -591,56 +579,6 @@ struct MidConfig {
   static_assert(NT == kMidTileN && (MT == 16 || MT == 32 || MT == 64), "the op's K split (gemm_a16_kb_per_split) assumes these tiles");
 };
 
-// K split through a cluster (Problem::cluster_splits, sm_90): the CTAs of one column tile and M-tile, one
-// per K run, form a cluster along grid.y. Each writes its fp32 partial tile into its own shared memory
-// (the pipeline buffers, free after the main loop), and after a cluster barrier each sums a 1 / splits
-// share of the tile over every CTA's copy (distributed shared memory, in rank order: the result does
-// not depend on timing) and stores it to y; a second barrier keeps every CTA's shared memory alive
-// until the others have read it. No workspace, no zeroing kernel, no conversion kernel, no atomics.
-// Tile in shared memory: [MT][NT + 4] fp32, token-major so that a share's 4-column pieces are 16-byte
-// reads and consecutive output columns; the + 4 puts the 4 lanes of an mma fragment row (t, tokens 2 t
-// and 2 t + 1) 8 banks apart.
-template <typename T, class C>
-__device__ __forceinline__ void mid_cluster_reduce(const Problem& p, const float (&acc)[C::TG][4], unsigned char* smem,
-                                                   int m0, int mv) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  constexpr int kStride = C::NT + 4;
-  static_assert(C::MT * kStride * 4 <= C::kSmemBytes, "the partial tile fits the pipeline buffers");
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  float* red = reinterpret_cast<float*>(smem);
-  __syncthreads();  // every warp is done with the pipeline buffers
-  // (warps past Np write their zero accumulators: those columns are never stored)
-#pragma unroll
-  for (int q = 0; q < C::TG; ++q)
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      red[(8 * q + 2 * (lane % 4) + e % 2) * kStride + warp * kBlockN + lane / 4 + 8 * (e / 2)] = acc[q][e];
-  cg::cluster_group cluster = cg::this_cluster();
-  cluster.sync();  // every partial tile of the cluster written (release / acquire across the cluster)
-  const int splits = int(cluster.num_blocks()), rank = int(cluster.block_rank());
-  constexpr int kPieces = C::MT * C::NT / 4;  // 4-column pieces of the tile
-  T* y = static_cast<T*>(p.y);
-  for (int i = rank * C::kThreads + int(threadIdx.x); i < kPieces; i += splits * C::kThreads) {
-    const int m = i / (C::NT / 4), c = 4 * (i % (C::NT / 4));
-    float sum[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int r = 0; r < splits; ++r) {
-      const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(red + m * kStride + c, r));
-      sum[0] += v.x, sum[1] += v.y, sum[2] += v.z, sum[3] += v.w;
-    }
-    const int n = int(blockIdx.x) * C::NT + c;
-    if (m < mv) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (n + e < p.N) y[size_t(m0 + m) * p.N + n + e] = Elem<T>::from_float(sum[e]);
-    }
-  }
-  cluster.sync();  // the other CTAs have read this one's tile
-#else
-  __trap();  // launched only for sm_90 binaries (the op checks the binary's version)
-#endif
-}
-
 template <typename T, int BITS, class C>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kernel(Problem p) {
   using E = Elem<T>;
@@ -790,9 +728,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_mid_a16_kerne
     compute_stage(st, st % C::kStages);
   }
   cp_async_wait<0>();
-  if constexpr (mid_cluster_tile(C::MT)) {
-    if (p.cluster_splits > 1) return mid_cluster_reduce<T, C>(p, acc, smem, m0, mv);
-  }
 
   // C fragment (rows = output columns, columns = tokens): d0, d1 = column nb 16 + g, tokens 2 t + {0, 1};
   // d2, d3 = column + 8.
@@ -1244,24 +1179,8 @@ void launch_mid(const Problem& p, cudaStream_t stream) {
   opt_in_shared_memory<gemm_mid_a16_kernel<T, BITS, C>>(C::kSmemBytes);
   const int splits = (p.Kp / kBlockK + p.kb_per_split - 1) / p.kb_per_split;
   const dim3 grid((p.Np + C::NT - 1) / C::NT, splits, (p.M + C::MT - 1) / C::MT);
-  if (p.cluster_splits > 1) {  // the K runs of a tile as one cluster along grid.y (mid_cluster_reduce)
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(C::kThreads);
-    cfg.dynamicSmemBytes = C::kSmemBytes;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = unsigned(splits);
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemm_mid_a16_kernel<T, BITS, C>, p));
-  } else {
-    gemm_mid_a16_kernel<T, BITS, C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  gemm_mid_a16_kernel<T, BITS, C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // x rows in shared memory up to this size (launch_decode_tile counts it in the CTAs an SM holds).

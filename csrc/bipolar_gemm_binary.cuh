@@ -529,30 +529,8 @@ __global__ void __launch_bounds__(Tile<P, Q>::kThreads, Tile<P, Q>::kMinBlocks)
   }
   cp_async_wait<0>();
 
-  // y = s_x * (out + col_bias), rows g / g+8 and columns 2t / 2t+1 of each fragment
-  float cb[WN][2];
-#pragma unroll
-  for (int ni = 0; ni < WN; ++ni)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int col = n0 + wn0 + ni * 8 + 2 * t + e;
-      cb[ni][e] = col < p.N ? p.col_bias[col] : 0.f;
-    }
-#pragma unroll
-  for (int mi = 0; mi < WM; ++mi)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = m0 + wm0 + mi * 16 + g + h * 8;
-      if (row >= p.M) continue;
-      const float sx = p.a_scales[row];
-#pragma unroll
-      for (int ni = 0; ni < WN; ++ni)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = n0 + wn0 + ni * 8 + 2 * t + e;
-          if (col < p.N) store_elem(p.out, int64_t(row) * p.N + col, sx * (out[mi][ni][h * 2 + e] + cb[ni][e]), p.dtype);
-        }
-    }
+  // y = s_x * (out + col_bias)
+  store_scaled_tile(p.out, p.dtype, p.M, p.N, m0 + wm0, n0 + wn0, g, t, out, p.a_scales, p.col_bias);
 }
 
 template <int P, int Q, bool K128>

@@ -307,38 +307,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_int8_kernel(const Problem p)
   }
   cp_async_wait<0>();
 
-  // y = s_x * (out + col_bias): rows g / g + 8, columns 2t / 2t + 1 of each fragment (a pair in one store
-  // when N is even, so the pair never straddles a row)
-  float cbias[WN][2];
-#pragma unroll
-  for (int ni = 0; ni < WN; ++ni)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int col = n0 + wn0 + ni * 8 + 2 * t + e;
-      cbias[ni][e] = col < p.N ? p.col_bias[col] : 0.f;
-    }
-  const bool pairs = (p.N & 1) == 0;
-#pragma unroll
-  for (int mi = 0; mi < WM; ++mi)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = m0 + wm0 + mi * 16 + g + h * 8;
-      if (row >= p.M) continue;
-      const float sx = p.a_scales[row];
-#pragma unroll
-      for (int ni = 0; ni < WN; ++ni) {
-        const int col = n0 + wn0 + ni * 8 + 2 * t;
-        const float v0 = sx * (out[mi][ni][h * 2] + cbias[ni][0]), v1 = sx * (out[mi][ni][h * 2 + 1] + cbias[ni][1]);
-        const int64_t i0 = int64_t(row) * p.N + col;
-        if (pairs && col + 1 < p.N) {
-          if (p.dtype == DType::kHalf) *reinterpret_cast<__half2*>(static_cast<__half*>(p.out) + i0) = __floats2half2_rn(v0, v1);
-          else *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + i0) = __floats2bfloat162_rn(v0, v1);
-        } else {
-          if (col < p.N) store_elem(p.out, i0, v0, p.dtype);
-          if (col + 1 < p.N) store_elem(p.out, i0 + 1, v1, p.dtype);
-        }
-      }
-    }
+  // y = s_x * (out + col_bias)
+  store_scaled_tile(p.out, p.dtype, p.M, p.N, m0 + wm0, n0 + wn0, g, t, out, p.a_scales, p.col_bias);
 }
 
 template <int P, bool kMagic>

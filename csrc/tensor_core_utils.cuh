@@ -60,6 +60,45 @@ __device__ __forceinline__ void store_elem(void* p, int64_t i, float v, DType dt
   else static_cast<float*>(p)[i] = v;
 }
 
+// The WpAq kernels' output: y = s_x[row] * (acc + col_bias[col]) for a warp tile of WM x WN mma tiles (m16 x
+// n8, accumulator layout: rows g / g + 8, columns 2t / 2t + 1) at rows row0.., columns col0.. of y [M, N].
+// A pair of columns is one 32-bit store when the output is 16-bit and N even (a pair never straddles a row).
+template <int WM, int WN>
+__device__ __forceinline__ void store_scaled_tile(void* out, DType dt, int M, int N, int row0, int col0, int g, int t,
+                                                  const float (&acc)[WM][WN][4], const float* a_scales,
+                                                  const float* col_bias) {
+  float cb[WN][2];
+#pragma unroll
+  for (int ni = 0; ni < WN; ++ni)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int col = col0 + ni * 8 + 2 * t + e;
+      cb[ni][e] = col < N ? col_bias[col] : 0.f;
+    }
+  const bool pairs = (N & 1) == 0 && dt != DType::kFloat;
+#pragma unroll
+  for (int mi = 0; mi < WM; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + mi * 16 + g + h * 8;
+      if (row >= M) continue;
+      const float sx = a_scales[row];
+#pragma unroll
+      for (int ni = 0; ni < WN; ++ni) {
+        const int col = col0 + ni * 8 + 2 * t;
+        const float v0 = sx * (acc[mi][ni][h * 2] + cb[ni][0]), v1 = sx * (acc[mi][ni][h * 2 + 1] + cb[ni][1]);
+        const int64_t i0 = int64_t(row) * N + col;
+        if (pairs && col < N) {
+          if (dt == DType::kHalf) *reinterpret_cast<__half2*>(static_cast<__half*>(out) + i0) = __floats2half2_rn(v0, v1);
+          else *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(out) + i0) = __floats2bfloat162_rn(v0, v1);
+        } else {
+          if (col < N) store_elem(out, i0, v0, dt);
+          if (col + 1 < N) store_elem(out, i0 + 1, v1, dt);
+        }
+      }
+    }
+}
+
 #endif  // __CUDACC__
 
 }  // namespace bipolar

@@ -179,3 +179,14 @@ def assert_rotation_keeps_the_function(src: Path, kind: str) -> None:
     qkv = next(n for n in state if n.endswith("layers.0.self_attn.qkv_proj.weight") or
                n.endswith("layers.0.self_attn.q_proj.weight"))
     assert not torch.allclose(state[qkv], new[qkv])  # the rotation did change the weights
+
+
+def assert_within(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    """|y - ref| <= bound elementwise (y any dtype, ref / bound float64 [M, N]); else fail naming the count of
+    outputs off and the worst one."""
+    err = (y.to(torch.float64) - ref).abs()
+    if (err > bound).any():
+        i = int(torch.argmax((err / bound).flatten()))
+        m, n = divmod(i, ref.shape[1])
+        pytest.fail(f"{what}: {int((err > bound).sum())} of {err.numel()} outputs off; worst (m={m}, n={n}): "
+                    f"kernel {y[m, n].item():.6g}, reference {ref[m, n].item():.6g}, bound {bound[m, n].item():.3g}")

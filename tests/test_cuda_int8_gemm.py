@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vllm_bipolar.format as fmt
-from conftest import load_kernel_ops
+from conftest import assert_within, load_kernel_ops
 from vllm_bipolar import ops
 from vllm_bipolar.kernels import a16_layout
 from vllm_bipolar.kernels.cuda_gemm_a16 import int8_col_bias
@@ -60,12 +60,7 @@ def check(y, ref, mag, dtype, what):
     assert y.dtype == dtype and y.shape == ref.shape, what
     assert torch.isfinite(y).all(), f"{what}: non-finite output"
     bound = ULP[dtype] * ref.abs() + 2.0 ** -18 * mag + 1e-6
-    err = (y.to(torch.float64) - ref).abs()
-    if (err > bound).any():
-        i = int(torch.argmax((err / bound).flatten()))
-        m, n = divmod(i, ref.shape[1])
-        pytest.fail(f"{what}: {int((err > bound).sum())} of {err.numel()} outputs off; worst (m={m}, n={n}): "
-                    f"kernel {y[m, n].item():.6g}, reference {ref[m, n].item():.6g}, bound {bound[m, n].item():.3g}")
+    assert_within(y, ref, bound, what)
 
 
 @pytest.mark.parametrize("group_shift", [7, 8, 30])

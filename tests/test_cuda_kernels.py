@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import vllm_bipolar.format as fmt
-from conftest import load_kernel_ops, round_once
+from conftest import assert_within, load_kernel_ops, round_once
 from vllm_bipolar.kernels import a16_layout
 
 OPS, WHY = load_kernel_ops("gemm_a16", "dequantize_a16") if torch.cuda.is_available() else (None, "no CUDA device")
@@ -87,12 +87,7 @@ def check_gemm(y, x, w, what):
         accumulated = x64.abs() @ (wr.abs() + w.decode_mag).T
     ref = x64 @ wr.T
     bound = ULP[x.dtype] * ref.abs() + 2.0 ** -20 * accumulated + 1e-6
-    err = (y.to(torch.float64) - ref).abs()
-    if (err > bound).any():
-        i = int(torch.argmax((err / bound).flatten()))
-        m, n = divmod(i, ref.shape[1])
-        pytest.fail(f"{what}: {int((err > bound).sum())} of {err.numel()} outputs off; worst (m={m}, n={n}): "
-                    f"kernel {y[m, n].item():.6g}, reference {ref[m, n].item():.6g}, bound {bound[m, n].item():.3g}")
+    assert_within(y, ref, bound, what)
 
 
 # ---- the main grid: every width, dtype, group size, offsets or not ----------------------------------

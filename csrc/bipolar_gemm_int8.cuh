@@ -57,7 +57,7 @@ struct Problem {
   void* out;               // [M, N] of `dtype`
   int M, N, K, Kp, KB, Np;
   int group_stages;        // 128-channel stages per group (all stages when group_size == -1)
-  int group_bits;          // channels per group (Kp when group_size == -1)
+  int group_bits;          // channels per group (K when one group per row)
   int la;                  // 2^q - 1
   bool magic;              // every |J| < 2^22: exact conversion by a magic add (as in the binary family)
   DType dtype;             // kHalf / kBFloat16: the dtype of scales and out

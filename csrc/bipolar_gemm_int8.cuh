@@ -135,44 +135,21 @@ __device__ __forceinline__ void imma(int (&c)[4], const uint32_t (&a)[4], uint32
   }
 }
 
-// A lane's words of one layout block (the block's 32 P words are [part][lane][w words]; part i, of width w
-// at bit offset o, puts lane l's w words at 32 o + l w): words[o .. o + w) = part i's, each part read as one
-// vector (8 / 16-byte loads by consecutive lanes: no bank conflicts, unlike w scalar loads w words apart).
-template <int P>
-__device__ __forceinline__ void load_lane_words(const uint32_t* block, int lane, uint32_t (&words)[P]) {
-#pragma unroll
-  for (int i = 0; i < a16::num_parts(P); ++i) {
-    const int w = a16::part_width(P, i), o = a16::part_shift(P, i);
-    const uint32_t* src = block + 32 * o + lane * w;
-    if (w == 1) {
-      words[o] = src[0];
-    } else if (w == 2) {
-      const uint2 v = *reinterpret_cast<const uint2*>(src);
-      words[o] = v.x, words[o + 1] = v.y;
-    } else {
-#pragma unroll
-      for (int q = 0; q < w; q += 4) {
-        const uint4 v = *reinterpret_cast<const uint4*>(src + q);
-        words[o + q] = v.x, words[o + q + 1] = v.y, words[o + q + 2] = v.z, words[o + q + 3] = v.w;
-      }
-    }
-  }
-}
-
 // The B fragment register of column 8 h + g for k-step s (16 channels): bytes (p0 e0, p0+1 e0, p0 e1,
-// p0+1 e1) of pairs p0 = 4 s + 2 h and p0 + 1, from the lane's words of a layout block (load_lane_words).
-// Per part of width w (bit offset o in the code): the word holding p0 has it at bit w j0, p0 + 1 at
-// w (j0 + 1), and their e = 1 halves 16 bits up; one shift brings p0 to bit 0 (bytes 0 and 2 after the
-// mask), a second brings p0 + 1 to bit 8 (bytes 1 and 3).
+// p0+1 e1) of pairs p0 = 4 s + 2 h and p0 + 1, from the lane's words of one layout block (`words`: the
+// 32 * P words of the block are [part][lane][w words]; `lw` points at this lane's first word of part 0's
+// run, i.e. the block + l * w0). Per part of width w (bit offset o in the code, its words at 32 o + l w):
+// the word holding p0 has it at bit w j0, p0 + 1 at w (j0 + 1), and their e = 1 halves 16 bits up; one
+// shift brings p0 to bit 0 (bytes 0 and 2 after the mask), a second brings p0 + 1 to bit 8 (bytes 1, 3).
 template <int P, int S, int H>
-__device__ __forceinline__ uint32_t b_fragment(const uint32_t (&words)[P]) {
+__device__ __forceinline__ uint32_t b_fragment(const uint32_t* block, int lane) {
   constexpr int kP0 = 4 * S + 2 * H;
   uint32_t frag = 0;
 #pragma unroll
   for (int i = 0; i < a16::num_parts(P); ++i) {
     const int w = a16::part_width(P, i), o = a16::part_shift(P, i);
     const int per_word = 16 / w, widx = kP0 / per_word, j0 = kP0 % per_word;
-    const uint32_t word = words[o + widx];
+    const uint32_t word = block[32 * o + lane * w + widx];
     const uint32_t m2 = ((1u << w) - 1) * 0x00010001u;
     const uint32_t lo = (word >> (w * j0)) & m2;                        // p0: bytes 0 (e0) and 2 (e1)
     const uint32_t hi = (8 >= w * (j0 + 1) ? word << (8 - w * (j0 + 1)) : word >> (w * (j0 + 1) - 8)) & (m2 << 8);
@@ -273,24 +250,22 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1) gemm_int8_kernel(const Pro
     // this warp's two column blocks (32 columns), k blocks 0 and 1 of the stage
     const uint32_t* wblk = reinterpret_cast<const uint32_t*>(smem + buf * kStage + kOffW) + (wn0 / 16) * 2 * kBlockWords;
     const bool fresh = st % p.group_stages == 0;
-    uint32_t lw[WN / 2][P];  // this lane's words of the warp's column blocks in the current k block
 #pragma unroll
     for (int kk = 0; kk < kStageK / 32; ++kk) {
       uint32_t af[WM][4], bf[WN][2];
 #pragma unroll
       for (int mi = 0; mi < WM; ++mi)
         ldsm_x4(a_addr + swz128(wm0 + mi * 16 + a_lrow, 2 * kk + a_lhi), af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
-      // n8 tile ni = 2 cb + h: column block cb of the warp, row half h; k block kk / 2 (its lane words loaded
-      // at even kk, kept for the odd one), k-steps 2 (kk % 2) + r
+      // n8 tile ni = 2 cb + h: column block cb of the warp, row half h; k block kk / 2, k-steps 2 (kk % 2) + r
 #pragma unroll
       for (int cb = 0; cb < WN / 2; ++cb) {
-        if (kk % 2 == 0) load_lane_words<P>(wblk + (cb * 2 + kk / 2) * kBlockWords, lane, lw[cb]);
+        const uint32_t* blk = wblk + (cb * 2 + kk / 2) * kBlockWords;
         if (kk % 2 == 0) {
-          bf[2 * cb][0] = b_fragment<P, 0, 0>(lw[cb]), bf[2 * cb][1] = b_fragment<P, 1, 0>(lw[cb]);
-          bf[2 * cb + 1][0] = b_fragment<P, 0, 1>(lw[cb]), bf[2 * cb + 1][1] = b_fragment<P, 1, 1>(lw[cb]);
+          bf[2 * cb][0] = b_fragment<P, 0, 0>(blk, lane), bf[2 * cb][1] = b_fragment<P, 1, 0>(blk, lane);
+          bf[2 * cb + 1][0] = b_fragment<P, 0, 1>(blk, lane), bf[2 * cb + 1][1] = b_fragment<P, 1, 1>(blk, lane);
         } else {
-          bf[2 * cb][0] = b_fragment<P, 2, 0>(lw[cb]), bf[2 * cb][1] = b_fragment<P, 3, 0>(lw[cb]);
-          bf[2 * cb + 1][0] = b_fragment<P, 2, 1>(lw[cb]), bf[2 * cb + 1][1] = b_fragment<P, 3, 1>(lw[cb]);
+          bf[2 * cb][0] = b_fragment<P, 2, 0>(blk, lane), bf[2 * cb][1] = b_fragment<P, 3, 0>(blk, lane);
+          bf[2 * cb + 1][0] = b_fragment<P, 2, 1>(blk, lane), bf[2 * cb + 1][1] = b_fragment<P, 3, 1>(blk, lane);
         }
       }
       if (kk == 0 && fresh) {

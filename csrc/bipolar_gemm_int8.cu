@@ -23,8 +23,6 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
 namespace bipolar {
 
@@ -107,12 +105,6 @@ at::Tensor gemm_int8(const at::Tensor& a_codes, const at::Tensor& a_scales, cons
   pr.group_bits = per_row ? int(k) : int(glen);
   pr.la = int(la);
   pr.magic = 2 * group_len * lw * la < (int64_t(1) << 22);
-  // warp tiles: 16 warps of 64 x 16 unless BIPOLAR_INT8_TILES=wide (8 warps of 64 x 32; for A/B timing)
-  static const bool wide = [] {
-    const char* v = std::getenv("BIPOLAR_INT8_TILES");
-    return v != nullptr && std::string(v) == "wide";
-  }();
-  pr.tall = !wide;
   pr.dtype = scales.scalar_type() == at::kHalf ? DType::kHalf : DType::kBFloat16;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   switch (p) {

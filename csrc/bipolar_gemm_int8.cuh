@@ -27,7 +27,7 @@
 // and PA per (group, row), both from bipolar_kernels::quantize_activations_int8 in one pass over x.
 //
 // Tiles: a CTA computes 128 x 128 outputs with 8 warps (2 along M x 4 along N, 64 x 32 each: 4 x 4 MMA
-// tiles, 64 int32 accumulators + 64 fp32 sums per thread) or 16 (2 x 8, 64 x 16 each); K advances in stages of 128 channels (two
+// tiles, 64 int32 accumulators + 64 fp32 sums per thread); K advances in stages of 128 channels (two
 // layout blocks), so a group (2^group_shift >= 128 channels) is a whole number of stages and closes at
 // a stage's end. Per stage, shared memory holds A (128 rows x 128 code bytes, XOR-swizzled for
 // ldmatrix), the 8 x 2 layout blocks of the 128 columns, the stage group's (s, z) of the 128 columns and
@@ -60,25 +60,11 @@ struct Problem {
   int group_bits;          // channels per group (K when one group per row)
   int la;                  // 2^q - 1
   bool magic;              // every |J| < 2^22: exact conversion by a magic add (as in the binary family)
-  bool tall;               // TallTiles (16 warps of 64 x 16) instead of WideTiles (8 warps of 64 x 32)
   DType dtype;             // kHalf / kBFloat16: the dtype of scales and out
 };
 
 constexpr int kStageK = 128;  // channels (= A bytes, = weight bits) per stage
-constexpr int kBM = 128, kBN = 128;
-
-// Warp grid of a CTA and the m16 / n8 MMA tiles of one warp (both cover 128 x 128 outputs). kWide: 8 warps
-// (2 x 4) of 64 x 32 outputs, 212 registers a thread; kTall: 16 warps (2 x 8) of 64 x 16, at most 128
-// registers, twice the warps per scheduler to hide the MMA and decode latencies, the same decode work per
-// MMA (each warp decodes one column block for its 4 m16 tiles).
-template <int kWarpsM_, int kWarpsN_, int WM_, int WN_>
-struct WarpTiles {
-  static constexpr int kWarpsM = kWarpsM_, kWarpsN = kWarpsN_, WM = WM_, WN = WN_;
-  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
-  static_assert(16 * WM * kWarpsM == kBM && 8 * WN * kWarpsN == kBN && WN % 2 == 0, "tiles cover the CTA");
-};
-using WideTiles = WarpTiles<2, 4, 4, 4>;
-using TallTiles = WarpTiles<2, 8, 4, 2>;
+constexpr int kBM = 128, kBN = 128, kThreads = 256;
 
 // Dynamic shared memory of the kernel for weight width p: 3-4 stages, at most 99 KiB (what Ada allows a
 // CTA; A100 and H100 allow more).
@@ -159,24 +145,23 @@ __device__ __forceinline__ uint32_t b_fragment(const uint32_t* block, int lane) 
 }
 
 // kMagic: p.magic (a template parameter, so that the epilogue has no select between the two conversions).
-template <int P, bool kMagic, class Tiles>
-__global__ void __launch_bounds__(Tiles::kThreads, 1) gemm_int8_kernel(const Problem p) {
-  constexpr int kThreads = Tiles::kThreads;
+template <int P, bool kMagic>
+__global__ void __launch_bounds__(kThreads, 1) gemm_int8_kernel(const Problem p) {
   constexpr int kPipe = pipe_depth(P), kStage = stage_bytes(P);
   constexpr int kBlockWords = 32 * P;  // one layout block
   constexpr int kOffW = kBM * kStageK, kOffSz = kOffW + P * kBN * 16, kOffPa = kOffSz + kBN * 4;
-  constexpr int WM = Tiles::WM, WN = Tiles::WN;  // m16 / n8 tiles per warp
+  constexpr int WM = 4, WN = 4;  // m16 / n8 tiles per warp
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int wm0 = (warp / Tiles::kWarpsN) * 16 * WM, wn0 = (warp % Tiles::kWarpsN) * 8 * WN;  // warp tile origin
+  const int wm0 = (warp >> 2) * 64, wn0 = (warp & 3) * 32;  // warp tile origin in the CTA tile
   const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
   const int stages = p.Kp / kStageK;
 
   // ---- stage copies (each thread's share, fixed for the whole loop) ----
-  // A: 128 rows x 8 chunks, 1024 / threads per thread: rows tid / 8 + (threads / 8) i, chunk tid % 8.
+  // A: 128 rows x 8 chunks, 4 per thread: rows tid / 8 + 32 i, chunk tid % 8.
   // Weights: the 8 column blocks x 2 k blocks of the stage, stored [column block][k block][32 P words]:
   //   each column block's two k blocks are contiguous in global memory (8 P chunks of 16 bytes each).
   // (s, z): 128 columns x 4 bytes = 32 chunks (threads 0..31); PA: 32 chunks of four rows (threads 32..63).
@@ -185,8 +170,8 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1) gemm_int8_kernel(const Pro
   auto fill = [&](int buf, int st) {
     const uint32_t dst = sbase + uint32_t(buf * kStage);
 #pragma unroll
-    for (int i = 0; i < kBM * 8 / kThreads; ++i) {
-      const int row = a_row0 + (kThreads / 8) * i;
+    for (int i = 0; i < 4; ++i) {
+      const int row = a_row0 + 32 * i;
       const bool ok = m0 + row < p.M;
       const uint8_t* src = p.a + (ok ? int64_t(m0 + row) * p.Kp + st * kStageK + a_chunk * 16 : 0);
       cp_async16_s(dst + swz128(row, a_chunk), src, ok);
@@ -258,7 +243,7 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1) gemm_int8_kernel(const Pro
         ldsm_x4(a_addr + swz128(wm0 + mi * 16 + a_lrow, 2 * kk + a_lhi), af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
       // n8 tile ni = 2 cb + h: column block cb of the warp, row half h; k block kk / 2, k-steps 2 (kk % 2) + r
 #pragma unroll
-      for (int cb = 0; cb < WN / 2; ++cb) {
+      for (int cb = 0; cb < 2; ++cb) {
         const uint32_t* blk = wblk + (cb * 2 + kk / 2) * kBlockWords;
         if (kk % 2 == 0) {
           bf[2 * cb][0] = b_fragment<P, 0, 0>(blk, lane), bf[2 * cb][1] = b_fragment<P, 1, 0>(blk, lane);
@@ -326,22 +311,17 @@ __global__ void __launch_bounds__(Tiles::kThreads, 1) gemm_int8_kernel(const Pro
   store_scaled_tile(p.out, p.dtype, p.M, p.N, m0 + wm0, n0 + wn0, g, t, out, p.a_scales, p.col_bias);
 }
 
-template <int P, bool kMagic, class Tiles>
-void launch_tiles(const Problem& p, cudaStream_t stream) {
-  if (smem_bytes(P) > 48 * 1024) opt_in_shared_memory<gemm_int8_kernel<P, kMagic, Tiles>>(smem_bytes(P));
+template <int P, bool kMagic>
+void launch_magic(const Problem& p, cudaStream_t stream) {
+  if (smem_bytes(P) > 48 * 1024) opt_in_shared_memory<gemm_int8_kernel<P, kMagic>>(smem_bytes(P));
   const dim3 grid((p.N + kBN - 1) / kBN, (p.M + kBM - 1) / kBM);
-  gemm_int8_kernel<P, kMagic, Tiles><<<grid, Tiles::kThreads, smem_bytes(P), stream>>>(p);
+  gemm_int8_kernel<P, kMagic><<<grid, kThreads, smem_bytes(P), stream>>>(p);
 }
 
 template <int P>
 void launch(const Problem& p, cudaStream_t stream) {
-  if (p.tall) {
-    if (p.magic) launch_tiles<P, true, TallTiles>(p, stream);
-    else launch_tiles<P, false, TallTiles>(p, stream);
-  } else {
-    if (p.magic) launch_tiles<P, true, WideTiles>(p, stream);
-    else launch_tiles<P, false, WideTiles>(p, stream);
-  }
+  if (p.magic) launch_magic<P, true>(p, stream);
+  else launch_magic<P, false>(p, stream);
 }
 
 }  // namespace int8

@@ -8,11 +8,6 @@ without CUDA or the extension.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -182,18 +177,3 @@ def test_wpaq_op_switches_to_int8(monkeypatch):
         want = (ops.wpaq_int8_forward(x, qw, sc, cb, n, k, shift, 4) if m >= 64
                 else ops.linear_a16_cuda(fake_quantize_activations(x, 4), qw, sc, n, k, shift))
         assert torch.equal(y, want), f"M={m}"
-
-
-def test_wide_warp_tiles():
-    """BIPOLAR_INT8_TILES=wide (8 warps of 64 x 32 instead of 16 of 64 x 16; read once per process: a
-    subprocess) changes how warps split the CTA tile, not the result: the exact-integer and model-shape
-    tests and one width grid pass with it."""
-    code = ("import test_cuda_int8_gemm as t, torch\n"
-            "t.test_gemm_int8_exact_integers()\n"
-            "for k in (4096, 11008): t.test_gemm_int8_model_shapes(k)\n"
-            "for w in (2, 3, 8): t.test_gemm_int8_matches_reference(w, torch.bfloat16, False, 128)\n")
-    tests = Path(__file__).resolve().parent
-    env = dict(os.environ, BIPOLAR_INT8_TILES="wide",
-               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tests, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"

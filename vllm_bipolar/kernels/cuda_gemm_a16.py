@@ -19,8 +19,9 @@ faster than the binary tensor-core kernels of ``cuda_binary_gemm`` as they stand
 Large batches of such layers can go instead to the int8 tensor-core kernel (``bipolar_kernels::gemm_int8``,
 csrc/bipolar_gemm_int8.cuh) on the same repacked weights: activations quantized to code bytes, one
 8-bit MMA per 32 channels, the popcount-style corrections in the epilogue; at load time this adds only
-``int8_col_bias`` (fp32 [N]). ``ops.WPAQ_INT8_MIN_M`` says from which batch on (see ops.py); layers the
-int8 kernel cannot take (:func:`int8_reason`) always use the weight-only kernels.
+``int8_col_bias`` (fp32 [N]). ``ops.WPAQ_INT8_MIN_M`` says from which batch on (see ops.py; 0, the
+default, leaves WpAq layers exactly as before: no int8 term, no int8 op); layers the int8 kernel cannot
+take (:func:`int8_reason`) always use the weight-only kernels.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class CudaGemmA16Kernel(BipolarLinearKernel):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         c = self.config
-        self.int8 = int8_reason(c, layer.qweight.device) is None
+        # the int8 kernel's column term only when it is switched on (ops.WPAQ_INT8_MIN_M; off by default)
+        self.int8 = ops.WPAQ_INT8_MIN_M > 0 and int8_reason(c, layer.qweight.device) is None
         if self.int8:  # from the checkpoint planes, before they are repacked
             layer.register_buffer("int8_col_bias", int8_col_bias(layer.qweight.data, layer.scales.data, c.k,
                                                                  c.group_size, c.a_bits), persistent=False)

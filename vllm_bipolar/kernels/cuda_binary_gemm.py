@@ -107,12 +107,19 @@ def binary_weight_terms(pb: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     """(sz, col_bias) of :func:`prepare_binary_weights` from PB, the weight code sums per group [G, N] (any
     device: plain torch, so that the CPU tests check the decomposition the kernel relies on)."""
     g, n = pb.shape
-    size = k if group_size == -1 else group_size
-    kg = (k - torch.arange(g, device=pb.device, dtype=torch.float64) * size).clamp(max=size)  # real K_g
-    wsum = 2 * pb.to(torch.float64) - kg[:, None] * ((1 << w_bits) - 1)  # sum of the weight values per group
-    col_bias = (-((1 << a_bits) - 1) * (scales.t().to(torch.float64) * wsum).sum(0)).to(torch.float32)
+    col_bias = binary_col_bias(pb, scales, k, group_size, w_bits, a_bits)
     sz = torch.zeros(g, (n + 1) // 2 * 2, 2, device=pb.device, dtype=torch.float32)
     sz[:, :n, 0] = scales.t()
     if zeros is not None:
         sz[:, :n, 1] = zeros.t()
-    return sz, col_bias.contiguous()
+    return sz, col_bias
+
+
+def binary_col_bias(pb: torch.Tensor, scales: torch.Tensor, k: int, group_size: int, w_bits: int,
+                    a_bits: int) -> torch.Tensor:
+    """col_bias [N] fp32 of :func:`binary_weight_terms` alone (also the int8 kernel's column term)."""
+    g = pb.shape[0]
+    size = k if group_size == -1 else group_size
+    kg = (k - torch.arange(g, device=pb.device, dtype=torch.float64) * size).clamp(max=size)  # real K_g
+    wsum = 2 * pb.to(torch.float64) - kg[:, None] * ((1 << w_bits) - 1)  # sum of the weight values per group
+    return (-((1 << a_bits) - 1) * (scales.t().to(torch.float64) * wsum).sum(0)).to(torch.float32).contiguous()

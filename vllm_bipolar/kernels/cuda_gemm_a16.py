@@ -63,11 +63,11 @@ def int8_reason(config: BipolarLayerConfig, device: torch.device) -> str | None:
 def int8_col_bias(qweight: torch.Tensor, scales: torch.Tensor, k: int, group_size: int, a_bits: int) -> torch.Tensor:
     """col_bias [N] of the int8 kernel from the checkpoint's planes and scales: sum_g s[n,g] C[n,g], the
     column part of the correction (the same term as the binary kernels', prepare_binary_weights)."""
-    from .cuda_binary_gemm import binary_weight_terms
+    from .cuda_binary_gemm import binary_col_bias
 
     n = qweight.shape[1]
     pb = torch.ops.bipolar_kernels.binary_group_sums(qweight.contiguous(), k, group_size)[:, :n]
-    return binary_weight_terms(pb, scales, None, k, group_size, qweight.shape[0], a_bits)[1]
+    return binary_col_bias(pb, scales, k, group_size, qweight.shape[0], a_bits)
 
 
 class CudaGemmA16Kernel(BipolarLinearKernel):

@@ -326,7 +326,8 @@ def _quantize_unit(layer, prefix: str, members: tuple[str, ...], h: torch.Tensor
     torch.set_num_threads(1)  # GPTQ's column loop is many small ops: threads only add overhead
     try:
         res = gptq_quantize(w, h, bits, spec.group_size, grid=grid, symmetric=spec.symmetric,
-                            act_order=act_order, damp=opts.damp, dtype=dtype, refit=opts.refit)
+                            act_order=act_order, damp=opts.damp, dtype=dtype, refit=opts.refit,
+                            format_version=spec.format_version)
     finally:
         torch.set_num_threads(threads)
     out, row = {}, 0
@@ -335,7 +336,8 @@ def _quantize_unit(layer, prefix: str, members: tuple[str, ...], h: torch.Tensor
         n = m.weight.shape[0]
         out[f"{prefix}.{rel}"] = QuantizedWeight(
             codes=q.codes[row:row + n], scales=q.scales[row:row + n],
-            zeros=None if q.zeros is None else q.zeros[row:row + n], bits=bits, group_size=q.group_size)
+            zeros=None if q.zeros is None else q.zeros[row:row + n], bits=bits, group_size=q.group_size,
+            grid=None if q.grid is None else q.grid.rows(slice(row, row + n)))
         row += n
     return out, res
 

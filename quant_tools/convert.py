@@ -1,7 +1,7 @@
-"""Convert a Hugging Face checkpoint to a bipolar-INT checkpoint (format version 1).
+"""Convert a Hugging Face checkpoint to a bipolar-INT checkpoint (format version 1, or 2 with 8-bit scales).
 
     python -m quant_tools.convert SRC DST --w-bits B [--a-bits A] [--group-size G] [--symmetric]
-        [--method rtn|mse] [--skip NAME ...] [--layer-bits NAME=BITS ...] [--overwrite]
+        [--method rtn|mse] [--format-version 1|2] [--skip NAME ...] [--layer-bits NAME=BITS ...] [--overwrite]
         [--max-shard-size SIZE] [--no-progress]
 
 Every linear layer of the decoder (q/k/v/o and gate/up/down projections of model.layers.*) is
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from vllm_bipolar.format import (A16, BipolarConfigError, BipolarQuantSpec, pack_codes, quantize_weight)
-from vllm_bipolar.format.spec import (DECODER_LINEARS, DEFAULT_PACKED_MODULES, DEFAULT_SKIP, MAX_BITS, METHODS,
-                                      MIN_BITS)
+from vllm_bipolar.format.spec import (DECODER_LINEARS, DEFAULT_PACKED_MODULES, DEFAULT_SKIP, FORMAT_VERSION,
+                                      MAX_BITS, METHODS, MIN_BITS, SUPPORTED_FORMAT_VERSIONS)
 
 from .checkpoint import (SUPPORTED_DTYPES, CheckpointError, HFCheckpoint, ShardedWriter, atomic_output_dir,
                          copy_aux_files)
@@ -285,7 +285,7 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
                    file=sys.stderr)
 
         def add_quantized(module, q, src_bytes):
-            outs = {"qweight": pack_codes(q.codes, q.bits), "scales": q.scales, "zeros": q.zeros}
+            outs = {"qweight": pack_codes(q.codes, q.bits), **q.stored()}
             for suffix, tensor in outs.items():
                 if tensor is not None:
                     writer.add(f"{module}.{suffix}", tensor)
@@ -316,7 +316,7 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
             bits = spec.bits_for(module)
             try:
                 q = quantize_weight(transformed(name, t).to(torch.float32), bits, spec.group_size, spec.symmetric,
-                                    method, dtype=t.dtype)
+                                    method, dtype=t.dtype, format_version=spec.format_version)
             except ValueError as e:
                 raise ConvertError(f"{name}: {e}") from e
             add_quantized(module, q, t.numel() * t.element_size())
@@ -328,6 +328,7 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
         writer.close()
         config["quantization_config"] = BipolarQuantSpec(
             w_bits=spec.w_bits, a_bits=spec.a_bits, group_size=spec.group_size, symmetric=spec.symmetric,
+            format_version=spec.format_version,
             modules_to_not_convert=spec.modules_to_not_convert, layer_bits=layer_bits, method=method,
             online_hadamard=spec.online_hadamard, rotation=spec.rotation,
             avg_bits=None if avg_bits is None else round(avg_bits, 4), a_clip_ratio=spec.a_clip_ratio).to_dict()
@@ -459,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "per row (default 128; with --a-bits < 16: -1 or a multiple of 128)")
     ap.add_argument("--symmetric", action="store_true",
                     help="no per-group offsets (w = s*v); default: offsets (w = z + s*v), more accurate")
+    ap.add_argument("--format-version", type=int, choices=SUPPORTED_FORMAT_VERSIONS, default=FORMAT_VERSION,
+                    help="checkpoint layout: 1 stores each group's scale and offset in the model dtype (16 bits "
+                         "each); 2 stores them as 8-bit codes with one step per output row (0.125 instead of "
+                         "0.25 bits per weight at group size 128; same accuracy, weights fitted to the "
+                         "8-bit grid) (default %(default)s)")
     ap.add_argument("--method", choices=METHODS, default="rtn",
                     help="rtn: round to nearest on the min/max (absmax if --symmetric) grid; mse: per-group "
                          "search over clip ratio with least-squares refit of scale/offset; gptq: calibrated "
@@ -567,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = BipolarQuantSpec(
             w_bits=args.w_bits, a_bits=args.a_bits, group_size=args.group_size, symmetric=args.symmetric,
+            format_version=args.format_version,
             modules_to_not_convert=tuple(dict.fromkeys(list(DEFAULT_SKIP) + args.skip)),
             layer_bits=parse_layer_bits(args.layer_bits))
         calibration = Calibration(text=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen,

@@ -32,12 +32,14 @@ import dataclasses
 
 import torch
 
+from vllm_bipolar.format.group_params import ParamGrid, as_grid
 from vllm_bipolar.format.packing import max_level
 from vllm_bipolar.format.quantize import (
     QuantizedWeight,
     assign_codes,
     dequantize,
     effective_group,
+    grouped,
     int_grid_params,
     num_groups,
     search_grid,
@@ -79,11 +81,14 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = 128, grid: str = "bipolar",
                   symmetric: bool = False, act_order: bool = True, damp: float = 0.01, block: int = 128,
-                  dtype: torch.dtype | None = None, refit: bool = False) -> GPTQResult:
+                  dtype: torch.dtype | None = None, refit: bool = False, format_version: int = 1) -> GPTQResult:
     """Quantize ``w`` [N, K] given the input second moment ``h`` [K, K] (sum or mean of x x^T).
 
     ``refit``: once the codes are chosen, replace each row's scales (and offsets) by the ones that
-    minimise that row's output error (:func:`refit_scales`), a row at a time where that helps."""
+    minimise that row's output error (:func:`refit_scales`), a row at a time where that helps.
+    ``format_version`` 2: (s, z) are 8-bit codes of per-row steps (format/group_params.py); the steps
+    span a fit of every group of the original weights, made before the column sweep (a group's
+    grid is fitted on the updated weights when it comes up, onto those steps)."""
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; expected one of {GRIDS}")
     if grid == "int" and symmetric:
@@ -113,13 +118,19 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
     fitted = [False] * ng
     codes = torch.zeros(n, k)
 
-    def fit(cur: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fit(cur: torch.Tensor, imp: torch.Tensor, params: ParamGrid) -> tuple[torch.Tensor, torch.Tensor]:
         if grid == "int":
-            s, z = int_grid_params(cur, bits, dtype)
-            return s[:, 0], z[:, 0]
-        imp = (1.0 / u_diag[cols] ** 2)[None, :]
-        s, z, _ = search_grid(cur, imp, bits, symmetric, dtype)
-        return s[:, 0], z[:, 0]
+            s, z = int_grid_params(cur, bits, params)
+        else:
+            s, z, _ = search_grid(cur, imp, bits, symmetric, params)
+        return s[..., 0], z[..., 0]
+
+    params = ParamGrid(dtype)
+    if format_version == 2:
+        wg, mask = grouped(W[:, inv], group_size)  # every group, in checkpoint order
+        imp = (grouped((1.0 / u_diag ** 2)[inv][None, :], group_size)[0] * mask).expand_as(wg)
+        s0, z0 = fit(wg, imp, params)
+        params = ParamGrid.fitted(dtype, s0, None if symmetric else z0)
 
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -137,7 +148,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
                 later = cols >= i2
                 if i and bool(later.any()):  # bring in this block's deferred updates
                     cur[:, later] -= E1[:, :i] @ U[i1:j][:, cols[later]]
-                S[:, grp], Z[:, grp] = fit(cur, cols)
+                S[:, grp], Z[:, grp] = fit(cur, (1.0 / u_diag[cols] ** 2)[None, :], params)
                 fitted[grp] = True
             wj = W1[:, i]
             c = assign_codes(wj, S[:, grp], Z[:, grp], bits)
@@ -151,18 +162,19 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
 
     codes = codes[:, inv].to(torch.uint8)
     if refit:
-        S, Z = refit_scales(w, h, codes, S, None if symmetric else Z, bits, group_size, dtype)
+        S, Z = refit_scales(w, h, codes, S, None if symmetric else Z, bits, group_size, params)
     scales = S.to(dtype)
     zeros = None if symmetric else Z.to(dtype)
     if not torch.isfinite(scales).all() or (zeros is not None and not torch.isfinite(zeros).all()):
         raise ValueError(f"scales/offsets overflow {dtype}; the weights are too large for this dtype")
-    qw = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size)
+    qw = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size,
+                         grid=params if params.coded else None)
     deq = dequantize(codes, scales, zeros, bits, group_size)
     return GPTQResult(qweight=qw, dequant=deq, row_error=output_row_error(w, deq, h))
 
 
 def refit_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                 zeros: torch.Tensor | None, bits: int, group_size: int, dtype: torch.dtype,
+                 zeros: torch.Tensor | None, bits: int, group_size: int, grid: ParamGrid | torch.dtype,
                  ridge: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales (and offsets) that minimise each row's output error for fixed codes.
 
@@ -170,7 +182,8 @@ def refit_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scales: 
     (A[k, g] = v_k and A[k, G + g] = 1 for k in group g), so the row's error (w - q) H (w - q)^T is
     least squares: theta = (A^T H A)^-1 A^T H w, computed for all rows at once from the G x G
     blocks of H (a tiny ``ridge`` keeps groups whose codes are all equal solvable). The result is
-    rounded to ``dtype``; a row keeps its old values unless its error (with the rounded values)
+    rounded onto ``grid`` (a ParamGrid, or the dtype of format version 1); a row keeps its old values
+    unless its error (with the rounded values)
     drops. GPTQ fits each group's grid before the updates to later columns are known and never
     revisits it; this is that revisit. Returns float32 [N, G] scales and offsets (zeros when
     ``zeros`` is None, i.e. symmetric).
@@ -202,10 +215,11 @@ def refit_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scales: 
     diag = torch.diagonal(M, dim1=1, dim2=2)
     M = M + torch.diag_embed(ridge * diag.mean(1, keepdim=True).clamp_min(1e-30).expand_as(diag))
     theta = torch.linalg.solve(M, rhs.unsqueeze(-1)).squeeze(-1)
-    new_s = theta[:, :ng].to(dtype).to(torch.float32)
-    new_z = torch.zeros_like(new_s) if sym else theta[:, ng:].to(dtype).to(torch.float32)
-    old_s = scales.to(dtype).to(torch.float32)
-    old_z = torch.zeros_like(old_s) if sym else zeros.to(dtype).to(torch.float32)
+    grid = as_grid(grid)
+    new_s = grid.scale(theta[:, :ng].to(torch.float32))
+    new_z = torch.zeros_like(new_s) if sym else grid.offset(theta[:, ng:].to(torch.float32))
+    old_s = grid.scale(scales.to(torch.float32))
+    old_z = torch.zeros_like(old_s) if sym else grid.offset(zeros.to(torch.float32))
     ok = torch.isfinite(new_s).all(1) & torch.isfinite(new_z).all(1)
     new_s = torch.where(ok[:, None], new_s, old_s)
     new_z = torch.where(ok[:, None], new_z, old_z)

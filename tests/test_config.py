@@ -37,7 +37,7 @@ def test_valid_round_trip():
     ({"a_bits": 4, "group_size": 32}, r"binary tensor-core kernels consume K in steps of 128.*--group-size 128"),
     ({"a_bits": 8, "group_size": 64}, r"a_bits = 8"),
     ({"symmetric": "yes"}, r"'symmetric'\] = 'yes': expected true or false"),
-    ({"format_version": 2}, r"'format_version'\] = 2: this vllm-bipolar reads format versions \[1\]"),
+    ({"format_version": 3}, r"'format_version'\] = 3: this vllm-bipolar reads format versions \[1, 2\]"),
     ({"format_version": "1"}, r"'format_version'\] = '1'"),
     ({"modules_to_not_convert": "lm_head"}, r"modules_to_not_convert'\] = 'lm_head': expected a list"),
     ({"layer_bits": {"model.layers.0.mlp.down_proj": 11}}, r"layer_bits\.model\.layers\.0\.mlp\.down_proj'\] = 11"),

@@ -117,7 +117,8 @@ def check_checkpoint(model_dir: Path, spec: BipolarQuantSpec) -> None:
 
     Checked from the safetensors headers: files not truncated; every ``<m>.qweight`` is int32
     [bits_for(m), N, W] with ``<m>.scales`` [N, G] (and ``<m>.zeros``, same shape, exactly when not
-    symmetric) in a float dtype, G matching ceil(K/group_size) for 32W-31 <= K <= 32W; every
+    symmetric), G matching ceil(K/group_size) for 32W-31 <= K <= 32W, in a float dtype (format version 1)
+    or as U8 / I8 codes with float ``scales_step`` / ``zeros_step`` [N] (version 2); every
     ``layer_bits`` key names a quantized layer; no decoder linear that the config quantizes is stored
     unquantized, and none it skips is stored quantized. Without safetensors files (other formats,
     remote models) nothing is checked here; the loader's per-tensor checks still apply.
@@ -147,16 +148,28 @@ def check_checkpoint(model_dir: Path, spec: BipolarQuantSpec) -> None:
         else:
             groups = {math.ceil(k / spec.group_size) for k in (32 * words - 31, 32 * words)}
         want = f"[{n}, {'/'.join(map(str, sorted(groups)))}] (N rows, ceil(K/{spec.group_size}) groups)"
-        for name, t, needed in (("scales", sc, True), ("zeros", zr, not spec.symmetric)):
+        # (name, group tensor?, allowed dtypes, what) of each (s, z) tensor, per format version
+        if spec.format_version == 1:
+            kinds = [("scales", True, _FLOAT_DTYPES, "a float tensor"), ("zeros", True, _FLOAT_DTYPES, "a float tensor")]
+        else:
+            kinds = [("scales", True, ("U8",), "a U8 tensor of scale codes"),
+                     ("scales_step", False, _FLOAT_DTYPES, "a float tensor"),
+                     ("zeros", True, ("I8",), "an I8 tensor of offset codes"),
+                     ("zeros_step", False, _FLOAT_DTYPES, "a float tensor")]
+        for name, per_group, dtypes, what in kinds:
+            t, needed = tensors.get(f"{m}.{name}"), not (spec.symmetric and name.startswith("zeros"))
+            shape_ok = ((lambda sh: len(sh) == 2 and sh[0] == n and min(groups) <= sh[1] <= max(groups)) if per_group
+                        else (lambda sh: list(sh) == [n]))
+            shape = want if per_group else f"[{n}] (one step per row)"
             if t is None:
                 if needed:
-                    problems.append(f"{m}.{name} is missing (expected a float tensor {want})")
+                    problems.append(f"{m}.{name} is missing (expected {what} {shape})")
                 continue
             if not needed:
-                problems.append(f"{m}.zeros is present but quantization_config['symmetric'] is true")
-            elif (t["dtype"] not in _FLOAT_DTYPES or len(t["shape"]) != 2 or t["shape"][0] != n
-                  or not (min(groups) <= t["shape"][1] <= max(groups))):
-                problems.append(f"{m}.{name} is {t['dtype']} {t['shape']}, expected a float tensor {want}")
+                problems.append(f"{m}.{name} is present but quantization_config['symmetric'] is true")
+            elif t["dtype"] not in dtypes or not shape_ok(t["shape"]):
+                problems.append(f"{m}.{name} is {t['dtype']} {t['shape']}, expected {what} {shape} "
+                                f"(format_version {spec.format_version})")
     for name in spec.layer_bits:
         if f"{name}.qweight" not in tensors:
             problems.append(

@@ -4,6 +4,9 @@ Parameters, in checkpoint format version 1 (DESIGN.md section 4), on one tensor-
   qweight  int32 [w_bits, N, ceil(K/32)]   PackedvLLMParameter: output_dim 1, input_dim/packed_dim 2
   scales   [N, G] act dtype                GroupQuantScaleParameter (ChannelQuantScale... if group -1)
   zeros    [N, G] act dtype                same class as scales; only when symmetric is false
+Format version 2 (format/group_params.py) stores ``scales`` as uint8 and ``zeros`` as int8 codes (same
+classes and shapes) plus ``scales_step`` / ``zeros_step`` [N] act dtype (ChannelQuantScaleParameter);
+they are decoded to the version 1 tensors once loaded, before a kernel backend repacks them.
 vLLM's parameter classes narrow N for column-parallel and fused (QKV, gate_up) layers and K for
 row-parallel layers. K is packed 32 per word and grouped, so a row-parallel shard must start on a
 word and group boundary: checked here with an error that says which tensor-parallel sizes work.
@@ -22,11 +25,13 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
+from .format.group_params import GROUP_TENSORS, decode_tensors
 from .format.packing import WORD_BITS, num_words
 from .format.quantize import clip_activations, num_groups
 from .format.spec import shard_names
 from .format.transforms import block_hadamard, hadamard_block
 from .kernels import BipolarLayerConfig, choose_kernel
+from .kernels.base import replace_parameter
 
 logger = init_logger("vllm.bipolar")  # under "vllm" so vLLM's logging config prints it
 _LOGGED_KERNELS: set[str] = set()  # log each backend's first use once per process
@@ -75,13 +80,26 @@ class BipolarLinearMethod(LinearMethodBase):
         qweight = PackedvLLMParameter(
             data=torch.zeros(bits, n, num_words(k), dtype=torch.int32),  # zeros: dummy loads leave ints as is
             output_dim=1, input_dim=2, packed_dim=2, packed_factor=WORD_BITS,
-            weight_loader=_checked_loader(loader, self.prefix, "qweight", planes, int32=True, layer=layer,
+            weight_loader=_checked_loader(loader, self.prefix, "qweight", planes, torch.int32, layer=layer,
                                           row_dim=1))
         layer.register_parameter("qweight", qweight)
         groups = {1: (num_groups(input_size, spec.group_size), "groups = ceil(K/group_size)")}
-        for name in ("scales",) + (() if spec.symmetric else ("zeros",)):
-            data = torch.empty(n, num_groups(k, spec.group_size), dtype=params_dtype)
-            weight_loader = _checked_loader(loader, self.prefix, name, groups, int32=False, layer=layer, row_dim=0)
+        g = num_groups(k, spec.group_size)
+        coded = spec.format_version == 2
+        for name in group_tensor_names(spec):
+            if name.endswith("_step"):  # version 2: one step per output row, replicated across row shards
+                param = ChannelQuantScaleParameter(
+                    data=torch.empty(n, dtype=params_dtype), output_dim=0,
+                    weight_loader=_checked_loader(loader, self.prefix, name, {}, None, layer=layer, row_dim=0))
+                layer.register_parameter(name, param)
+                continue
+            if coded:  # 8-bit codes; dummy loads leave ints as they are: scale code 1 (a nonzero scale), offset 0
+                data = (torch.ones if name == "scales" else torch.zeros)(
+                    n, g, dtype=torch.uint8 if name == "scales" else torch.int8)
+            else:
+                data = torch.empty(n, g, dtype=params_dtype)
+            weight_loader = _checked_loader(loader, self.prefix, name, groups, data.dtype if coded else None,
+                                            layer=layer, row_dim=0)
             if spec.group_size == -1:  # one value per row: replicated across row-parallel ranks
                 param = ChannelQuantScaleParameter(data=data, output_dim=0, weight_loader=weight_loader)
             else:
@@ -108,8 +126,10 @@ class BipolarLinearMethod(LinearMethodBase):
         layer.bipolar_config = cfg
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        _check_complete(self.prefix, layer)
+        _check_complete(self.prefix, layer, group_tensor_names(self.spec))
         _check_finite(self.prefix, layer)
+        if self.spec.format_version == 2:
+            _decode_group_params(layer)
         kernel_cls = choose_kernel(layer.bipolar_config, layer.qweight.device)
         if kernel_cls.name not in _LOGGED_KERNELS:
             _LOGGED_KERNELS.add(kernel_cls.name)
@@ -126,11 +146,26 @@ class BipolarLinearMethod(LinearMethodBase):
         return layer.bipolar_kernel.apply_weights(layer, x, bias)
 
 
+def group_tensor_names(spec) -> tuple[str, ...]:
+    """A layer's scale/offset tensors besides qweight, in the checkpoint's format version."""
+    names = GROUP_TENSORS[spec.format_version]
+    return tuple(n for n in names if not (spec.symmetric and n.startswith("zeros")))
+
+
+def _decode_group_params(layer: torch.nn.Module) -> None:
+    """Format version 2: replace the codes and steps by the (s, z) they stand for (version 1 tensors)."""
+    tensors = {name: getattr(layer, name).data for name in GROUP_TENSORS[2] if getattr(layer, name, None) is not None}
+    scales, zeros = decode_tensors(tensors, layer.bipolar_config.act_dtype)
+    for name, data in (("scales", scales), ("zeros", zeros), ("scales_step", None), ("zeros_step", None)):
+        if name in layer._parameters:
+            replace_parameter(layer, name, data)
+
+
 def _check_finite(prefix: str, layer: torch.nn.Module) -> None:
-    """NaN/inf scales or offsets would turn every output of the layer into NaN: refuse them by name."""
-    for name in ("scales", "zeros"):
+    """NaN/inf scales, offsets or steps would turn every output of the layer into NaN: refuse them by name."""
+    for name in ("scales", "zeros", "scales_step", "zeros_step"):
         t = getattr(layer, name, None)
-        if t is None or torch.isfinite(t).all():
+        if t is None or not t.is_floating_point() or torch.isfinite(t).all():
             continue
         bad = (~torch.isfinite(t)).nonzero()
         row = int(bad[0, 0])
@@ -142,7 +177,8 @@ def _check_finite(prefix: str, layer: torch.nn.Module) -> None:
             row -= sum(sizes[:idx])
             where = f"{names[idx]}.{name} (part of {prefix}.{name})"
         raise ValueError(f"checkpoint tensor {where} has {len(bad)} NaN/inf value(s) (first at row {row}, "
-                         f"group {int(bad[0, 1])}); every scale and offset must be finite. The checkpoint is "
+                         f"{'group ' + str(int(bad[0, 1])) if t.dim() > 1 else 'its step'}); every scale, offset "
+                         "and step must be finite. The checkpoint is "
                          "corrupt: re-convert it from the original model with quant_tools.convert.")
 
 
@@ -180,7 +216,8 @@ def _checkpoint_rows(layer: torch.nn.Module, shard_id) -> int | None:
     return None
 
 
-def _checked_loader(weight_loader, prefix: str, tensor: str, dims: dict[int, tuple[int, str]], int32: bool,
+def _checked_loader(weight_loader, prefix: str, tensor: str, dims: dict[int, tuple[int, str]],
+                    dtype: torch.dtype | None,
                     layer: torch.nn.Module | None = None, row_dim: int | None = None):
     """Wrap vLLM's loader so a checkpoint tensor of the wrong shape or dtype fails with its name.
 
@@ -188,6 +225,7 @@ def _checked_loader(weight_loader, prefix: str, tensor: str, dims: dict[int, tup
     dimension ``row_dim`` is checked against the rows of the checkpoint module the shard comes from
     (fused layers load one shard at a time, sliced by vLLM): vLLM itself would silently take the
     first rows of a tensor that has too many, or fail inside torch on one that has too few.
+    ``dtype`` is the dtype the checkpoint tensor must have (None: any floating-point dtype).
     Loaded shards are recorded on ``layer.bipolar_loaded`` for the completeness check.
     """
 
@@ -205,9 +243,9 @@ def _checked_loader(weight_loader, prefix: str, tensor: str, dims: dict[int, tup
             if rows is not None and loaded_weight.shape[row_dim] != rows:
                 problems.append(f"dimension {row_dim} should be {rows} (output rows of the layer), "
                                 f"got {loaded_weight.shape[row_dim]}")
-        if int32 and loaded_weight.dtype != torch.int32:
-            problems.append(f"dtype should be torch.int32, got {loaded_weight.dtype}")
-        if not int32 and not loaded_weight.is_floating_point():
+        if dtype is not None and loaded_weight.dtype != dtype:
+            problems.append(f"dtype should be {dtype}, got {loaded_weight.dtype}")
+        if dtype is None and not loaded_weight.is_floating_point():
             problems.append(f"dtype should be floating point, got {loaded_weight.dtype}")
         if problems:
             raise ValueError(f"checkpoint tensor {name} does not match its quantization_config: "
@@ -223,7 +261,7 @@ def _checked_loader(weight_loader, prefix: str, tensor: str, dims: dict[int, tup
     return load
 
 
-def _check_complete(prefix: str, layer: torch.nn.Module) -> None:
+def _check_complete(prefix: str, layer: torch.nn.Module, group_tensors: tuple[str, ...]) -> None:
     """Every bipolar tensor of the layer (every shard of a fused layer) came from the checkpoint.
 
     vLLM leaves a parameter whose tensor is missing from the checkpoint uninitialized (torch.empty)
@@ -233,7 +271,7 @@ def _check_complete(prefix: str, layer: torch.nn.Module) -> None:
     loaded = getattr(layer, "bipolar_loaded", None)
     if loaded is None or not _CHECKPOINT_LOADED:
         return
-    wanted = ["qweight", "scales"] + ([] if getattr(layer, "zeros", None) is None else ["zeros"])
+    wanted = ["qweight", *group_tensors]
     missing = []
     for tensor in wanted:
         got = loaded.get(tensor, set())

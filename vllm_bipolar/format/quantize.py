@@ -2,8 +2,9 @@
 
 Weights: w ~= z + s * v per group of ``group_size`` consecutive input channels of one output row
 (``group_size = -1``: one group per row), v an odd integer in [-(2^p - 1), 2^p - 1], s the scale
-and z the offset (z = 0 when symmetric). Scales and offsets are rounded to the checkpoint dtype
-*before* the codes are chosen, so the stored (s, z) are the ones the codes were fitted to.
+and z the offset (z = 0 when symmetric). Scales and offsets are rounded to what the checkpoint stores
+(:class:`~.group_params.ParamGrid`: the model dtype in format version 1, 8-bit codes times a row step
+in version 2) *before* the codes are chosen, so the stored (s, z) are the ones the codes were fitted to.
 
 Activations: per token (row of x) x ~= s_x * v, symmetric, s_x = max|x| / (2^q - 1), optionally
 after clipping each token at a fraction of its absolute maximum (:func:`clip_activations`).
@@ -16,6 +17,7 @@ import math
 
 import torch
 
+from .group_params import ParamGrid, as_grid
 from .packing import max_level
 
 # Clip ratios tried by the "mse" quantizer: fractions of the min/max (or absmax) range. Low bit
@@ -36,6 +38,13 @@ class QuantizedWeight:
     zeros: torch.Tensor | None  # [N, G] in the checkpoint dtype, None when symmetric
     bits: int
     group_size: int
+    grid: ParamGrid | None = None  # the grid (s, z) lie on: None = the dtype's (format version 1)
+
+    def stored(self) -> dict[str, torch.Tensor | None]:
+        """The layer's (s, z) checkpoint tensors by name suffix (group_params.stored_tensors)."""
+        from .group_params import stored_tensors
+
+        return stored_tensors(self.scales, self.zeros, self.grid or ParamGrid(self.scales.dtype))
 
 
 def num_groups(k: int, group_size: int) -> int:
@@ -46,7 +55,7 @@ def effective_group(k: int, group_size: int) -> int:
     return k if group_size == -1 else group_size
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] -> zero-padded [N, G, g] and a validity mask [G, g] (the last group may be partial)."""
     n, k = w.shape
     g = effective_group(k, group_size)
@@ -70,10 +79,6 @@ def _sq_error(wg, imp, s, z, c, bits):
     """Importance-weighted squared error per group (``imp`` is 0 on padding)."""
     v = 2 * c - max_level(bits)
     return (((z + s * v) - wg) ** 2 * imp).sum(-1, keepdim=True)
-
-
-def _round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype).to(torch.float32)
 
 
 def _rtn_params(wg, mask, bits, symmetric):
@@ -104,31 +109,33 @@ def _least_squares(wg, imp, c, bits, symmetric, s_prev, z_prev):
     return s, z
 
 
-def search_grid(wg: torch.Tensor, imp: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype,
+def search_grid(wg: torch.Tensor, imp: torch.Tensor, bits: int, symmetric: bool, grid: ParamGrid | torch.dtype,
                 s: torch.Tensor | None = None, z: torch.Tensor | None = None, c: torch.Tensor | None = None):
     """Per-group grid search shared by the "mse" quantizer and the calibrated (GPTQ-style) one.
 
-    ``wg`` [..., g] holds the groups' weights, ``imp`` (broadcastable to ``wg``, 0 on padding) the
-    importance of each squared error. Starting from the min/max grid (or ``s``, ``z``), tries each
-    clip ratio of :func:`mse_clip_grid`, refits (s, z) by weighted least squares on the chosen
-    codes (``MSE_REFITS`` times, s and z rounded to ``dtype`` each time) and keeps, per group, the
-    candidate with the least importance-weighted squared error. Returns (s, z, float codes).
+    ``wg`` [N, ..., g] holds the groups' weights (output rows first), ``imp`` (broadcastable to ``wg``,
+    0 on padding) the importance of each squared error. Starting from the min/max grid (or ``s``,
+    ``z``), tries each clip ratio of :func:`mse_clip_grid`, refits (s, z) by weighted least squares
+    on the chosen codes (``MSE_REFITS`` times, s and z rounded onto ``grid`` (a ParamGrid, or a dtype
+    for format version 1) each time) and keeps, per group, the candidate with the least
+    importance-weighted squared error. Returns (s, z, float codes).
     """
+    grid = as_grid(grid)
     if s is None:
         mask = (imp > 0) if imp.shape == wg.shape else torch.ones_like(wg, dtype=torch.bool)
         s, z = _rtn_params(wg, mask, bits, symmetric)
-        s, z = _round_to(s, dtype), _round_to(z, dtype)
+        s, z = grid.scale(s), grid.offset(z)
     if c is None:
         c = _assign(wg, s, z, bits)
     imp = imp.expand_as(wg)
     best_err = _sq_error(wg, imp, s, z, c, bits)
     base_s, base_z = s, z
     for ratio in mse_clip_grid(bits):
-        cs, cz = _round_to(base_s * ratio, dtype), base_z
+        cs, cz = grid.scale(base_s * ratio), base_z
         cc = _assign(wg, cs, cz, bits)
         for _ in range(MSE_REFITS):
             cs, cz = _least_squares(wg, imp, cc, bits, symmetric, cs, cz)
-            cs, cz = _round_to(cs, dtype), _round_to(cz, dtype)
+            cs, cz = grid.scale(cs), grid.offset(cz)
             cc = _assign(wg, cs, cz, bits)
         err = _sq_error(wg, imp, cs, cz, cc, bits)
         better = err < best_err
@@ -138,13 +145,14 @@ def search_grid(wg: torch.Tensor, imp: torch.Tensor, bits: int, symmetric: bool,
     return s, z, c
 
 
-def int_grid_params(wg: torch.Tensor, bits: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def int_grid_params(wg: torch.Tensor, bits: int, grid: ParamGrid | torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The signed-INT grid with an integer zero point (GPTQ's and AWQ's), written as bipolar (s, z).
 
     Per group, as GPTQ computes it: range [min(w, 0), max(w, 0)], step = range / L (L = 2^bits - 1),
     integer zero point q0 = round(-min / step); levels step * (q - q0), q = 0..L. With v = 2q - L
     these are exactly the bipolar levels z + s*v for s = step / 2 and z = step * (L/2 - q0).
-    ``wg`` [..., g]; returns (s, z) [..., 1], rounded to ``dtype``.
+    ``wg`` [N, ..., g]; returns (s, z) [N, ..., 1], rounded onto ``grid`` (in format version 2 the
+    integer zero point survives only as far as the row's offset step allows).
     """
     lv = max_level(bits)
     hi = wg.amax(-1, keepdim=True).clamp_min(0)
@@ -153,7 +161,8 @@ def int_grid_params(wg: torch.Tensor, bits: int, dtype: torch.dtype) -> tuple[to
     hi, lo = torch.where(flat, torch.ones_like(hi), hi), torch.where(flat, -torch.ones_like(lo), lo)
     step = (hi - lo) / lv
     q0 = torch.round(-lo / step)
-    return _round_to(step * 0.5, dtype), _round_to(step * (lv * 0.5 - q0), dtype)
+    grid = as_grid(grid)
+    return grid.scale(step * 0.5), grid.offset(step * (lv * 0.5 - q0))
 
 
 def assign_codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
@@ -162,7 +171,7 @@ def assign_codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = False,
-                    method: str = "rtn", dtype: torch.dtype | None = None) -> QuantizedWeight:
+                    method: str = "rtn", dtype: torch.dtype | None = None, format_version: int = 1) -> QuantizedWeight:
     """Quantize a weight matrix [N, K] to bipolar codes with per-group scales (and offsets).
 
     method "rtn": round to nearest on the absmax grid (symmetric) or min/max grid (offsets).
@@ -170,32 +179,46 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 128, symmetric
     on the chosen codes, and keep the candidate with the least importance-weighted squared error
     (importance w^2 + mean(w^2) over the group: large weights are fitted more closely).
     ``dtype`` is the storage dtype of scales/offsets (default: ``w``'s dtype, fp32 kept as is).
+    ``format_version`` 2: (s, z) as 8-bit codes of per-row steps (group_params.py); the steps come
+    from a version 1 fit, then the layer is fitted again on that grid.
     """
     if w.dim() != 2:
         raise ValueError(f"quantize_weight expects a 2-D weight [N, K], got shape {tuple(w.shape)}")
     if method not in ("rtn", "mse"):
         raise ValueError(f"unknown quantization method {method!r}; expected 'rtn' or 'mse'")
+    if format_version not in (1, 2):
+        raise ValueError(f"format_version {format_version!r}: expected 1 or 2")
     if not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).sum().item()
         raise ValueError(f"weight has {bad} NaN/inf value(s); fix the source checkpoint before quantizing")
     dtype = dtype or w.dtype
-    wg, mask = _grouped(w.to(torch.float32), group_size)
-    s, z = _rtn_params(wg, mask, bits, symmetric)
-    s, z = _round_to(s, dtype), _round_to(z, dtype)
-    c = _assign(wg, s, z, bits)
+    wg, mask = grouped(w.to(torch.float32), group_size)
+    imp = None
     if method == "mse":
         # Importance of each weight: w^2 plus the group's mean square, so large weights (the ones
         # that carry most of a layer's output) are fitted more closely without ignoring the rest.
         sq = wg * wg * mask
         imp = (sq + sq.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)) * mask
-        s, z, c = search_grid(wg, imp, bits, symmetric, dtype, s, z, c)
+
+    def fit(grid: ParamGrid):
+        s, z = _rtn_params(wg, mask, bits, symmetric)
+        s, z = grid.scale(s), grid.offset(z)
+        c = _assign(wg, s, z, bits)
+        return (s, z, c) if imp is None else search_grid(wg, imp, bits, symmetric, grid, s, z, c)
+
+    grid = ParamGrid(dtype)
+    s, z, c = fit(grid)
+    if format_version == 2:
+        grid = ParamGrid.fitted(dtype, s, None if symmetric else z)
+        s, z, c = fit(grid)
     n, k = w.shape
     scales = s.squeeze(-1).to(dtype)
     zeros = None if symmetric else z.squeeze(-1).to(dtype)
     if not torch.isfinite(scales).all() or (zeros is not None and not torch.isfinite(zeros).all()):
         raise ValueError(f"scales/offsets overflow {dtype}; the weights are too large for this dtype")
     codes = c.reshape(n, -1)[:, :k].to(torch.uint8)
-    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size)
+    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size,
+                           grid=grid if grid.coded else None)
 
 
 def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:

@@ -12,8 +12,9 @@ import json
 from typing import Any, Mapping
 
 QUANT_METHOD = "bipolar"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 1  # what quant_tools.convert writes unless --format-version says otherwise
+# 1: scales/zeros in the model dtype; 2: scales/zeros as 8-bit codes of per-row steps (group_params.py)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MIN_BITS, MAX_BITS = 1, 8
 A16 = 16  # a_bits value meaning "activations stay fp16/bf16" (weight-only quantization)
 WORD_BITS = 32  # bits per packed int32 word along K
@@ -96,7 +97,7 @@ def _check_layer_bits(value: Any) -> dict[str, int]:
 
 @dataclasses.dataclass(frozen=True)
 class BipolarQuantSpec:
-    """A validated bipolar ``quantization_config`` (checkpoint format version 1).
+    """A validated bipolar ``quantization_config`` (checkpoint format version 1 or 2).
 
     Keys (all documented in README.md):
       w_bits                  weight bits 1..8 (default width of every quantized layer)
@@ -105,7 +106,8 @@ class BipolarQuantSpec:
       symmetric               true: w = s*v; false: w = z + s*v with per-group offsets z (`zeros`)
       modules_to_not_convert  module names (prefix match on dotted components) kept in full precision
       layer_bits              {module name: bits} overrides of w_bits for single layers
-      format_version          checkpoint layout version (1)
+      format_version          checkpoint layout version: 1 (scales/zeros in the model dtype) or 2
+                              (8-bit scale/offset codes and per-row steps, format/group_params.py)
       method                  informational: the quantizer that produced the weights (METHODS)
       online_hadamard         module names (dotted-component match) whose input is multiplied by a
                               block Walsh-Hadamard matrix at run time (format/transforms.py); their

@@ -1,0 +1,164 @@
+"""Per-group scales and offsets as a checkpoint stores them (format versions 1 and 2).
+
+A layer's weights are w = z + s * v per group of input channels of one output row (quantize.py).
+
+Format version 1 stores s and z in the model dtype: ``scales`` / ``zeros`` [N, G], 16 bits each per
+group and row (at group size 128 that is 0.25 bits per weight on top of the code bits: +25% at W1).
+
+Format version 2 stores them as 8-bit codes with one step per output row (double quantization, as
+k-quants and QLoRA do), 16 bits per group and row for both:
+
+    scales       uint8 [N, G]   scale codes 1..255          s = dtype(code * scales_step[n])
+    scales_step  dtype [N]      the row's scale step
+    zeros        int8  [N, G]   offset codes -127..127      z = dtype(code * zeros_step[n])
+    zeros_step   dtype [N]      the row's offset step        (zeros, zeros_step only when not symmetric)
+
+The product code * step is exact in float32 (an 8-bit integer times a significand of at most 11
+bits), so decoding is one rounding to the model dtype: one multiply and one conversion in a kernel,
+bit-identical to :func:`decode`. The steps come from a first, unconstrained fit (the row's largest
+scale over 255, largest |offset| over 127); the quantizers then fit the codes of the weights against
+the decoded (s, z) (:class:`ParamGrid`), so the grid the weights were rounded to is the stored one.
+Scale codes start at 1: a group whose best scale is far below the row's largest keeps a scale of one
+step rather than collapsing to zero (only an all-zero row, step 0, decodes to s = 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_CODE_MAX = 255  # uint8
+ZERO_CODE_MAX = 127  # int8, symmetric range
+# Checkpoint tensors of a layer besides qweight, per format version (zeros*: only when not symmetric).
+GROUP_TENSORS = {1: ("scales", "zeros"), 2: ("scales", "scales_step", "zeros", "zeros_step")}
+
+
+def _rows(step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Row steps [N] as float32, shaped to broadcast over ``like`` [N, ...]."""
+    return step.to(torch.float32).view(-1, *([1] * (like.dim() - 1)))
+
+
+def row_steps(values: torch.Tensor, code_max: int, dtype: torch.dtype) -> torch.Tensor:
+    """The per-row step [N] (``dtype``) that spans ``values`` [N, ...] with codes up to ``code_max``.
+
+    The largest |value| of the row over ``code_max``, rounded up to a ``dtype`` number so the largest
+    value still has a code (an all-zero row gets step 0)."""
+    top = values.to(torch.float32).abs().flatten(1).amax(1)
+    step = (top / code_max).to(dtype)
+    short = step.to(torch.float32) * code_max < top  # rounded down: take the next dtype number up
+    step = torch.where(short, torch.nextafter(step, torch.full_like(step, float("inf"))), step)
+    if not torch.isfinite(step).all():
+        raise ValueError(f"scales/offsets overflow {dtype}; the weights are too large for this dtype")
+    return step
+
+
+def encode_scales(s: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Scales [N, ...] -> uint8 codes 1..255 of ``step`` [N] (nearest; a zero step gives code 1)."""
+    st = _rows(step, s)
+    q = torch.round(s.to(torch.float32) / torch.where(st > 0, st, torch.ones_like(st)))
+    return q.clamp(1, SCALE_CODE_MAX).to(torch.uint8)
+
+
+def encode_zeros(z: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Offsets [N, ...] -> int8 codes -127..127 of ``step`` [N] (nearest; a zero step gives code 0)."""
+    st = _rows(step, z)
+    q = torch.round(z.to(torch.float32) / torch.where(st > 0, st, torch.ones_like(st)))
+    return torch.where(st > 0, q, torch.zeros_like(q)).clamp(-ZERO_CODE_MAX, ZERO_CODE_MAX).to(torch.int8)
+
+
+def decode(codes: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Codes [N, ...] and row steps [N] -> values dtype(code * step) (the product is exact in fp32)."""
+    return (codes.to(torch.float32) * _rows(step, codes)).to(dtype)
+
+
+class ParamGrid:
+    """The values a checkpoint can hold for (s, z): what the quantizers round their fits to.
+
+    ``ParamGrid(dtype)`` is format version 1 (any ``dtype`` number). With ``scales_step`` (and
+    ``zeros_step``) [N] it is format version 2: dtype(code * step) per row. Inputs of
+    :meth:`scale` / :meth:`offset` are [N, ...] with the rows first; outputs are float32.
+    """
+
+    def __init__(self, dtype: torch.dtype, scales_step: torch.Tensor | None = None,
+                 zeros_step: torch.Tensor | None = None):
+        self.dtype = dtype
+        self.scales_step = scales_step
+        self.zeros_step = zeros_step
+
+    @property
+    def coded(self) -> bool:
+        return self.scales_step is not None
+
+    @classmethod
+    def fitted(cls, dtype: torch.dtype, s: torch.Tensor, z: torch.Tensor | None) -> "ParamGrid":
+        """The format version 2 grid whose steps span an unconstrained fit (s, z) [N, ...]."""
+        zs = None if z is None else row_steps(z, ZERO_CODE_MAX, dtype)
+        return cls(dtype, row_steps(s, SCALE_CODE_MAX, dtype), zs)
+
+    def rows(self, sl: slice) -> "ParamGrid":
+        """The grid of output rows ``sl`` (a slice of a stacked fit)."""
+        if not self.coded:
+            return self
+        return ParamGrid(self.dtype, self.scales_step[sl], None if self.zeros_step is None else self.zeros_step[sl])
+
+    def scale(self, s: torch.Tensor) -> torch.Tensor:
+        if not self.coded:
+            return s.to(self.dtype).to(torch.float32)
+        return decode(encode_scales(s, self.scales_step), self.scales_step, self.dtype).float()
+
+    def offset(self, z: torch.Tensor) -> torch.Tensor:
+        if not self.coded or self.zeros_step is None:
+            return z.to(self.dtype).to(torch.float32)
+        return decode(encode_zeros(z, self.zeros_step), self.zeros_step, self.dtype).float()
+
+
+def as_grid(grid: "ParamGrid | torch.dtype") -> ParamGrid:
+    return grid if isinstance(grid, ParamGrid) else ParamGrid(grid)
+
+
+def stored_tensors(scales: torch.Tensor, zeros: torch.Tensor | None, grid: ParamGrid) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of a layer's (s, z) [N, G] (already on ``grid``), by name suffix.
+
+    Version 1: ``scales``, ``zeros`` as they are. Version 2: the codes and steps; checked to decode
+    back to exactly ``scales`` / ``zeros`` (they must come from the quantizers' grid)."""
+    if not grid.coded:
+        return {"scales": scales, "zeros": zeros}
+    out = {"scales": _codes_of(scales, grid.scales_step, encode_scales, 1, SCALE_CODE_MAX),
+           "scales_step": grid.scales_step.contiguous()}
+    if zeros is not None:
+        out["zeros"] = _codes_of(zeros, grid.zeros_step, encode_zeros, -ZERO_CODE_MAX, ZERO_CODE_MAX)
+        out["zeros_step"] = grid.zeros_step.contiguous()
+    return out
+
+
+def _codes_of(values: torch.Tensor, step: torch.Tensor, encode, lo: int, hi: int) -> torch.Tensor:
+    """Codes that decode to exactly ``values`` (which must lie on the grid of ``step``).
+
+    Decoding rounds code * step to the model dtype, and bf16's 8-bit significand can round two codes
+    above 128 to one value, so the nearest code of a decoded value may be one off the code it came
+    from: the code or a neighbour of the nearest one decodes back exactly."""
+    first = encode(values, step)
+    out = first.clone()
+    todo = decode(first, step, values.dtype) != values
+    for delta in (-1, 1):
+        if not todo.any():
+            break
+        cand = (first.to(torch.int16) + delta).clamp(lo, hi).to(first.dtype)
+        hit = todo & (decode(cand, step, values.dtype) == values)
+        out = torch.where(hit, cand, out)
+        todo &= ~hit
+    if todo.any():
+        raise AssertionError("format version 2: scales/offsets are not on their row grid (a quantizer bug)")
+    return out
+
+
+def decode_tensors(tensors, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scales, zeros) in ``dtype`` from a layer's stored tensors (a mapping by name suffix).
+
+    Version 1 tensors (float ``scales``) are returned as they are (cast to ``dtype``); version 2
+    codes are decoded with their steps."""
+    sc, zr = tensors["scales"], tensors.get("zeros")
+    if sc.is_floating_point():
+        return sc.to(dtype), None if zr is None else zr.to(dtype)
+    scales = decode(sc, tensors["scales_step"].to(dtype), dtype)
+    zeros = None if zr is None else decode(zr, tensors["zeros_step"].to(dtype), dtype)
+    return scales, zeros

@@ -7,9 +7,11 @@ tensors come from quantizing fresh random float weights with ``vllm_bipolar.form
 set per checkpoint module (q/k/v_proj, gate/up_proj, down_proj), and are fed to each parameter's
 ``weight_loader`` the way vLLM's model loader does it (shard ids "q"/"k"/"v" and 0/1).
 
-Checked, for w_bits 2 and 3, group size 128 and -1, symmetric and with offsets, tp 1 and 2:
+Checked, for w_bits 2 and 3, group size 128 and -1, symmetric and with offsets, tp 1 and 2, checkpoint
+format versions 1 and 2 (8-bit scale/offset codes with per-row steps):
 * every rank holds exactly its slice of qweight / scales / zeros (row-parallel, group -1: the
-  per-row scales and offsets are replicated on every rank);
+  per-row scales and offsets are replicated on every rank; version 2's per-row steps are sliced
+  with the rows on column-parallel ranks and replicated on row-parallel ones);
 * after ``process_weights_after_loading`` each rank's forward equals the float64 product with the
   dequantized weight restricted to that rank (column: its output rows; row: the partial product
   over its K slice), and the row-parallel partials sum to the full product;
@@ -97,9 +99,9 @@ def set_tp(monkeypatch):
     return _set
 
 
-def make_config(w_bits: int, group_size: int, symmetric: bool) -> BipolarConfig:
+def make_config(w_bits: int, group_size: int, symmetric: bool, fmt: int = 1) -> BipolarConfig:
     return BipolarConfig.from_config({
-        "quant_method": "bipolar", "format_version": 1, "w_bits": w_bits, "a_bits": 16,
+        "quant_method": "bipolar", "format_version": fmt, "w_bits": w_bits, "a_bits": 16,
         "group_size": group_size, "symmetric": symmetric,
     })
 
@@ -110,31 +112,36 @@ class CkptModule:
     """The tensors of one checkpoint module, as quant_tools.convert would write them."""
 
     qweight: torch.Tensor  # int32 [w_bits, N, ceil(K/32)]
-    scales: torch.Tensor  # [N, G]
-    zeros: torch.Tensor | None  # [N, G] or None (symmetric)
+    scales: torch.Tensor  # [N, G] (format version 2: uint8 codes)
+    zeros: torch.Tensor | None  # [N, G] or None (symmetric) (format version 2: int8 codes)
     dense: torch.Tensor  # float64 [N, K]: the dequantized weight (the reference)
+    scales_step: torch.Tensor | None = None  # [N], format version 2
+    zeros_step: torch.Tensor | None = None  # [N], format version 2 with offsets
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"qweight": self.qweight, "scales": self.scales}
-        if self.zeros is not None:
-            out["zeros"] = self.zeros
-        return out
+        return {name: t for name in ("qweight", "scales", "zeros", "scales_step", "zeros_step")
+                if (t := getattr(self, name)) is not None}
 
 
 def make_module(n: int, k: int, w_bits: int, group_size: int, symmetric: bool, dtype: torch.dtype,
-                gen: torch.Generator) -> CkptModule:
+                gen: torch.Generator, fmt: int = 1) -> CkptModule:
     w = torch.randn(n, k, generator=gen) * 0.05 + torch.randn(n, 1, generator=gen) * 0.02
-    q = quantize_weight(w, w_bits, group_size=group_size, symmetric=symmetric, dtype=dtype)
+    q = quantize_weight(w, w_bits, group_size=group_size, symmetric=symmetric, dtype=dtype, format_version=fmt)
     assert q.scales.dtype == dtype
     dense = dequantize(q.codes, q.scales, q.zeros, w_bits, group_size, torch.float64)
-    return CkptModule(pack_codes(q.codes, w_bits), q.scales, q.zeros, dense)
+    stored = q.stored()
+    assert stored["scales"].dtype == (torch.uint8 if fmt == 2 else dtype)
+    return CkptModule(pack_codes(q.codes, w_bits), stored["scales"], stored.get("zeros"), dense,
+                      stored.get("scales_step"), stored.get("zeros_step"))
 
 
 def fuse(*modules: CkptModule) -> CkptModule:
     """One checkpoint module made of ``modules`` stacked along N, as Phi-3 stores qkv_proj / gate_up_proj."""
-    zeros = None if modules[0].zeros is None else torch.cat([m.zeros for m in modules], 0)
-    return CkptModule(torch.cat([m.qweight for m in modules], 1), torch.cat([m.scales for m in modules], 0), zeros,
-                      torch.cat([m.dense for m in modules], 0))
+    def cat(name, dim=0):
+        return None if getattr(modules[0], name) is None else torch.cat([getattr(m, name) for m in modules], dim)
+
+    return CkptModule(cat("qweight", 1), cat("scales"), cat("zeros"), cat("dense"), cat("scales_step"),
+                      cat("zeros_step"))
 
 
 def load_shards(layer: torch.nn.Module, shards: list[tuple[CkptModule, object]], on_disk: str) -> None:
@@ -154,7 +161,7 @@ def load_module(layer: torch.nn.Module, module: CkptModule, *shard_id) -> None:
         param = params[name]
         param.weight_loader(param, tensor, *shard_id)
     if module.zeros is None:
-        assert "zeros" not in params and layer.zeros is None
+        assert "zeros" not in params and "zeros_step" not in params and layer.zeros is None
 
 
 def _msg(gen: torch.Generator, what: str) -> str:
@@ -190,20 +197,24 @@ def _rows(t: torch.Tensor, dim: int, start: int, size: int) -> torch.Tensor:
 
 def expected_column(parts: list[tuple[CkptModule, int, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Expected params and dense weight of a column-parallel rank made of (module, row start, rows)."""
-    exp = {"qweight": torch.cat([_rows(m.qweight, 1, s, n) for m, s, n in parts], 1),
-           "scales": torch.cat([_rows(m.scales, 0, s, n) for m, s, n in parts], 0)}
-    if parts[0][0].zeros is not None:
-        exp["zeros"] = torch.cat([_rows(m.zeros, 0, s, n) for m, s, n in parts], 0)
+    exp = {"qweight": torch.cat([_rows(m.qweight, 1, s, n) for m, s, n in parts], 1)}
+    for name in parts[0][0].tensors():
+        if name != "qweight":
+            exp[name] = torch.cat([_rows(getattr(m, name), 0, s, n) for m, s, n in parts], 0)
     dense = torch.cat([_rows(m.dense, 0, s, n) for m, s, n in parts], 0)
     return exp, dense
 
 
 # Every quantization case in float32 (exact up to float32 rounding); bfloat16 (the usual model
 # dtype) for a few of them, which is enough to cover its dtype handling and keeps the run short.
-QUANT_CASES = [pytest.param(b, g, s, torch.float32, id=f"w{b}-g{g}-{'sym' if s else 'asym'}-fp32")
+QUANT_CASES = [pytest.param(b, g, s, torch.float32, 1, id=f"w{b}-g{g}-{'sym' if s else 'asym'}-fp32")
                for b in (2, 3) for g in (128, -1) for s in (True, False)]
-QUANT_CASES += [pytest.param(b, g, s, torch.bfloat16, id=f"w{b}-g{g}-{'sym' if s else 'asym'}-bf16")
+QUANT_CASES += [pytest.param(b, g, s, torch.bfloat16, 1, id=f"w{b}-g{g}-{'sym' if s else 'asym'}-bf16")
                 for b, g, s in ((3, 128, False), (2, -1, True))]
+# Format version 2 (8-bit scale/offset codes, per-row steps): offsets and symmetric, both dtypes.
+QUANT_CASES += [pytest.param(b, g, s, d, 2, id=f"w{b}-g{g}-{'sym' if s else 'asym'}-{n}-v2")
+                for b, g, s, d, n in ((2, 128, False, torch.float32, "fp32"), (3, -1, True, torch.bfloat16, "bf16"),
+                                      (3, 128, False, torch.bfloat16, "bf16"))]
 TP_SIZES = [pytest.param(1, id="tp1"), pytest.param(2, id="tp2")]
 
 
@@ -211,12 +222,12 @@ TP_SIZES = [pytest.param(1, id="tp1"), pytest.param(2, id="tp2")]
 @pytest.mark.parametrize("on_disk", ["split", "fused"])
 @pytest.mark.parametrize("tp", TP_SIZES)
 @pytest.mark.parametrize("num_kv_heads", [2, 1], ids=["kv2", "kv1"])
-@pytest.mark.parametrize("w_bits,group_size,symmetric,dtype", QUANT_CASES)
-def test_qkv_parallel(w_bits, group_size, symmetric, num_kv_heads, tp, dtype, on_disk, gen, set_tp):
-    cfg = make_config(w_bits, group_size, symmetric)
-    q = make_module(NUM_HEADS * HEAD_DIM, HIDDEN, w_bits, group_size, symmetric, dtype, gen)
-    k = make_module(num_kv_heads * HEAD_DIM, HIDDEN, w_bits, group_size, symmetric, dtype, gen)
-    v = make_module(num_kv_heads * HEAD_DIM, HIDDEN, w_bits, group_size, symmetric, dtype, gen)
+@pytest.mark.parametrize("w_bits,group_size,symmetric,dtype,fmt", QUANT_CASES)
+def test_qkv_parallel(w_bits, group_size, symmetric, dtype, fmt, num_kv_heads, tp, on_disk, gen, set_tp):
+    cfg = make_config(w_bits, group_size, symmetric, fmt)
+    q = make_module(NUM_HEADS * HEAD_DIM, HIDDEN, w_bits, group_size, symmetric, dtype, gen, fmt)
+    k = make_module(num_kv_heads * HEAD_DIM, HIDDEN, w_bits, group_size, symmetric, dtype, gen, fmt)
+    v = make_module(num_kv_heads * HEAD_DIM, HIDDEN, w_bits, group_size, symmetric, dtype, gen, fmt)
     x = torch.randn(TOKENS, HIDDEN, generator=gen).to(dtype)
     q_rows = NUM_HEADS // tp * HEAD_DIM
     kv_heads_per_rank = max(num_kv_heads // tp, 1)  # fewer kv heads than ranks: each rank gets one, replicated
@@ -242,11 +253,11 @@ def test_qkv_parallel(w_bits, group_size, symmetric, num_kv_heads, tp, dtype, on
 
 @pytest.mark.parametrize("on_disk", ["split", "fused"])
 @pytest.mark.parametrize("tp", TP_SIZES)
-@pytest.mark.parametrize("w_bits,group_size,symmetric,dtype", QUANT_CASES)
-def test_merged_column_parallel(w_bits, group_size, symmetric, tp, dtype, on_disk, gen, set_tp):
-    cfg = make_config(w_bits, group_size, symmetric)
-    gate = make_module(INTERMEDIATE, HIDDEN, w_bits, group_size, symmetric, dtype, gen)
-    up = make_module(INTERMEDIATE, HIDDEN, w_bits, group_size, symmetric, dtype, gen)
+@pytest.mark.parametrize("w_bits,group_size,symmetric,dtype,fmt", QUANT_CASES)
+def test_merged_column_parallel(w_bits, group_size, symmetric, dtype, fmt, tp, on_disk, gen, set_tp):
+    cfg = make_config(w_bits, group_size, symmetric, fmt)
+    gate = make_module(INTERMEDIATE, HIDDEN, w_bits, group_size, symmetric, dtype, gen, fmt)
+    up = make_module(INTERMEDIATE, HIDDEN, w_bits, group_size, symmetric, dtype, gen, fmt)
     x = torch.randn(TOKENS, HIDDEN, generator=gen).to(dtype)
     rows = INTERMEDIATE // tp
     for rank in range(tp):
@@ -262,10 +273,10 @@ def test_merged_column_parallel(w_bits, group_size, symmetric, tp, dtype, on_dis
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
-@pytest.mark.parametrize("w_bits,group_size,symmetric,dtype", QUANT_CASES)
-def test_row_parallel(w_bits, group_size, symmetric, tp, dtype, gen, set_tp):
-    cfg = make_config(w_bits, group_size, symmetric)
-    down = make_module(HIDDEN, DOWN_IN, w_bits, group_size, symmetric, dtype, gen)
+@pytest.mark.parametrize("w_bits,group_size,symmetric,dtype,fmt", QUANT_CASES)
+def test_row_parallel(w_bits, group_size, symmetric, dtype, fmt, tp, gen, set_tp):
+    cfg = make_config(w_bits, group_size, symmetric, fmt)
+    down = make_module(HIDDEN, DOWN_IN, w_bits, group_size, symmetric, dtype, gen, fmt)
     x = torch.randn(TOKENS, DOWN_IN, generator=gen).to(dtype)
     k_part = DOWN_IN // tp
     words = k_part // 32
@@ -278,9 +289,12 @@ def test_row_parallel(w_bits, group_size, symmetric, tp, dtype, gen, set_tp):
         assert layer.input_size_per_partition == k_part
         load_module(layer, down)
         exp = {"qweight": down.qweight[:, :, rank * words:(rank + 1) * words]}
-        for name in ("scales",) + (() if symmetric else ("zeros",)):
-            t = getattr(down, name)
-            if group_size == -1:  # one scale/offset per row, for the whole K: replicated, [N, 1]
+        for name, t in down.tensors().items():
+            if name == "qweight":
+                continue
+            if name.endswith("_step"):  # format version 2: one step per output row, replicated
+                exp[name] = t
+            elif group_size == -1:  # one scale/offset per row, for the whole K: replicated, [N, 1]
                 assert t.shape == (HIDDEN, 1)
                 exp[name] = t
             else:  # K is sliced on group boundaries: this rank's groups
@@ -379,6 +393,25 @@ def test_wrong_scale_dtype_is_refused(tensor, gen, set_tp):
         param.weight_loader(param, getattr(good, tensor).to(torch.int32))
     with pytest.raises(ValueError, match=re.escape(f"{DOWN_PREFIX}.{tensor}") + ".*groups"):
         param.weight_loader(param, getattr(good, tensor)[:, :-1])
+
+
+@pytest.mark.parametrize("tensor", ["scales", "zeros", "scales_step", "zeros_step"])
+def test_wrong_v2_tensor_is_refused(tensor, gen, set_tp):
+    """Format version 2: codes must be uint8 / int8 (a version 1 float tensor is refused), steps float [N]."""
+    set_tp(0, 1)
+    layer = RowParallelLinear(DOWN_IN, HIDDEN, bias=False, params_dtype=torch.bfloat16, reduce_results=False,
+                              quant_config=make_config(2, 128, False, fmt=2), prefix=DOWN_PREFIX)
+    good = make_module(HIDDEN, DOWN_IN, 2, 128, False, torch.bfloat16, gen, fmt=2)
+    param, t = getattr(layer, tensor), getattr(good, tensor)
+    if tensor.endswith("_step"):
+        bad, why = t.to(torch.int8), "floating point"
+    else:
+        bad, why = t.to(torch.bfloat16), f"dtype should be {t.dtype}"
+    with pytest.raises(ValueError, match=re.escape(f"{DOWN_PREFIX}.{tensor}") + ".*" + re.escape(why)):
+        param.weight_loader(param, bad)
+    with pytest.raises(ValueError, match=re.escape(f"{DOWN_PREFIX}.{tensor}") + ".*output rows"):
+        param.weight_loader(param, t[:-1])
+    param.weight_loader(param, t)  # the intact tensor loads
 
 
 # ---- per-layer method selection -------------------------------------------------------------------

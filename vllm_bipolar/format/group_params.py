@@ -51,10 +51,12 @@ def row_steps(values: torch.Tensor, code_max: int, dtype: torch.dtype) -> torch.
     return step
 
 
-def encode_scales(s: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Scales [N, ...] -> uint8 codes 1..255 of ``step`` [N] (nearest; a zero step gives code 1)."""
+def encode_scales(s: torch.Tensor, step: torch.Tensor, up: bool = False) -> torch.Tensor:
+    """Scales [N, ...] -> uint8 codes 1..255 of ``step`` [N] (nearest, or the next code up with ``up``;
+    a zero step gives code 1)."""
     st = _rows(step, s)
-    q = torch.round(s.to(torch.float32) / torch.where(st > 0, st, torch.ones_like(st)))
+    r = s.to(torch.float32) / torch.where(st > 0, st, torch.ones_like(st))
+    q = torch.ceil(r - 1e-4) if up else torch.round(r)
     return q.clamp(1, SCALE_CODE_MAX).to(torch.uint8)
 
 
@@ -100,10 +102,12 @@ class ParamGrid:
             return self
         return ParamGrid(self.dtype, self.scales_step[sl], None if self.zeros_step is None else self.zeros_step[sl])
 
-    def scale(self, s: torch.Tensor) -> torch.Tensor:
+    def scale(self, s: torch.Tensor, up: bool = False) -> torch.Tensor:
+        """``s`` on the grid: the nearest value, or with ``up`` (a min/max fit whose range must not
+        shrink) the next code up; the dtype grid of version 1 always rounds to nearest."""
         if not self.coded:
             return s.to(self.dtype).to(torch.float32)
-        return decode(encode_scales(s, self.scales_step), self.scales_step, self.dtype).float()
+        return decode(encode_scales(s, self.scales_step, up), self.scales_step, self.dtype).float()
 
     def offset(self, z: torch.Tensor) -> torch.Tensor:
         if not self.coded or self.zeros_step is None:

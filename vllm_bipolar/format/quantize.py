@@ -124,7 +124,7 @@ def search_grid(wg: torch.Tensor, imp: torch.Tensor, bits: int, symmetric: bool,
     if s is None:
         mask = (imp > 0) if imp.shape == wg.shape else torch.ones_like(wg, dtype=torch.bool)
         s, z = _rtn_params(wg, mask, bits, symmetric)
-        s, z = grid.scale(s), grid.offset(z)
+        s, z = grid.scale(s, up=True), grid.offset(z)
     if c is None:
         c = _assign(wg, s, z, bits)
     imp = imp.expand_as(wg)
@@ -202,7 +202,7 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 128, symmetric
 
     def fit(grid: ParamGrid):
         s, z = _rtn_params(wg, mask, bits, symmetric)
-        s, z = grid.scale(s), grid.offset(z)
+        s, z = grid.scale(s, up=True), grid.offset(z)  # the min/max range, never narrowed by the codes
         c = _assign(wg, s, z, bits)
         return (s, z, c) if imp is None else search_grid(wg, imp, bits, symmetric, grid, s, z, c)
 

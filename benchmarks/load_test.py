@@ -66,14 +66,14 @@ def make_word_tokenizer(path: Path) -> int:
 
 
 def build_tiny_model(root: Path, w_bits: int = 4, hidden: int = 128, intermediate: int = 256, layers: int = 2,
-                     max_positions: int = 1024) -> Path:
+                     max_positions: int = 1024, format_version: int = 1) -> Path:
     """A random tiny Llama (with tokenizer) converted to bipolar; returns the converted directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from quant_tools.convert import main as convert_main
 
-    dst = root / f"tiny-w{w_bits}"
+    dst = root / (f"tiny-w{w_bits}" + ("" if format_version == 1 else f"-v{format_version}"))
     if (dst / "config.json").is_file():
         return dst
     src = root / "tiny-src"
@@ -85,7 +85,8 @@ def build_tiny_model(root: Path, w_bits: int = 4, hidden: int = 128, intermediat
                       max_position_embeddings=max_positions, tie_word_embeddings=False,
                       bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(src, safe_serialization=True)
-    code = convert_main([str(src), str(dst), "--w-bits", str(w_bits), "--no-progress", "--overwrite"])
+    code = convert_main([str(src), str(dst), "--w-bits", str(w_bits), "--format-version", str(format_version),
+                         "--no-progress", "--overwrite"])
     if code != 0:
         raise RuntimeError(f"converting the tiny model failed (exit {code})")
     return dst

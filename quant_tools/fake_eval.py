@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from vllm_bipolar.format import BipolarQuantSpec, dequantize_packed
+from vllm_bipolar.format.group_params import GROUP_TENSORS, decode_tensors, module_tensors
 from vllm_bipolar.format.spec import A16
 from vllm_bipolar.format.transforms import hadamard_block
 
@@ -89,10 +90,10 @@ def load_model(path: str | Path, mix: list[tuple[str, str]] | None = None):
             module = name[: -len(".qweight")]
             mod = model.get_submodule(module)
             src_t, src_spec = others.get(sources.get(module, path), (tensors, spec))
-            w = dequantize_packed(src_t[f"{module}.qweight"], src_t[f"{module}.scales"], src_t.get(f"{module}.zeros"),
-                                  mod.in_features, src_spec.group_size)
+            scales, zeros = decode_tensors(module_tensors(src_t, module))
+            w = dequantize_packed(src_t[f"{module}.qweight"], scales, zeros, mod.in_features, src_spec.group_size)
             state[f"{module}.weight"] = w
-        elif not name.endswith((".scales", ".zeros")):
+        elif not name.endswith(tuple(f".{n}" for n in GROUP_TENSORS[2])):
             state[name] = t.to(torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]

@@ -15,7 +15,8 @@ Parametrization: s = s0 (1 + a), z = z0 + |s0| b per group, a = b = 0 at the sta
 are fractions of each group's own scale whatever the layer's magnitude. The weights seen by the
 forward are z + s v (v the odd-integer code values), with the checkpoint's run-time input transforms
 (online Hadamard; quantized activations pass gradients straight through). The tuned s and z are
-rounded to the checkpoint's scale dtype when written.
+rounded to what the checkpoint stores when written (its scale dtype; in format version 2 the codes of
+CKPT's per-row steps, which stay as they are).
 
 SRC must be the model CKPT was converted from (same vocabulary and layers); a rotated CKPT
 (``--rotate``) computes the same function as SRC, so SRC is the reference either way. CKPT is never
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 
 from vllm_bipolar.format import BipolarQuantSpec
+from vllm_bipolar.format.group_params import GROUP_TENSORS, ParamGrid, decode_tensors, module_tensors, stored_tensors
 from vllm_bipolar.format.packing import max_level, unpack_codes
 from vllm_bipolar.format.quantize import effective_group, num_groups
 from vllm_bipolar.format.spec import BipolarConfigError
@@ -60,12 +62,12 @@ class TunedLinear:
     s = s0 (1 + a) and z = z0 + |s0| b, installed as a forward pre-hook that sets ``module.weight``."""
 
     def __init__(self, module: torch.nn.Linear, qweight: torch.Tensor, scales: torch.Tensor,
-                 zeros: torch.Tensor | None, group_size: int):
+                 zeros: torch.Tensor | None, group_size: int, grid: ParamGrid):
         n, k = module.out_features, module.in_features
         bits = qweight.shape[0]
         self.group = effective_group(k, group_size)
         self.groups = num_groups(k, group_size)
-        self.k, self.dtype = k, scales.dtype
+        self.k, self.dtype, self.grid = k, scales.dtype, grid
         v = unpack_codes(qweight, k).to(torch.float32) * 2 - max_level(bits)
         # [N, G, g]: the last group zero-padded, so the weight is one broadcast multiply-add
         self.values = torch.nn.functional.pad(v, (0, self.groups * self.group - k)).view(n, self.groups, self.group)
@@ -95,10 +97,15 @@ class TunedLinear:
         module.weight = self.weight()
 
     def stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(s, z) rounded to the checkpoint's dtype, as written to DST."""
+        """(s, z) rounded to what the checkpoint stores (its dtype; in format version 2 the codes of
+        the CKPT's row steps), as written to DST."""
         with torch.no_grad():
             s, z = self.scales_offsets()
-            return s.to(self.dtype), None if z is None else z.to(self.dtype)
+            s = self.grid.scale(s).to(self.dtype)
+            return s, None if z is None else self.grid.offset(z).to(self.dtype)
+
+    def stored_tensors(self) -> dict[str, torch.Tensor | None]:
+        return stored_tensors(*self.stored(), self.grid)
 
     def round_to_stored(self) -> None:
         """Start from the stored (s, z) (a = b = 0 again), so the forward computes what DST holds."""
@@ -171,8 +178,10 @@ def tune(src: str, ckpt: str, dst: str, text: str | Path = DEFAULT_CALIB, sample
     for name, t in tensors.items():
         if name.endswith(".qweight"):
             module = name[: -len(".qweight")]
-            tuned[module] = TunedLinear(model.get_submodule(module), t, tensors[f"{module}.scales"],
-                                        tensors.get(f"{module}.zeros"), spec.group_size)
+            group = module_tensors(tensors, module)
+            scales, zeros = decode_tensors(group)
+            grid = ParamGrid(scales.dtype, group.get("scales_step"), group.get("zeros_step"))
+            tuned[module] = TunedLinear(model.get_submodule(module), t, scales, zeros, spec.group_size, grid)
     if not tuned:
         raise TuneError(f"CKPT {ckpt_p} has no quantized layers (.qweight tensors)")
     for p in model.parameters():
@@ -236,9 +245,8 @@ def tune(src: str, ckpt: str, dst: str, text: str | Path = DEFAULT_CALIB, sample
         writer = ShardedWriter(tmp)
         for name, t in tensors.items():
             module, _, kind = name.rpartition(".")
-            if module in tuned and kind in ("scales", "zeros"):
-                s, z = tuned[module].stored()
-                t = s if kind == "scales" else z
+            if module in tuned and kind in GROUP_TENSORS[2]:
+                t = tuned[module].stored_tensors()[kind]
             writer.add(name, t)
         writer.close()
         for f in ckpt_p.iterdir():  # config, tokenizer and the rest, as CKPT has them

@@ -136,8 +136,11 @@ HEADER_CASES = {
     "quantized-layer-marked-skipped": ({"quant": lambda q: q.update(modules_to_not_convert=["lm_head", "down_proj"])},
                                        [("down_proj.qweight is quantized but quantization_config"
                                         "['modules_to_not_convert'] keeps this layer in full precision")]),
-    "format-version-2": ({"quant": lambda q: q.update(format_version=2)},
-                         ["quantization_config['format_version'] = 2: this vllm-bipolar reads format versions [1]"]),
+    "format-version-3": ({"quant": lambda q: q.update(format_version=3)},
+                         ["quantization_config['format_version'] = 3: this vllm-bipolar reads format versions [1, 2]"]),
+    "v1-tensors-labelled-v2": ({"quant": lambda q: q.update(format_version=2)},
+                               [L0 + "mlp.down_proj.scales is BF16 [128, 2], expected a U8 tensor of scale codes "
+                                "[128, 2]", "scales_step is missing (expected a float tensor [128] (one step per row))"]),
     "format-version-missing": ({"quant": lambda q: q.pop("format_version")}, ["lacks 'format_version'"]),
     "unknown-key": ({"quant": lambda q: q.update(wbits=4)}, ["unknown key(s) ['wbits']"]),
     "w-bits-out-of-range": ({"quant": lambda q: q.update(w_bits=12)}, ["'w_bits'] = 12: unsupported bit width"]),
@@ -152,6 +155,46 @@ HEADER_CASES = {
 def test_refused_at_engine_config(good, tmp_path, case):
     edits, patterns = HEADER_CASES[case]
     refused(variant(good, tmp_path / case, **edits), *patterns)
+
+
+@pytest.fixture(scope="module")
+def good_v2(tmp_path_factory) -> Path:
+    """The tiny model in format version 2 (8-bit scale/offset codes with per-row steps)."""
+    from benchmarks.load_test import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny2"), format_version=2)
+
+
+HEADER_CASES_V2 = {
+    "missing-scales-step": ({"tensors": _pop(L0 + "mlp.down_proj.scales_step")},
+                            [L0 + "mlp.down_proj.scales_step is missing (expected a float tensor [128] (one step "
+                             "per row))", FIX]),
+    "missing-zeros-step": ({"tensors": _pop(L0 + "self_attn.k_proj.zeros_step")},
+                           [L0 + "self_attn.k_proj.zeros_step is missing"]),
+    "float-scales": ({"tensors": _set(L0 + "mlp.up_proj.scales", lambda t: t.to(torch.bfloat16))},
+                     [L0 + "mlp.up_proj.scales is BF16 [256, 1], expected a U8 tensor of scale codes [256, 1]"]),
+    "uint8-zeros": ({"tensors": _set(L0 + "mlp.up_proj.zeros", lambda t: t.to(torch.uint8))},
+                    [L0 + "mlp.up_proj.zeros is U8 [256, 1], expected an I8 tensor of offset codes [256, 1]"]),
+    "step-wrong-rows": ({"tensors": _set(L0 + "mlp.down_proj.zeros_step", lambda t: t[:100])},
+                        [L0 + "mlp.down_proj.zeros_step is BF16 [100], expected a float tensor [128] (one step"]),
+    "step-integer": ({"tensors": _set(L0 + "mlp.down_proj.scales_step", lambda t: t.to(torch.int32))},
+                     [L0 + "mlp.down_proj.scales_step is I32 [128], expected a float tensor [128]"]),
+    "steps-but-symmetric": ({"quant": lambda q: q.update(symmetric=True)},
+                            ["zeros is present but quantization_config['symmetric'] is true",
+                             "zeros_step is present but"]),
+    "v2-tensors-labelled-v1": ({"quant": lambda q: q.update(format_version=1)},
+                               [L0 + "mlp.down_proj.scales is U8 [128, 2], expected a float tensor [128, 2]"]),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES_V2))
+def test_v2_refused_at_engine_config(good_v2, tmp_path, case):
+    edits, patterns = HEADER_CASES_V2[case]
+    refused(variant(good_v2, tmp_path / case, **edits), *patterns)
+
+
+def test_good_v2_checkpoint_passes(good_v2):
+    assert engine_config(good_v2).quant_config.spec.format_version == 2
 
 
 @pytest.mark.parametrize("cut", [4, 50, 1000, -1])
@@ -236,10 +279,17 @@ ENGINE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(ENGINE_CASES))
-def test_refused_at_engine_start(good, tmp_path, case):
-    edit, patterns = ENGINE_CASES[case]
-    d = variant(good, tmp_path / case, tensors=edit)
+ENGINE_CASES_V2 = {
+    "nan-scales-step": (
+        lambda t: t[f"{L0}self_attn.o_proj.scales_step"].__setitem__(3, float("nan")),
+        [f"checkpoint tensor {L0}self_attn.o_proj.scales_step has 1 NaN/inf value(s) (first at row 3, its step)"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ENGINE_CASES) + list(ENGINE_CASES_V2))
+def test_refused_at_engine_start(good, good_v2, tmp_path, case):
+    edit, patterns = ENGINE_CASES.get(case) or ENGINE_CASES_V2[case]
+    d = variant(good if case in ENGINE_CASES else good_v2, tmp_path / case, tensors=edit)
     engine_config(d)  # the header check cannot see these: the layer shapes come from the model
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.run([sys.executable, "-c", ENGINE, str(d)], cwd=REPO, env=env, capture_output=True,

@@ -79,6 +79,48 @@ def test_round_trip(tmp_path, capsys, w_bits, group_size, symmetric, method):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("w_bits,group_size,symmetric,method", [
+    (2, 128, False, "mse"), (3, 32, True, "rtn"), (1, -1, False, "mse"), (8, 64, False, "rtn")])
+def test_round_trip_format_version_2(tmp_path, capsys, w_bits, group_size, symmetric, method):
+    """--format-version 2: scale/offset codes and row steps that decode to the quantizer's own fit."""
+    from vllm_bipolar.config import check_checkpoint
+    from vllm_bipolar.format import quantize_weight, unpack_codes
+    from vllm_bipolar.format.group_params import decode_tensors, module_tensors
+
+    src = make_tiny_llama(tmp_path / "src", hidden=96, intermediate=200)
+    before = tree_digest(src)
+    dst = tmp_path / "dst"
+    args = [str(src), str(dst), "--w-bits", str(w_bits), "--group-size", str(group_size), "--method", method,
+            "--format-version", "2", "--no-progress"] + (["--symmetric"] if symmetric else [])
+    assert convert_main(args) == 0
+    assert tree_digest(src) == before
+    spec = BipolarQuantSpec.from_dict(json.loads((dst / "config.json").read_text())["quantization_config"])
+    assert spec.format_version == 2
+    check_checkpoint(dst, spec)  # the plugin's header check accepts it
+    orig, conv = load_all(src), load_all(dst)
+    for name, t in orig.items():
+        module = name.rsplit(".", 1)[0]
+        if module.rsplit(".", 1)[-1] not in LINEARS:
+            continue
+        n, k = t.shape
+        ng = 1 if group_size == -1 else -(-k // group_size)
+        group = module_tensors(conv, module)
+        assert group["scales"].dtype == torch.uint8 and group["scales"].shape == (n, ng)
+        assert group["scales_step"].dtype == t.dtype and group["scales_step"].shape == (n,)
+        assert set(group) == ({"scales", "scales_step"} | (set() if symmetric else {"zeros", "zeros_step"}))
+        if not symmetric:
+            assert group["zeros"].dtype == torch.int8 and group["zeros"].shape == (n, ng)
+        scales, zeros = decode_tensors(group)
+        # the same fit, made again in process: the stored codes decode to exactly its (s, z) and codes
+        q = quantize_weight(t.float(), w_bits, group_size, symmetric, method, dtype=t.dtype, format_version=2)
+        assert torch.equal(scales, q.scales) and (symmetric or torch.equal(zeros, q.zeros))
+        assert torch.equal(unpack_codes(conv[f"{module}.qweight"], k), q.codes)
+        wd = dequantize_packed(conv[f"{module}.qweight"], scales, zeros, k, group_size, torch.float64)
+        rel = ((wd - t.double()).norm() / t.double().norm()).item()
+        assert rel < {1: 0.9, 2: 0.6, 3: 0.3, 8: 0.02}[w_bits], (name, rel)
+    assert leftovers(tmp_path) == []
+
+
 def test_sharded_source_and_output(tmp_path):
     src = make_tiny_llama(tmp_path / "src", hidden=128, intermediate=256, layers=3, max_shard_size="100KB")
     assert (src / "model.safetensors.index.json").is_file()
@@ -259,3 +301,9 @@ def test_real_model_sizes(smollm2_dir, tmp_path, capsys):
     # 106.2M linear weights at 4 bits + bf16 scale/offset per 128 + the bf16 embedding (28.3M).
     expected = 106_168_320 * (4 / 8 + 4 / 128) + 28_311_552 * 2
     assert abs(total - expected) / expected < 0.01
+    # Format version 2: one byte per scale and per offset, two bf16 steps per output row (155,520 rows).
+    dst2 = tmp_path / "w4-v2"
+    assert convert_main([str(smollm2_dir), str(dst2), "--w-bits", "4", "--format-version", "2", "--no-progress"]) == 0
+    total2 = sum(p.stat().st_size for p in dst2.glob("*.safetensors"))
+    expected2 = 106_168_320 * (4 / 8 + 2 / 128) + 155_520 * 4 + 28_311_552 * 2
+    assert abs(total2 - expected2) / expected2 < 0.01

@@ -155,12 +155,18 @@ def _codes_of(values: torch.Tensor, step: torch.Tensor, encode, lo: int, hi: int
     return out
 
 
-def decode_tensors(tensors, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+def module_tensors(tensors, module: str) -> dict[str, torch.Tensor]:
+    """A checkpoint module's (s, z) tensors by name suffix, from a mapping of full tensor names."""
+    return {n: tensors[f"{module}.{n}"] for n in GROUP_TENSORS[2] if f"{module}.{n}" in tensors}
+
+
+def decode_tensors(tensors, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(scales, zeros) in ``dtype`` from a layer's stored tensors (a mapping by name suffix).
 
     Version 1 tensors (float ``scales``) are returned as they are (cast to ``dtype``); version 2
-    codes are decoded with their steps."""
+    codes are decoded with their steps. ``dtype`` None: the checkpoint's (of the scales, or steps)."""
     sc, zr = tensors["scales"], tensors.get("zeros")
+    dtype = dtype or (sc if sc.is_floating_point() else tensors["scales_step"]).dtype
     if sc.is_floating_point():
         return sc.to(dtype), None if zr is None else zr.to(dtype)
     scales = decode(sc, tensors["scales_step"].to(dtype), dtype)

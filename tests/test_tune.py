@@ -58,7 +58,9 @@ def _tune(src, ckpt, dst, calib, *extra):
     ("--w-bits", "2", "--group-size", "32"),
     # rotated (online Hadamard on down_proj) with 8-bit activations: the straight-through path
     ("--w-bits", "3", "--group-size", "-1", "--a-bits", "8", "--rotate"),
-], ids=["w2a16", "w3a8-rotated"])
+    # format version 2: the tuned values go back onto CKPT's row steps (codes change, steps do not)
+    ("--w-bits", "2", "--group-size", "32", "--format-version", "2"),
+], ids=["w2a16", "w3a8-rotated", "w2a16-format-v2"])
 def test_tune_lowers_the_kl_and_changes_only_scales_and_offsets(tiny, tmp_path, convert_args):
     src, calib = tiny
     ckpt, dst = tmp_path / "ckpt", tmp_path / "tuned"

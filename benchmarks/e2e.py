@@ -27,7 +27,7 @@ benchmarks/results/e2e_profile_<gpu>.json.
 Methods: fp16, fp8 (vLLM's dynamic W8A8 on the fp16 model), gptq (GPTQ W4 g128 from real random
 tensors, quantization="gptq_marlin": vLLM picks the kernel, Machete on an H100), gptq-marlin (the same
 checkpoint with linear_backend="marlin": the Marlin kernel), and WxAy for bipolar (x in 1..8, y in 1..8
-or 16).
+or 16); WxAyv2 is the same in checkpoint format version 2 (8-bit scale/offset codes with per-row steps).
 """
 
 from __future__ import annotations
@@ -56,12 +56,17 @@ GIB = 1024 ** 3
 # ---------------------------------------------------------------------------------------------- methods
 
 def bits_of(method: str) -> tuple[int, int]:
-    m = re.fullmatch(r"W(\d)A(\d+)", method)
+    m = re.fullmatch(r"W(\d)A(\d+)(v2)?", method)
     if m:
         return int(m.group(1)), int(m.group(2))
     if method not in ("fp16", "fp8", "gptq", "gptq-marlin"):
-        raise SystemExit(f"unknown method {method!r}: fp16, fp8, gptq, gptq-marlin or WxAy (bipolar)")
+        raise SystemExit(f"unknown method {method!r}: fp16, fp8, gptq, gptq-marlin or WxAy[v2] (bipolar)")
     return {"fp16": (16, 16), "fp8": (8, 8), "gptq": (4, 16), "gptq-marlin": (4, 16)}[method]
+
+
+def format_version_of(method: str) -> int:
+    """Checkpoint format version of a bipolar method name (WxAy: 1, WxAyv2: 2)."""
+    return 2 if method.endswith("v2") else 1
 
 
 def prepare(method: str, shape: str, work: Path) -> tuple[Path, dict]:
@@ -86,8 +91,10 @@ def prepare(method: str, shape: str, work: Path) -> tuple[Path, dict]:
         marlin = {"linear_backend": "marlin"} if method == "gptq-marlin" else {}
         return path, {"quantization": "gptq_marlin", **marlin}
     w_bits, a_bits = bits_of(method)
-    path = work / f"{shape}-bipolar-w{w_bits}a{a_bits}"
-    make([str(path), "--shape", shape, "--method", "bipolar", "--w-bits", str(w_bits), "--a-bits", str(a_bits)])
+    version = format_version_of(method)
+    path = work / (f"{shape}-bipolar-w{w_bits}a{a_bits}" + ("" if version == 1 else f"-v{version}"))
+    make([str(path), "--shape", shape, "--method", "bipolar", "--w-bits", str(w_bits), "--a-bits", str(a_bits),
+          "--format-version", str(version)])
     return path, {"load_format": "dummy", "quantization": "bipolar"}
 
 
@@ -99,7 +106,8 @@ def weight_bytes(shape: str, method: str, group_size: int = GROUP_SIZE) -> tuple
     Unquantized tensors (embeddings, lm_head, norms, rotary cache; every tensor for fp16) take 2 bytes per
     parameter. The decoder's linear layers take: fp8 1 byte; gptq and bipolar w_bits/8 bytes, plus
     per group of ``group_size`` input channels and output row, 2 fp16 (bipolar: scale and offset;
-    gptq: the scale and the 4-bit zero point, counted as one more fp16). ``target`` is the issue's
+    gptq: the scale and the 4-bit zero point, counted as one more fp16); bipolar format version 2 (WxAyv2):
+    2 bytes per group and row (8-bit codes) plus 2 fp16 steps per row. ``target`` is the issue's
     yardstick: the linears at bits/16 of their fp16 size, without scales, plus the unquantized rest.
     """
     from make_shapes import SHAPES, base_config, linear_shapes
@@ -121,6 +129,9 @@ def weight_bytes(shape: str, method: str, group_size: int = GROUP_SIZE) -> tuple
     target = rest + linear_params * w_bits / 8
     if method == "fp8":
         return target, target
+    if format_version_of(method) == 2:
+        rows = layers * sum(n for n, _ in linears)
+        return target + 2.0 * group_rows + 4.0 * rows, target
     return target + 4.0 * group_rows, target
 
 

@@ -1,6 +1,6 @@
 """Checkpoints of real model shapes for benchmarks, without real weights.
 
-    python benchmarks/make_shapes.py DST --shape llama2-7b --method bipolar --w-bits 4 [--a-bits 16]
+    python benchmarks/make_shapes.py DST --shape llama2-7b --method bipolar --w-bits 4 [--a-bits 16] [--format-version 2]
     python benchmarks/make_shapes.py DST --shape llama3-8b --method fp16
     python benchmarks/make_shapes.py DST --shape llama2-7b --method gptq      # real GPTQ tensors (random)
 
@@ -99,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--w-bits", type=int, default=4)
     ap.add_argument("--a-bits", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--format-version", type=int, choices=(1, 2), default=1,
+                    help="bipolar checkpoint format version (2: 8-bit scale/offset codes with per-row steps)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     dst = Path(args.dst)
@@ -107,7 +109,8 @@ def main(argv=None) -> int:
     if args.method == "bipolar":
         from vllm_bipolar.format import BipolarQuantSpec
 
-        spec = BipolarQuantSpec(w_bits=args.w_bits, a_bits=args.a_bits, group_size=args.group_size)
+        spec = BipolarQuantSpec(w_bits=args.w_bits, a_bits=args.a_bits, group_size=args.group_size,
+                                format_version=args.format_version)
         cfg["quantization_config"] = spec.to_dict()
     elif args.method == "gptq":
         cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": args.group_size,

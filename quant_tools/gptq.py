@@ -183,8 +183,7 @@ def refit_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scales: 
     least squares: theta = (A^T H A)^-1 A^T H w, computed for all rows at once from the G x G
     blocks of H (a tiny ``ridge`` keeps groups whose codes are all equal solvable). The result is
     rounded onto ``grid`` (a ParamGrid, or the dtype of format version 1); a row keeps its old values
-    unless its error (with the rounded values)
-    drops. GPTQ fits each group's grid before the updates to later columns are known and never
+    unless its error (with the rounded values) drops. GPTQ fits each group's grid before the updates to later columns are known and never
     revisits it; this is that revisit. Returns float32 [N, G] scales and offsets (zeros when
     ``zeros`` is None, i.e. symmetric).
     """

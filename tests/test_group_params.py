@@ -106,10 +106,11 @@ def on_grid(q) -> None:
         assert "zeros_step" not in st and st.get("zeros") is None
 
 
-# (bits, v2/v1 weight-error bound): measured over 6 seeds of these weights, the 8-bit grid costs at most
-# 3% of squared error at 1-4 bits (0.1-0.5% at group 128 with mse); at 8 bits with groups of 32 up to 24%
-# (one offset step of a row with outlier groups is a sizeable fraction of an 8-bit weight step).
-BOUNDS = {1: 1.05, 2: 1.05, 3: 1.05, 4: 1.05, 8: 1.35}
+# (bits, v2/v1 weight-error bound of one draw): measured over 8 seeds of these weights, the 8-bit grid costs
+# 0-3% of squared error at 1-4 bits on average (0-0.5% at group 128 with mse), single draws up to 6% (the
+# search takes another path on the other grid); at 8 bits with groups of 32 up to 24% (one offset step of
+# a row with outlier groups is a sizeable fraction of an 8-bit weight step). The average is tested below.
+BOUNDS = {1: 1.10, 2: 1.10, 3: 1.10, 4: 1.10, 8: 1.35}
 
 
 @pytest.mark.parametrize("method", ["rtn", "mse"])
@@ -130,6 +131,19 @@ def test_quantize_weight_v2_against_v1(bits, symmetric, group_size, method, dtyp
     e1 = ((dequantize(q1.codes, q1.scales, q1.zeros, bits, group_size, torch.float64) - w.double()) ** 2).mean()
     e2 = ((d2 - w.double()) ** 2).mean()
     assert e2 <= BOUNDS[bits] * e1, f"v2 error {e2:.4g} vs v1 {e1:.4g} (seed {gen.initial_seed()})"
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_v2_costs_little_on_average(bits, gen):
+    """Over several fresh draws, mse at group 128: version 2's weight error within 2% of version 1's."""
+    ratios = []
+    for _ in range(6):
+        w = weights(64, 1024, gen)
+        e = [((dequantize(q.codes, q.scales, q.zeros, bits, 128, torch.float64) - w.double()) ** 2).mean()
+             for q in (quantize_weight(w, bits, 128, False, "mse", dtype=torch.bfloat16, format_version=v)
+                       for v in (1, 2))]
+        ratios.append(float(e[1] / e[0]))
+    assert sum(ratios) / len(ratios) < 1.02, (ratios, gen.initial_seed())
 
 
 def test_small_and_zero_rows():

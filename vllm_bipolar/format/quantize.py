@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .group_params import ParamGrid, as_grid
+from .group_params import ParamGrid, as_grid, stored_tensors
 from .packing import max_level
 
 # Clip ratios tried by the "mse" quantizer: fractions of the min/max (or absmax) range. Low bit
@@ -42,8 +42,6 @@ class QuantizedWeight:
 
     def stored(self) -> dict[str, torch.Tensor | None]:
         """The layer's (s, z) checkpoint tensors by name suffix (group_params.stored_tensors)."""
-        from .group_params import stored_tensors
-
         return stored_tensors(self.scales, self.zeros, self.grid or ParamGrid(self.scales.dtype))
 
 

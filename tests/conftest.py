@@ -48,6 +48,40 @@ def load_kernel_ops(*names: str) -> tuple[object | None, str]:
     return (ops(), "") if ops() is not None else (None, f"bipolar_kernels lacks one of {list(names)}")
 
 
+def decoded_twin(model, dst):
+    """A format version 1 copy of a version 2 checkpoint: its scale/offset codes decoded to tensors of the
+    checkpoint dtype (the same weights, in the other layout)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vllm_bipolar.format.group_params import decode_tensors, module_tensors
+
+    shutil.copytree(model, dst)
+    names = {}
+    for f in sorted(dst.glob("*.safetensors")):
+        t = load_file(f)
+        for module in [n[: -len(".qweight")] for n in t if n.endswith(".qweight")]:
+            scales, zeros = decode_tensors(module_tensors(t, module))
+            for n in ("scales_step", "zeros_step"):
+                t.pop(f"{module}.{n}", None)
+            t[f"{module}.scales"] = scales
+            if zeros is not None:
+                t[f"{module}.zeros"] = zeros
+        save_file(t, f, metadata={"format": "pt"})
+        names.update({n: f.name for n in t})
+    index = dst / "model.safetensors.index.json"
+    if index.is_file():
+        idx = json.loads(index.read_text())
+        idx["weight_map"] = names
+        index.write_text(json.dumps(idx))
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 1
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
 def make_tiny_model(path: Path, model_type: str = "llama", hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2,
                     vocab=300, dtype=torch.bfloat16, max_shard_size=None, **config) -> Path:
     """A random decoder of ``model_type`` (a transformers model type: llama, mistral, qwen2, qwen3) saved as

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, converted
+from conftest import REPO, converted, decoded_twin
 
 pytest.importorskip("vllm")
 
@@ -100,39 +100,6 @@ def test_w4a8_generates(smollm2_dir, tmp_path):
     results, _ = run_vllm(model, "--eager", tmp_path=tmp_path)
     for r in results:
         assert len(r["token_ids"]) == 16 and r["text"].strip()
-
-
-def decoded_twin(model, dst):
-    """A format version 1 copy of a version 2 checkpoint: its scale/offset codes decoded to bf16 tensors."""
-    import shutil
-
-    import torch  # noqa: F401  (safetensors.torch needs it)
-    from safetensors.torch import load_file, save_file
-
-    from vllm_bipolar.format.group_params import decode_tensors, module_tensors
-
-    shutil.copytree(model, dst)
-    names = {}
-    for f in sorted(dst.glob("*.safetensors")):
-        t = load_file(f)
-        for module in [n[: -len(".qweight")] for n in t if n.endswith(".qweight")]:
-            scales, zeros = decode_tensors(module_tensors(t, module))
-            for n in ("scales_step", "zeros_step"):
-                t.pop(f"{module}.{n}", None)
-            t[f"{module}.scales"] = scales
-            if zeros is not None:
-                t[f"{module}.zeros"] = zeros
-        save_file(t, f, metadata={"format": "pt"})
-        names.update({n: f.name for n in t})
-    index = dst / "model.safetensors.index.json"
-    if index.is_file():
-        idx = json.loads(index.read_text())
-        idx["weight_map"] = names
-        index.write_text(json.dumps(idx))
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["quantization_config"]["format_version"] = 1
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 def test_format_version_2_generates_as_its_decoded_twin(smollm2_dir, tmp_path):

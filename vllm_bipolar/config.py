@@ -134,7 +134,7 @@ def check_checkpoint(model_dir: Path, spec: BipolarQuantSpec) -> None:
             f"layer (no '<layer>.qweight'). {fix}")
     problems = []
     for m in modules:
-        qw, sc, zr = tensors[f"{m}.qweight"], tensors.get(f"{m}.scales"), tensors.get(f"{m}.zeros")
+        qw = tensors[f"{m}.qweight"]
         bits = spec.bits_for(m)
         if qw["dtype"] != "I32" or len(qw["shape"]) != 3 or qw["shape"][0] != bits:
             problems.append(f"{m}.qweight is {qw['dtype']} {qw['shape']}, expected I32 [{bits} (w_bits), N, ceil(K/32)]")

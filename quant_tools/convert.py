@@ -291,6 +291,7 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
                     writer.add(f"{module}.{suffix}", tensor)
                     stats["linear_dst_bytes"] += tensor.numel() * tensor.element_size()
             stats["linear_src_bytes"] += src_bytes
+            stats["linear_params"] += q.codes.numel()
             stats[q.bits] += 1
             bar.update(1)
             bar.set_postfix_str(module.split(".", 1)[-1][-32:])
@@ -336,10 +337,12 @@ def convert(src: str, dst: str, spec: BipolarQuantSpec, method: str = "rtn", ove
         copied = copy_aux_files(src_path, tmp)
         dst_bytes = writer.total_bytes
     linear_src, linear_dst = stats.pop("linear_src_bytes", 0), stats.pop("linear_dst_bytes", 0)
+    linear_params = stats.pop("linear_params", 0)
     return {
         "src": str(src_path), "dst": str(dst_path), "layers": sum(stats.values()),
         "layers_by_bits": dict(sorted(stats.items())), "skipped": len(modules) - len(to_quantize),
         "linear_src_bytes": linear_src, "linear_dst_bytes": linear_dst,
+        "bits_per_weight": 8 * linear_dst / max(linear_params, 1),
         "src_bytes": src_bytes, "dst_bytes": dst_bytes, "ratio": src_bytes / max(dst_bytes, 1),
         "seconds": time.time() - t0, "copied": copied, "avg_bits": avg_bits,
         "quantization_config": config["quantization_config"],
@@ -441,7 +444,9 @@ def format_summary(s: dict) -> str:
     return (f"converted {s['layers']} linear layers ({bits}; {s['skipped']} kept in full precision)\n"
             f"size: {s['src_bytes'] / mib:.1f} MiB -> {s['dst_bytes'] / mib:.1f} MiB "
             f"({s['ratio']:.2f}x smaller); quantized layers {s['linear_src_bytes'] / mib:.1f} MiB -> "
-            f"{s['linear_dst_bytes'] / mib:.1f} MiB ({s['linear_src_bytes'] / max(s['linear_dst_bytes'], 1):.2f}x)\n"
+            f"{s['linear_dst_bytes'] / mib:.1f} MiB ({s['linear_src_bytes'] / max(s['linear_dst_bytes'], 1):.2f}x), "
+            f"{s['bits_per_weight']:.3f} bits per weight with scales and offsets (format version "
+            f"{s['quantization_config']['format_version']})\n"
             f"time: {s['seconds']:.1f} s\n"
             f"wrote {s['dst']}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,7 @@ def test_round_trip(tmp_path, capsys, w_bits, group_size, symmetric, method):
     assert convert_main(args) == 0
     out = capsys.readouterr().out
     assert "converted 14 linear layers" in out and "MiB ->" in out and "time:" in out
+    bpw = float(re.search(r"([\d.]+) bits per weight with scales and offsets \(format version 1\)", out).group(1))
     assert tree_digest(src) == before  # SRC untouched
 
     cfg = json.loads((dst / "config.json").read_text())
@@ -57,6 +59,10 @@ def test_round_trip(tmp_path, capsys, w_bits, group_size, symmetric, method):
     assert set(index["weight_map"].values()) <= {p.name for p in dst.glob("*.safetensors")}
 
     orig, conv = load_all(src), load_all(dst)
+    # the summary's bits per weight: every quantized tensor's bytes over the quantized weights
+    qbytes = sum(t.numel() * t.element_size() for n, t in conv.items() if n.endswith((".qweight", ".scales", ".zeros")))
+    qparams = sum(t.numel() for n, t in orig.items() if n.rsplit(".", 1)[0].rsplit(".", 1)[-1] in LINEARS)
+    assert bpw == pytest.approx(8 * qbytes / qparams, abs=1e-3)
     for name, t in orig.items():
         module = name.rsplit(".", 1)[0]
         if module.rsplit(".", 1)[-1] in LINEARS:

@@ -107,12 +107,16 @@ class ParamGrid:
         shrink) the next code up; the dtype grid of version 1 always rounds to nearest."""
         if not self.coded:
             return s.to(self.dtype).to(torch.float32)
-        return decode(encode_scales(s, self.scales_step, up), self.scales_step, self.dtype).float()
+        if up:
+            return decode(encode_scales(s, self.scales_step, True), self.scales_step, self.dtype).float()
+        codes = nearest_codes(s, self.scales_step, self.dtype, encode_scales, 1, SCALE_CODE_MAX)
+        return decode(codes, self.scales_step, self.dtype).float()
 
     def offset(self, z: torch.Tensor) -> torch.Tensor:
         if not self.coded or self.zeros_step is None:
             return z.to(self.dtype).to(torch.float32)
-        return decode(encode_zeros(z, self.zeros_step), self.zeros_step, self.dtype).float()
+        codes = nearest_codes(z, self.zeros_step, self.dtype, encode_zeros, -ZERO_CODE_MAX, ZERO_CODE_MAX)
+        return decode(codes, self.zeros_step, self.dtype).float()
 
 
 def as_grid(grid: "ParamGrid | torch.dtype") -> ParamGrid:
@@ -134,25 +138,31 @@ def stored_tensors(scales: torch.Tensor, zeros: torch.Tensor | None, grid: Param
     return out
 
 
-def _codes_of(values: torch.Tensor, step: torch.Tensor, encode, lo: int, hi: int) -> torch.Tensor:
-    """Codes that decode to exactly ``values`` (which must lie on the grid of ``step``).
+def nearest_codes(values: torch.Tensor, step: torch.Tensor, dtype: torch.dtype, encode, lo: int, hi: int
+                  ) -> torch.Tensor:
+    """Codes whose decoded value dtype(code * step) is nearest to ``values`` (ties: the nearest code).
 
     Decoding rounds code * step to the model dtype, and bf16's 8-bit significand can round two codes
-    above 128 to one value, so the nearest code of a decoded value may be one off the code it came
-    from: the code or a neighbour of the nearest one decodes back exactly."""
-    first = encode(values, step)
-    out = first.clone()
-    todo = decode(first, step, values.dtype) != values
+    above 128 to one value, so the nearest code of ``values`` may decode one value off: its neighbours
+    are tried too. A value on the grid therefore gets a code that decodes to exactly it (rounding onto
+    the grid is idempotent)."""
+    v = values.to(torch.float32)
+    best = encode(values, step)
+    err = (decode(best, step, dtype).float() - v).abs()
     for delta in (-1, 1):
-        if not todo.any():
-            break
-        cand = (first.to(torch.int16) + delta).clamp(lo, hi).to(first.dtype)
-        hit = todo & (decode(cand, step, values.dtype) == values)
-        out = torch.where(hit, cand, out)
-        todo &= ~hit
-    if todo.any():
+        cand = (best.to(torch.int16) + delta).clamp(lo, hi).to(best.dtype)
+        e = (decode(cand, step, dtype).float() - v).abs()
+        better = e < err
+        best, err = torch.where(better, cand, best), torch.where(better, e, err)
+    return best
+
+
+def _codes_of(values: torch.Tensor, step: torch.Tensor, encode, lo: int, hi: int) -> torch.Tensor:
+    """Codes that decode to exactly ``values`` (which must lie on the grid of ``step``)."""
+    codes = nearest_codes(values, step, values.dtype, encode, lo, hi)
+    if not torch.equal(decode(codes, step, values.dtype), values):
         raise AssertionError("format version 2: scales/offsets are not on their row grid (a quantizer bug)")
-    return out
+    return codes
 
 
 def module_tensors(tensors, module: str) -> dict[str, torch.Tensor]:

@@ -28,6 +28,8 @@ import torch
 
 SCALE_CODE_MAX = 255  # uint8
 ZERO_CODE_MAX = 127  # int8, symmetric range
+SCALE_CODES = (1, SCALE_CODE_MAX)  # code ranges (lo, hi): a scale code of 0 is never written
+ZERO_CODES = (-ZERO_CODE_MAX, ZERO_CODE_MAX)
 # Checkpoint tensors of a layer besides qweight, per format version (zeros*: only when not symmetric).
 GROUP_TENSORS = {1: ("scales", "zeros"), 2: ("scales", "scales_step", "zeros", "zeros_step")}
 
@@ -51,20 +53,15 @@ def row_steps(values: torch.Tensor, code_max: int, dtype: torch.dtype) -> torch.
     return step
 
 
-def encode_scales(s: torch.Tensor, step: torch.Tensor, up: bool = False) -> torch.Tensor:
-    """Scales [N, ...] -> uint8 codes 1..255 of ``step`` [N] (nearest, or the next code up with ``up``;
-    a zero step gives code 1)."""
-    st = _rows(step, s)
-    r = s.to(torch.float32) / torch.where(st > 0, st, torch.ones_like(st))
+def encode(values: torch.Tensor, step: torch.Tensor, codes: tuple[int, int], up: bool = False) -> torch.Tensor:
+    """Values [N, ...] -> the nearest codes in ``codes`` (lo, hi) of ``step`` [N], or the next code up with
+    ``up``: uint8 for the scale range, int8 for the offset range. A zero step gives the code nearest 0."""
+    lo, hi = codes
+    st = _rows(step, values)
+    r = values.to(torch.float32) / torch.where(st > 0, st, torch.ones_like(st))
     q = torch.ceil(r - 1e-4) if up else torch.round(r)
-    return q.clamp(1, SCALE_CODE_MAX).to(torch.uint8)
-
-
-def encode_zeros(z: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Offsets [N, ...] -> int8 codes -127..127 of ``step`` [N] (nearest; a zero step gives code 0)."""
-    st = _rows(step, z)
-    q = torch.round(z.to(torch.float32) / torch.where(st > 0, st, torch.ones_like(st)))
-    return torch.where(st > 0, q, torch.zeros_like(q)).clamp(-ZERO_CODE_MAX, ZERO_CODE_MAX).to(torch.int8)
+    q = torch.where(st > 0, q, torch.zeros_like(q)).clamp(lo, hi)
+    return q.to(torch.uint8 if lo >= 0 else torch.int8)
 
 
 def decode(codes: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -108,14 +105,14 @@ class ParamGrid:
         if not self.coded:
             return s.to(self.dtype).to(torch.float32)
         if up:
-            return decode(encode_scales(s, self.scales_step, True), self.scales_step, self.dtype).float()
-        codes = nearest_codes(s, self.scales_step, self.dtype, encode_scales, 1, SCALE_CODE_MAX)
+            return decode(encode(s, self.scales_step, SCALE_CODES, up=True), self.scales_step, self.dtype).float()
+        codes = nearest_codes(s, self.scales_step, self.dtype, SCALE_CODES)
         return decode(codes, self.scales_step, self.dtype).float()
 
     def offset(self, z: torch.Tensor) -> torch.Tensor:
         if not self.coded or self.zeros_step is None:
             return z.to(self.dtype).to(torch.float32)
-        codes = nearest_codes(z, self.zeros_step, self.dtype, encode_zeros, -ZERO_CODE_MAX, ZERO_CODE_MAX)
+        codes = nearest_codes(z, self.zeros_step, self.dtype, ZERO_CODES)
         return decode(codes, self.zeros_step, self.dtype).float()
 
 
@@ -130,15 +127,15 @@ def stored_tensors(scales: torch.Tensor, zeros: torch.Tensor | None, grid: Param
     back to exactly ``scales`` / ``zeros`` (they must come from the quantizers' grid)."""
     if not grid.coded:
         return {"scales": scales, "zeros": zeros}
-    out = {"scales": _codes_of(scales, grid.scales_step, encode_scales, 1, SCALE_CODE_MAX),
+    out = {"scales": _codes_of(scales, grid.scales_step, SCALE_CODES),
            "scales_step": grid.scales_step.contiguous()}
     if zeros is not None:
-        out["zeros"] = _codes_of(zeros, grid.zeros_step, encode_zeros, -ZERO_CODE_MAX, ZERO_CODE_MAX)
+        out["zeros"] = _codes_of(zeros, grid.zeros_step, ZERO_CODES)
         out["zeros_step"] = grid.zeros_step.contiguous()
     return out
 
 
-def nearest_codes(values: torch.Tensor, step: torch.Tensor, dtype: torch.dtype, encode, lo: int, hi: int
+def nearest_codes(values: torch.Tensor, step: torch.Tensor, dtype: torch.dtype, codes: tuple[int, int]
                   ) -> torch.Tensor:
     """Codes whose decoded value dtype(code * step) is nearest to ``values`` (ties: the nearest code).
 
@@ -147,7 +144,8 @@ def nearest_codes(values: torch.Tensor, step: torch.Tensor, dtype: torch.dtype, 
     are tried too. A value on the grid therefore gets a code that decodes to exactly it (rounding onto
     the grid is idempotent)."""
     v = values.to(torch.float32)
-    best = encode(values, step)
+    lo, hi = codes
+    best = encode(values, step, codes)
     err = (decode(best, step, dtype).float() - v).abs()
     for delta in (-1, 1):
         cand = (best.to(torch.int16) + delta).clamp(lo, hi).to(best.dtype)
@@ -157,12 +155,12 @@ def nearest_codes(values: torch.Tensor, step: torch.Tensor, dtype: torch.dtype, 
     return best
 
 
-def _codes_of(values: torch.Tensor, step: torch.Tensor, encode, lo: int, hi: int) -> torch.Tensor:
+def _codes_of(values: torch.Tensor, step: torch.Tensor, codes: tuple[int, int]) -> torch.Tensor:
     """Codes that decode to exactly ``values`` (which must lie on the grid of ``step``)."""
-    codes = nearest_codes(values, step, values.dtype, encode, lo, hi)
-    if not torch.equal(decode(codes, step, values.dtype), values):
+    out = nearest_codes(values, step, values.dtype, codes)
+    if not torch.equal(decode(out, step, values.dtype), values):
         raise AssertionError("format version 2: scales/offsets are not on their row grid (a quantizer bug)")
-    return codes
+    return out
 
 
 def module_tensors(tensors, module: str) -> dict[str, torch.Tensor]:

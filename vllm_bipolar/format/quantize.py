@@ -208,10 +208,12 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 128, symmetric
     s, z, c = fit(grid)
     if format_version == 2:
         grid = ParamGrid.fitted(dtype, s, None if symmetric else z)
-        s1, z1 = grid.scale(s), grid.offset(z)  # the first fit on the grid: a candidate of its own
+        first = s, z
         s, z, c = fit(grid)
-        if imp is not None:  # mse: per group, the better of the two (the search alone may miss the first fit,
-            c1 = _assign(wg, s1, z1, bits)  # e.g. one group per row, whose scale code is capped at its value)
+        if imp is not None:  # mse: per group, the better of the first fit on the grid and the new search (the
+            # search alone may miss the first fit, e.g. one group per row, whose scale code is capped at its value)
+            s1, z1 = grid.scale(first[0]), grid.offset(first[1])
+            c1 = _assign(wg, s1, z1, bits)
             better = _sq_error(wg, imp, s1, z1, c1, bits) < _sq_error(wg, imp, s, z, c, bits)
             s, z, c = torch.where(better, s1, s), torch.where(better, z1, z), torch.where(better, c1, c)
     n, k = w.shape
